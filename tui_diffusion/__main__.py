@@ -1,0 +1,3 @@
+from tui_diffusion.cli import main
+
+raise SystemExit(main())

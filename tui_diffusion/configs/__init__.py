@@ -1,0 +1,1 @@
+"""Diffusers config folders and the CLIP tokenizer, shipped as package data."""

@@ -1,0 +1,173 @@
+"""Declarative node specs: the one place that says what each node takes and gives.
+
+Names, types, defaults and ranges follow ComfyUI's core nodes, so API-format workflows exported
+from ComfyUI validate and run unchanged. The TUI builds its forms from these specs, the validator
+checks workflows against them and the CLI parses ``--set`` values with them; the implementations
+live on the torch side (``tui_diffusion.pipeline.nodes``) and are looked up by class_type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tui_diffusion.graph.samplers import SAMPLERS, SCHEDULERS
+
+# Socket types carried by links.
+MODEL = "MODEL"
+CLIP = "CLIP"
+VAE = "VAE"
+CONDITIONING = "CONDITIONING"
+LATENT = "LATENT"
+IMAGE = "IMAGE"
+MASK = "MASK"
+
+# Widget (literal) types.
+INT = "INT"
+FLOAT = "FLOAT"
+STRING = "STRING"
+BOOLEAN = "BOOLEAN"
+COMBO = "COMBO"
+
+WIDGET_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
+
+MAX_RESOLUTION = 16384
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of a node: a socket (link only) or a widget (literal, or a link of the same type)."""
+
+    name: str
+    type: str
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | None = None
+    #: Model folder whose files are the choices (e.g. "checkpoints"); values are file names in it.
+    choices_from: str | None = None
+    multiline: bool = False
+    optional: bool = False
+    #: INT values must be multiples of ``step`` (latent sizes).
+    multiple_of_step: bool = False
+    #: ComfyUI's "control after generate" companion widget (seeds).
+    control_after_generate: bool = False
+    tooltip: str = ""
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in WIDGET_TYPES
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    type: str
+    name: str
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    class_type: str
+    display_name: str
+    category: str
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[OutputSpec, ...] = ()
+    output_node: bool = False
+    description: str = ""
+    _by_name: dict[str, InputSpec] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_name.update({i.name: i for i in self.inputs})
+
+    def input(self, name: str) -> InputSpec | None:
+        return self._by_name.get(name)
+
+
+def _seed(name: str = "seed") -> InputSpec:
+    return InputSpec(
+        name, INT, default=0, min=0, max=MAX_SEED, step=1, control_after_generate=True,
+        tooltip="The random seed used for creating the noise.",
+    )
+
+
+_SPECS: tuple[NodeSpec, ...] = (
+    NodeSpec(
+        "CheckpointLoaderSimple", "Load Checkpoint", "loaders",
+        inputs=(InputSpec("ckpt_name", COMBO, choices_from="checkpoints",
+                          tooltip="The checkpoint (model) to load."),),
+        outputs=(OutputSpec(MODEL, "MODEL"), OutputSpec(CLIP, "CLIP"), OutputSpec(VAE, "VAE")),
+        description="Loads a diffusion model checkpoint: the UNet, the text encoder and the VAE.",
+    ),
+    NodeSpec(
+        "CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning",
+        inputs=(
+            InputSpec("text", STRING, default="", multiline=True, tooltip="The text to be encoded."),
+            InputSpec("clip", CLIP, tooltip="The CLIP model used for encoding the text."),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="Encodes a text prompt into an embedding that guides the diffusion model.",
+    ),
+    NodeSpec(
+        "EmptyLatentImage", "Empty Latent Image", "latent",
+        inputs=(
+            InputSpec("width", INT, default=512, min=16, max=MAX_RESOLUTION, step=8, multiple_of_step=True,
+                      tooltip="The width of the latent images in pixels."),
+            InputSpec("height", INT, default=512, min=16, max=MAX_RESOLUTION, step=8, multiple_of_step=True,
+                      tooltip="The height of the latent images in pixels."),
+            InputSpec("batch_size", INT, default=1, min=1, max=4096, step=1,
+                      tooltip="The number of latent images in the batch."),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="An empty batch of latent images to be denoised by sampling.",
+    ),
+    NodeSpec(
+        "KSampler", "KSampler", "sampling",
+        inputs=(
+            InputSpec("model", MODEL),
+            _seed(),
+            InputSpec("steps", INT, default=20, min=1, max=10000, step=1,
+                      tooltip="The number of denoising steps."),
+            InputSpec("cfg", FLOAT, default=8.0, min=0.0, max=100.0, step=0.1,
+                      tooltip="Classifier-free guidance scale."),
+            InputSpec("sampler_name", COMBO, default="euler", choices=tuple(SAMPLERS)),
+            InputSpec("scheduler", COMBO, default="normal", choices=SCHEDULERS),
+            InputSpec("positive", CONDITIONING),
+            InputSpec("negative", CONDITIONING),
+            InputSpec("latent_image", LATENT),
+            InputSpec("denoise", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01,
+                      tooltip="How much of the latent is replaced by noise (1.0: all of it)."),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Denoises a latent image with the model, guided by the positive and negative prompts.",
+    ),
+    NodeSpec(
+        "VAEDecode", "VAE Decode", "latent",
+        inputs=(InputSpec("samples", LATENT), InputSpec("vae", VAE)),
+        outputs=(OutputSpec(IMAGE, "IMAGE"),),
+        description="Decodes latent images back into pixel space.",
+    ),
+    NodeSpec(
+        "SaveImage", "Save Image", "image",
+        inputs=(
+            InputSpec("images", IMAGE),
+            InputSpec("filename_prefix", STRING, default="ComfyUI",
+                      tooltip="Prefix of the file names; may hold a sub-folder of the output folder."),
+        ),
+        output_node=True,
+        description="Saves the images as PNG files, with the workflow embedded, into the output folder.",
+    ),
+    NodeSpec(
+        "PreviewImage", "Preview Image", "image",
+        inputs=(InputSpec("images", IMAGE),),
+        output_node=True,
+        description="Writes the images to a temporary folder for viewing.",
+    ),
+)
+
+NODE_SPECS: dict[str, NodeSpec] = {s.class_type: s for s in _SPECS}
+
+
+def get_spec(class_type: str) -> NodeSpec | None:
+    return NODE_SPECS.get(class_type)

@@ -1,0 +1,149 @@
+"""Workflows in ComfyUI's API format: ``{id: {"class_type", "inputs", "_meta": {"title"}}}``.
+
+Links are ``[source node id, output index]``. The in-memory form keeps the file's data as it is
+(unknown keys survive a load/save round trip), with helpers to read and edit it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tui_diffusion.graph.specs import get_spec
+
+
+class WorkflowError(Exception):
+    """A workflow file that cannot be read as a workflow; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Link:
+    node_id: str
+    output_index: int
+
+
+def as_link(value: Any) -> Link | None:
+    """The link a raw input value denotes, or None for a literal."""
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], (str, int))
+        and not isinstance(value[0], bool)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    ):
+        return Link(str(value[0]), value[1])
+    return None
+
+
+def _node_sort_key(node_id: str) -> tuple[int, int | str]:
+    return (0, int(node_id)) if node_id.isdigit() else (1, node_id)
+
+
+class Workflow:
+    """A mutable API-format workflow."""
+
+    def __init__(self, nodes: dict[str, dict[str, Any]], source: str | None = None) -> None:
+        self.nodes = nodes
+        self.source = source
+
+    # -- reading -----------------------------------------------------------------------------
+    @classmethod
+    def from_data(cls, data: Any, source: str = "<workflow>") -> Workflow:
+        if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "class_type" not in data:
+            data = data["prompt"]  # the body ComfyUI's /prompt endpoint takes
+        if isinstance(data, dict) and "nodes" in data and "links" in data:
+            raise WorkflowError(
+                f"{source}: this is ComfyUI's UI format (the file 'Save' writes); export the workflow "
+                "with 'Save (API Format)' in ComfyUI and open that file"
+            )
+        if not isinstance(data, dict) or not data:
+            raise WorkflowError(f"{source}: not a workflow: expected a JSON object of nodes keyed by id")
+        nodes: dict[str, dict[str, Any]] = {}
+        for node_id, node in data.items():
+            if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+                raise WorkflowError(f"{source}: not a workflow: node {node_id!r} has no 'class_type'")
+            inputs = node.get("inputs", {})
+            if not isinstance(inputs, dict):
+                raise WorkflowError(f"{source}: node {node_id!r}: 'inputs' must be an object")
+            nodes[str(node_id)] = {**copy.deepcopy(node), "inputs": copy.deepcopy(inputs)}
+        return cls(nodes, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Workflow:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise WorkflowError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WorkflowError(f"{path}: cannot read: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise WorkflowError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        return cls.from_data(data, str(path))
+
+    # -- writing -----------------------------------------------------------------------------
+    def to_data(self) -> dict[str, dict[str, Any]]:
+        """Nodes in id order with a stable key order inside each node."""
+        out: dict[str, dict[str, Any]] = {}
+        for node_id in sorted(self.nodes, key=_node_sort_key):
+            node = self.nodes[node_id]
+            ordered = {"inputs": node["inputs"], "class_type": node["class_type"]}
+            ordered.update({k: v for k, v in sorted(node.items()) if k not in ordered})
+            out[node_id] = ordered
+        return copy.deepcopy(out)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_data(), indent=2, ensure_ascii=False) + "\n"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically: a temporary file in the same folder, then rename."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(self.dumps(), encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # -- access and editing ------------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.nodes, key=_node_sort_key))
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.nodes
+
+    def class_type(self, node_id: str) -> str:
+        return self.nodes[node_id]["class_type"]
+
+    def title(self, node_id: str) -> str:
+        meta = self.nodes[node_id].get("_meta")
+        if isinstance(meta, dict) and isinstance(meta.get("title"), str) and meta["title"]:
+            return meta["title"]
+        spec = get_spec(self.class_type(node_id))
+        return spec.display_name if spec else self.class_type(node_id)
+
+    def inputs(self, node_id: str) -> dict[str, Any]:
+        return self.nodes[node_id]["inputs"]
+
+    def links(self, node_id: str) -> dict[str, Link]:
+        return {name: link for name, value in self.inputs(node_id).items() if (link := as_link(value))}
+
+    def set_input(self, node_id: str, name: str, value: Any) -> None:
+        if node_id not in self.nodes:
+            raise KeyError(f"no node {node_id!r} in the workflow")
+        self.nodes[node_id]["inputs"][name] = value
+
+    def copy(self) -> Workflow:
+        return Workflow(copy.deepcopy(self.nodes), self.source)
+
+    def describe(self, node_id: str) -> str:
+        """How messages name a node: ``node 3 'KSampler'``."""
+        return f"node {node_id} {self.title(node_id)!r}"

@@ -1,0 +1,119 @@
+"""The messages that cross the process boundary between clients and the worker.
+
+Small, frozen, picklable dataclasses and nothing else: workflows travel as plain API-format
+dicts, images as file paths, previews as small PNG bytes. Keeping the boundary this narrow lets a
+later transport (a local socket) carry exactly the same objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+# -- client -> worker -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SubmitJob:
+    job_id: str
+    workflow: dict[str, Any]
+    #: Send a small PNG preview with progress events (the TUI wants them, the CLI does not).
+    previews: bool = False
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    """Interrupt the job if it runs, remove it if it is pending."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# -- worker -> client -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerReady:
+    device: str
+    device_name: str
+    dtype: str
+    torch_version: str
+    diffusers_version: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker could not start (or stopped on an internal error)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class JobAccepted:
+    job_id: str
+    position: int
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class NodeStarted:
+    job_id: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class NodeCached:
+    job_id: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class NodeFinished:
+    job_id: str
+    node_id: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    job_id: str
+    node_id: str
+    step: int
+    total: int
+    preview_png: bytes | None = None
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    job_id: str
+    outputs: list[str]
+    executed: list[str]
+    cached: list[str]
+    timings: dict[str, float]
+    seconds: float
+    #: "ok" or "interrupted"
+    status: str = "ok"
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    job_id: str
+    node_id: str | None
+    message: str
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobRemoved:
+    job_id: str
+
+
+JobEnd = (JobFinished, JobFailed, JobRemoved)

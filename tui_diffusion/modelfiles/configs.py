@@ -1,0 +1,175 @@
+"""The diffusers configuration a single-file checkpoint needs, read from its tensor shapes.
+
+diffusers' ``from_single_file(..., config=<folder>)`` builds each model from a config folder
+and only then copies the weights in, so the folder must describe the file's real sizes. The
+shipped family folders (``tui_diffusion/configs/``) give what shapes cannot tell; the shapes
+give the rest. Torch-free: works from the safetensors header alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tui_diffusion.modelfiles.family import SD1_TEXT, UNET, VAE, Family
+from tui_diffusion.modelfiles.header import CheckpointError, TensorInfo
+
+CONFIG_PACKAGE = "tui_diffusion.configs"
+FAMILY_TEMPLATE = {"sd1": "sd15"}
+#: Scale of SD1.x/SD2.x latents (not stored in the files).
+SD_VAE_SCALING = 0.18215
+
+
+def package_config_dir(name: str) -> Path:
+    return Path(str(resources.files(CONFIG_PACKAGE).joinpath(name)))
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _count(keys: list[str], pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {m.group(1) for k in keys if (m := rx.match(k))}
+    return len(found)
+
+
+def _shape(h: dict[str, TensorInfo], key: str, file: str) -> tuple[int, ...]:
+    try:
+        return h[key].shape
+    except KeyError:
+        raise CheckpointError(f"{file}: incomplete checkpoint: tensor {key!r} is missing") from None
+
+
+def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Family, file: str) -> dict[str, Any]:
+    keys = [k for k in h if k.startswith(UNET)]
+    p = UNET
+    conv_in = _shape(h, p + "input_blocks.0.0.weight", file)
+    ops = sorted(int(m.group(1)) for k in keys if (m := re.match(re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    n_inputs = _count(keys, re.escape(p) + r"input_blocks\.(\d+)\.")
+    layers = ops[0] - 1 if ops else n_inputs - 1
+    n_levels = len(ops) + 1
+    channels, has_attn, depth = [], [], []
+    for b in range(n_levels):
+        idx = 1 + b * (layers + 1)
+        channels.append(_shape(h, f"{p}input_blocks.{idx}.0.in_layers.2.weight", file)[0])
+        attn = f"{p}input_blocks.{idx}.1."
+        has_attn.append(any(k.startswith(attn) for k in keys))
+        depth.append(_count(keys, re.escape(attn) + r"transformer_blocks\.(\d+)\.") or 1)
+    mid_depth = _count(keys, re.escape(p + "middle_block.1.") + r"transformer_blocks\.(\d+)\.") or 1
+    to_k = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((k for k in keys if k.endswith(".proj_in.weight")), None)
+    cfg = dict(template)
+    cfg.update(
+        in_channels=conv_in[1],
+        out_channels=_shape(h, p + "out.2.weight", file)[0],
+        block_out_channels=channels,
+        layers_per_block=layers,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
+        cross_attention_dim=h[to_k].shape[1] if to_k else template.get("cross_attention_dim", 768),
+        use_linear_projection=bool(proj_in and len(h[proj_in].shape) == 2),
+        transformer_layers_per_block=depth if len(set(depth + [mid_depth])) > 1 else depth[0],
+        norm_num_groups=32,
+    )
+    if len(set(depth + [mid_depth])) > 1 and mid_depth != depth[-1]:
+        # diffusers' mid block takes the last level's depth; say so instead of loading wrong weights
+        raise CheckpointError(f"{file}: unsupported UNet: middle block depth {mid_depth} differs from the last level's")
+    if family.id == "sd1":
+        cfg["attention_head_dim"] = 8  # SD1.x convention: 8 heads at every level
+    else:
+        cfg["attention_head_dim"] = [max(1, c // 64) for c in channels]  # 64 channels per head
+    return cfg
+
+
+def vae_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str) -> dict[str, Any]:
+    keys = [k for k in h if k.startswith(VAE)]
+    p = VAE
+    n_levels = _count(keys, re.escape(p) + r"encoder\.down\.(\d+)\.")
+    if n_levels == 0:
+        raise CheckpointError(f"{file}: incomplete checkpoint: no VAE ('first_stage_model.*') tensors")
+    channels = [_shape(h, f"{p}encoder.down.{i}.block.0.conv1.weight", file)[0] for i in range(n_levels)]
+    cfg = dict(template)
+    cfg.update(
+        in_channels=_shape(h, p + "encoder.conv_in.weight", file)[1],
+        out_channels=_shape(h, p + "decoder.conv_out.weight", file)[0],
+        latent_channels=_shape(h, p + "post_quant_conv.weight", file)[0],
+        block_out_channels=channels,
+        layers_per_block=_count(keys, re.escape(p) + r"encoder\.down\.0\.block\.(\d+)\."),
+        down_block_types=["DownEncoderBlock2D"] * n_levels,
+        up_block_types=["UpDecoderBlock2D"] * n_levels,
+        norm_num_groups=32,
+        sample_size=template.get("sample_size", 512),
+        scaling_factor=SD_VAE_SCALING,
+    )
+    return cfg
+
+
+def clip_config(h: dict[str, TensorInfo], prefix: str, template: dict[str, Any], file: str) -> dict[str, Any]:
+    keys = [k for k in h if k.startswith(prefix)]
+    p = prefix + "text_model."
+    vocab, hidden = _shape(h, p + "embeddings.token_embedding.weight", file)
+    cfg = dict(template)
+    cfg.update(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=_count(keys, re.escape(p) + r"encoder\.layers\.(\d+)\."),
+        intermediate_size=_shape(h, p + "encoder.layers.0.mlp.fc1.weight", file)[0],
+        max_position_embeddings=_shape(h, p + "embeddings.position_embedding.weight", file)[0],
+        num_attention_heads=max(1, hidden // 64),
+        projection_dim=hidden,
+    )
+    if vocab != 49408:
+        raise CheckpointError(f"{file}: text encoder has {vocab} tokens; CLIP's tokenizer needs 49408")
+    return cfg
+
+
+def sd1_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:
+    """Config file contents keyed by relative path inside a diffusers config folder."""
+    base = package_config_dir(FAMILY_TEMPLATE["sd1"])
+    text = clip_config(h, SD1_TEXT, _load_json(base / "text_encoder" / "config.json"), file)
+    tok = _load_json(base / "tokenizer" / "tokenizer_config.json")
+    tok["model_max_length"] = text["max_position_embeddings"]
+    return {
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline",
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file),
+        "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file),
+        "text_encoder/config.json": text,
+        "tokenizer/tokenizer_config.json": tok,
+        "tokenizer/special_tokens_map.json": _load_json(base / "tokenizer" / "special_tokens_map.json"),
+        "scheduler/scheduler_config.json": _load_json(base / "scheduler" / "scheduler_config.json"),
+    }
+
+
+def write_config_folder(files: dict[str, dict[str, Any]], cache_root: Path) -> Path:
+    """Materialise the config files (plus CLIP's vocab) in a content-addressed cache folder."""
+    blob = json.dumps(files, sort_keys=True).encode()
+    folder = cache_root / hashlib.sha256(blob).hexdigest()[:16]
+    if (folder / ".complete").exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel, data in files.items():
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    vocab = package_config_dir("clip_tokenizer")
+    for tok_dir in {Path(rel).parent for rel in files if rel.startswith("tokenizer")}:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(vocab / name, tmp / tok_dir / name)
+    (tmp / ".complete").write_text("")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder

@@ -1,0 +1,106 @@
+"""Where models, outputs and temporary files live, and safe name resolution inside them.
+
+One place for the folder layout (ComfyUI's: ``models/checkpoints``, ``models/loras``, ...), the
+defaults and the environment variables that override them. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MODELS_DIR_ENV = "TUI_DIFFUSION_MODELS_DIR"
+OUTPUT_DIR_ENV = "TUI_DIFFUSION_OUTPUT_DIR"
+
+#: model folder kind -> file suffixes listed in it
+MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoints": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "loras": (".safetensors",),
+    "vae": (".safetensors",),
+    "embeddings": (".safetensors", ".pt", ".bin"),
+}
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class PathError(ValueError):
+    """A name that does not resolve to a file inside its folder."""
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get(MODELS_DIR_ENV) or "models")
+
+
+def default_output_dir() -> Path:
+    return Path(os.environ.get(OUTPUT_DIR_ENV) or "output")
+
+
+def default_temp_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "tui-diffusion"
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+def inside(folder: Path, name: str) -> Path:
+    """Resolve ``name`` inside ``folder``; refuse absolute names and anything escaping it."""
+    if not name or os.path.isabs(name) or "\\" in name:
+        raise PathError(f"{name!r} is not a relative name inside {folder}")
+    base = folder.resolve()
+    target = (base / name).resolve()
+    if target != base and base not in target.parents:
+        raise PathError(f"{name!r} points outside {folder}")
+    return target
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The models folder of one run."""
+
+    root: Path
+
+    def folder(self, kind: str) -> Path:
+        return self.root / kind
+
+    def list(self, kind: str) -> list[str]:
+        """File names (relative, with sub-folders) in a model folder; diffusers folders for checkpoints."""
+        folder = self.folder(kind)
+        if not folder.is_dir():
+            return []
+        suffixes = MODEL_FOLDERS.get(kind, (".safetensors",))
+        names: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            here = Path(dirpath)
+            if kind == "checkpoints":
+                for d in list(dirnames):
+                    if is_diffusers_folder(here / d):
+                        names.append((here / d).relative_to(folder).as_posix())
+                        dirnames.remove(d)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            names.extend(
+                (here / f).relative_to(folder).as_posix()
+                for f in filenames
+                if f.lower().endswith(suffixes) and not f.startswith(".")
+            )
+        return sorted(names, key=str.lower)
+
+    def resolve(self, kind: str, name: str) -> Path:
+        """The path of ``name`` in folder ``kind``; PathError when it is not there."""
+        folder = self.folder(kind)
+        path = inside(folder, name)
+        if not path.exists():
+            raise PathError(f"{name!r} not found in {folder}")
+        return path
+
+    def fingerprint(self, kind: str, name: str) -> list[object]:
+        """Size and mtime of a model file (or of a diffusers folder's files): part of cache keys."""
+        path = self.resolve(kind, name)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        out: list[object] = [str(path)]
+        for f in files:
+            st = f.stat()
+            out += [f.name, st.st_size, st.st_mtime_ns]
+        return out

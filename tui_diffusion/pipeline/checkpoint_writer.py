@@ -1,0 +1,239 @@
+"""Write random-weight checkpoints in the original single-file (CompVis/LDM) layout.
+
+The demo command and the tests use this writer, so the whole program can be tried with no model
+and no network. The key mapping is the inverse of the one diffusers' single-file loader applies
+(see the layout notes in the README); loading a written file back with ``from_single_file``
+must return every tensor unchanged, which the tests check.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+@dataclass(frozen=True)
+class TinySD1:
+    """Sizes of a small SD1.x-architecture model that follows the family's conventions."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_attention: tuple[bool, ...] = (True, False)
+    layers_per_block: int = 1
+    transformer_depth: int = 1
+    text_width: int = 64
+    text_layers: int = 2
+    vae_channels: tuple[int, ...] = (32, 32, 32, 32)
+    vae_layers: int = 1
+
+
+FULL_SD15 = TinySD1(
+    unet_channels=(320, 640, 1280, 1280), unet_attention=(True, True, True, False), layers_per_block=2,
+    text_width=768, text_layers=12, vae_channels=(128, 256, 512, 512), vae_layers=2,
+)
+
+
+def build_sd1_models(sizes: TinySD1, seed: int = 0):
+    """Randomly initialised diffusers/transformers SD1.x components of the given sizes."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=sizes.unet_channels,
+        layers_per_block=sizes.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in sizes.unet_attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(sizes.unet_attention)),
+        cross_attention_dim=sizes.text_width,
+        attention_head_dim=8,
+        transformer_layers_per_block=sizes.transformer_depth,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=sizes.vae_channels,
+        layers_per_block=sizes.vae_layers,
+        down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(sizes.vae_channels),
+        norm_num_groups=32,
+        scaling_factor=0.18215,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=sizes.text_width,
+        intermediate_size=sizes.text_width * 4,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=max(1, sizes.text_width // 64),
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=sizes.text_width,
+    ))
+    with torch.no_grad():
+        # random init leaves the VAE's output near zero; widen it so demo images show noise, not grey
+        vae.decoder.conv_out.weight.mul_(20.0)
+    return unet.eval(), vae.eval(), text.eval()
+
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def _unet_key(key: str, layers: int) -> str:
+    parts = key.split(".")
+    if parts[0] == "conv_in":
+        return "input_blocks.0.0." + ".".join(parts[1:])
+    if parts[0] == "time_embedding":
+        return {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[parts[1]] + "." + ".".join(parts[2:])
+    if parts[0] == "conv_norm_out":
+        return "out.0." + ".".join(parts[1:])
+    if parts[0] == "conv_out":
+        return "out.2." + ".".join(parts[1:])
+
+    def resnet(rest: list[str]) -> str:
+        return _RESNET[rest[0]] + "." + ".".join(rest[1:])
+
+    if parts[0] == "down_blocks":
+        b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "resnets":
+            return f"input_blocks.{1 + b * (layers + 1) + j}.0." + resnet(rest)
+        if kind == "attentions":
+            return f"input_blocks.{1 + b * (layers + 1) + j}.1." + ".".join(rest)
+        return f"input_blocks.{(b + 1) * (layers + 1)}.0.op." + ".".join(rest[1:])  # downsamplers.0.conv.*
+    if parts[0] == "up_blocks":
+        b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "resnets":
+            return f"output_blocks.{b * (layers + 1) + j}.0." + resnet(rest)
+        if kind == "attentions":
+            return f"output_blocks.{b * (layers + 1) + j}.1." + ".".join(rest)
+        return None  # upsamplers: placed by the caller, which knows whether the level has attention
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "resnets":
+            return f"middle_block.{2 * j}." + resnet(rest)
+        return "middle_block.1." + ".".join(rest)
+    raise KeyError(key)
+
+
+def unet_to_original(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    attn_levels = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
+    for key, value in state.items():
+        new = _unet_key(key, layers)
+        if new is None:  # up_blocks.b.upsamplers.0.conv.*
+            b = int(key.split(".")[1])
+            slot = 2 if b in attn_levels else 1
+            new = f"output_blocks.{b * (layers + 1) + layers}.{slot}." + ".".join(key.split(".")[4:])
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+
+
+def vae_to_original(state: dict[str, torch.Tensor], n_levels: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        side = parts[0]
+        if side in ("encoder", "decoder") and parts[1] in ("down_blocks", "up_blocks"):
+            i, kind = int(parts[2]), parts[3]
+            level = i if side == "encoder" else n_levels - 1 - i
+            group = "down" if side == "encoder" else "up"
+            if kind == "resnets":
+                rest = [("nin_shortcut" if p == "conv_shortcut" else p) for p in parts[5:]]
+                new = f"{side}.{group}.{level}.block.{parts[4]}." + ".".join(rest)
+            else:  # downsamplers.0 / upsamplers.0
+                new = f"{side}.{group}.{level}.{'downsample' if side == 'encoder' else 'upsample'}." + ".".join(parts[5:])
+        elif side in ("encoder", "decoder") and parts[1] == "mid_block":
+            if parts[2] == "resnets":
+                rest = [("nin_shortcut" if p == "conv_shortcut" else p) for p in parts[4:]]
+                new = f"{side}.mid.block_{int(parts[3]) + 1}." + ".".join(rest)
+            else:
+                name = _VAE_ATTN[parts[4]]
+                new = f"{side}.mid.attn_1.{name}.{parts[-1]}"
+                if value.ndim == 2:
+                    value = value[:, :, None, None]  # original stores 1x1 convolutions
+        elif side in ("encoder", "decoder") and parts[1] == "conv_norm_out":
+            new = f"{side}.norm_out." + ".".join(parts[2:])
+        else:
+            new = key
+        out["first_stage_model." + new] = value
+    return out
+
+
+def ddpm_schedule_tensors(n: int = 1000, start: float = 0.00085, end: float = 0.012) -> dict[str, torch.Tensor]:
+    """The DDPM buffers real SD1.x files carry (no model uses them; loaders must ignore them)."""
+    betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    acp = torch.cumprod(alphas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+    post_var = betas * (1 - prev) / (1 - acp)
+    t = {
+        "betas": betas, "alphas_cumprod": acp, "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": acp.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - acp).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - acp).log(), "sqrt_recip_alphas_cumprod": (1 / acp).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / acp - 1).sqrt(), "posterior_variance": post_var,
+        "posterior_log_variance_clipped": torch.log(torch.clamp(post_var, min=1e-20)),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1 - acp),
+        "posterior_mean_coef2": (1 - prev) * alphas.sqrt() / (1 - acp),
+    }
+    return {k: v.float() for k, v in t.items()}
+
+
+def sd1_state_dict(unet, vae, text, layers: int) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    sd.update(unet_to_original(unet.state_dict(), layers))
+    sd.update(vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)))
+    for k, v in text.state_dict().items():
+        # transformers 5 dropped the "text_model." level from CLIPTextModel's keys; files keep it
+        k = k if k.startswith("text_model.") else "text_model." + k
+        sd["cond_stage_model.transformer." + k] = v
+    sd.setdefault("cond_stage_model.transformer.text_model.embeddings.position_ids",
+                  torch.arange(text.config.max_position_embeddings, dtype=torch.int64)[None])
+    sd.update(ddpm_schedule_tensors())
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    return sd
+
+
+def write_sd1_checkpoint(
+    path: str | os.PathLike[str], sizes: TinySD1 = TinySD1(), seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write a random-weight SD1.x checkpoint in the original layout; atomically."""
+    path = Path(path)
+    unet, vae, text = build_sd1_models(sizes, seed)
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+          for k, v in sd1_state_dict(unet, vae, text, sizes.layers_per_block).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_sd1_diffusers_folder(path: str | os.PathLike[str], sizes: TinySD1 = TinySD1(), seed: int = 0) -> Path:
+    """The same random model as a diffusers folder (for the folder-in-checkpoints/ path)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from tui_diffusion.modelfiles.configs import package_config_dir
+
+    unet, vae, text = build_sd1_models(sizes, seed)
+    tok_dir = package_config_dir("clip_tokenizer")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="<|endoftext|>")
+    scheduler = PNDMScheduler.from_pretrained(str(package_config_dir("sd15")), subfolder="scheduler")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
