@@ -42,7 +42,10 @@ SAMPLERS: dict[str, SamplerInfo] = {
     )
 }
 
-SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
+SCHEDULERS: tuple[str, ...] = (
+    "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta", "linear_quadratic",
+    "kl_optimal",
+)
 
 #: A1111-style display names with the scheduler folded in, used for metadata other tools read.
 SCHEDULER_SUFFIX = {"karras": " Karras", "exponential": " Exponential"}

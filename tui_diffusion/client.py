@@ -1,0 +1,97 @@
+"""The client side of the worker: spawn it, send commands, read events. Torch-free.
+
+The headless CLI and the TUI both use this class, so there is one code path into the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import queue
+from typing import Any
+
+from tui_diffusion import messages as m
+from tui_diffusion.graph.workflow import Workflow
+from tui_diffusion.settings import WorkerConfig
+
+
+class WorkerDied(RuntimeError):
+    """The worker process ended unexpectedly."""
+
+
+class WorkerClient:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self._ctx = mp.get_context("spawn")
+        self.commands = self._ctx.Queue()
+        self.events = self._ctx.Queue()
+        self.process: Any = None
+        self.ready: m.WorkerReady | None = None
+        self._ids = itertools.count(1)
+
+    def start(self) -> None:
+        from tui_diffusion.pipeline.worker import worker_main  # torch-free module; torch loads in the child
+
+        self.process = self._ctx.Process(
+            target=worker_main, args=(self.commands, self.events, self.config), name="tui-diffusion-worker",
+            daemon=True,
+        )
+        self.process.start()
+
+    def wait_ready(self, timeout: float | None = None) -> m.WorkerReady:
+        """Block until the worker reports ready; raises WorkerDied if it fails to start."""
+        while self.ready is None:
+            event = self.next_event(timeout)
+            if event is None:
+                raise TimeoutError("the worker did not become ready in time")
+            if isinstance(event, m.WorkerFailed):
+                raise WorkerDied(event.message)
+        return self.ready
+
+    def submit(self, workflow: Workflow | dict[str, Any], previews: bool = False, job_id: str | None = None) -> str:
+        data = workflow.to_data() if isinstance(workflow, Workflow) else workflow
+        job_id = job_id or str(next(self._ids))
+        self.commands.put(m.SubmitJob(job_id, data, previews))
+        return job_id
+
+    def cancel(self, job_id: str) -> None:
+        self.commands.put(m.CancelJob(job_id))
+
+    def next_event(self, timeout: float | None = None) -> Any:
+        """The next event, or None after ``timeout`` seconds; WorkerDied if the process is gone."""
+        waited = 0.0
+        step = 0.2 if timeout is None else min(0.2, timeout)
+        while True:
+            try:
+                event = self.events.get(timeout=step)
+            except queue.Empty:
+                if self.process is not None and not self.process.is_alive():
+                    raise WorkerDied(f"the worker process ended (exit code {self.process.exitcode})") from None
+                waited += step
+                if timeout is not None and waited >= timeout:
+                    return None
+                continue
+            if isinstance(event, m.WorkerReady):
+                self.ready = event
+            return event
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.process is None:
+            return
+        if self.process.is_alive():
+            try:
+                self.commands.put(m.Shutdown())
+            except (OSError, ValueError):
+                pass
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(2)
+        self.process = None
+
+    def __enter__(self) -> WorkerClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,35 @@
+"""Text to input values, by the input's spec (``--set``/``--sweep`` and the TUI's form fields)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tui_diffusion.graph.specs import BOOLEAN, FLOAT, INT, InputSpec
+
+
+def parse_value(spec: InputSpec | None, text: str) -> Any:
+    """Parse ``text`` as a value of ``spec``'s type; ValueError says why it cannot be one."""
+    if spec is None:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    if spec.type == INT:
+        try:
+            return int(text.strip(), 0) if text.strip().lower().startswith("0x") else int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+    if spec.type == FLOAT:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+    if spec.type == BOOLEAN:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{text!r} is not true or false")
+    return text

@@ -1,0 +1,42 @@
+"""What a node implementation may use while it runs: device, caches, folders, progress."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tui_diffusion.paths import ModelPaths
+from tui_diffusion.pipeline.device import Device
+from tui_diffusion.pipeline.errors import Interrupted
+from tui_diffusion.pipeline.models import ModelCache
+
+
+@dataclass
+class EngineState:
+    """Lives as long as the worker: device, loaded models and folders."""
+
+    device: Device
+    models: ModelCache
+    paths: ModelPaths
+    output_dir: Path
+    temp_dir: Path
+    config_cache: Path
+
+
+@dataclass
+class NodeContext:
+    """One node's run within one job."""
+
+    engine: EngineState
+    node_id: str
+    workflow: dict[str, Any]
+    #: progress(step, total, preview_rgb_or_None)
+    report: Callable[[int, int, Any], None]
+    interrupted: Callable[[], bool]
+    want_previews: bool = False
+
+    def check_interrupt(self) -> None:
+        if self.interrupted():
+            raise Interrupted()

@@ -1,0 +1,151 @@
+"""Loading checkpoints into diffusers models, offline, and keeping a few of them in memory.
+
+Single files in the original layout go through diffusers' ``from_single_file`` with a local
+config folder derived from the file's tensor shapes; diffusers folders through
+``from_pretrained``. Nothing here may reach the network.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tui_diffusion.modelfiles.configs import sd1_configs, write_config_folder
+from tui_diffusion.modelfiles.family import detect_family
+from tui_diffusion.modelfiles.header import CheckpointError, read_header
+from tui_diffusion.paths import PICKLE_SUFFIXES, is_diffusers_folder
+from tui_diffusion.pipeline.device import Device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelHandle:
+    """MODEL: the UNet and the noise schedule it was trained with."""
+
+    unet: Any
+    scheduler_config: dict[str, Any]
+    family: str
+    device: Device
+    source: str
+
+
+@dataclass
+class ClipHandle:
+    """CLIP: tokenizer and text encoder."""
+
+    tokenizer: Any
+    text_encoder: Any
+    device: Device
+    #: hidden layer to read: -1 is the last (ComfyUI's CLIPSetLastLayer)
+    layer: int = -1
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class VaeHandle:
+    vae: Any
+    device: Device
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: ModelHandle
+    clip: ClipHandle
+    vae: VaeHandle
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedCheckpoint:
+    """Load a checkpoint file or diffusers folder; CheckpointError names the file on failure."""
+    from diffusers import StableDiffusionPipeline
+
+    _quiet_libraries()
+    common: dict[str, Any] = dict(
+        torch_dtype=device.dtype, local_files_only=True, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise CheckpointError(f"{path}: a folder in checkpoints/ must be a diffusers model (model_index.json)")
+        family = "sd1"
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), **common)
+        except Exception as exc:  # diffusers raises many types for bad folders
+            raise CheckpointError(f"{path}: cannot load this diffusers folder: {exc}") from None
+    else:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded "
+                                  "and are not supported; use the .safetensors version of the model")
+        if path.suffix.lower() != ".safetensors":
+            raise CheckpointError(f"{path}: not a .safetensors checkpoint")
+        header = read_header(path)
+        conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight")
+        fam = detect_family(header, conv_in.shape[1] if conv_in else None)
+        if not fam.supported:
+            raise CheckpointError(f"{path}: {fam.label} checkpoint: {fam.reason}")
+        family = fam.id
+        folder = write_config_folder(sd1_configs(header, fam, str(path)), config_cache)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), **common)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot load this checkpoint: {exc}") from None
+    pipe.unet.to(device.torch_device).eval()
+    pipe.text_encoder.to(device.torch_device).eval()
+    pipe.vae.to(device.torch_device, dtype=device.vae_dtype).eval()
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False)
+    source = str(path)
+    return LoadedCheckpoint(
+        model=ModelHandle(pipe.unet, dict(pipe.scheduler.config), family, device, source),
+        clip=ClipHandle(pipe.tokenizer, pipe.text_encoder, device),
+        vae=VaeHandle(pipe.vae, device),
+    )
+
+
+class ModelCache:
+    """Up to ``capacity`` loaded checkpoints, least recently used dropped first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._items: OrderedDict[str, LoadedCheckpoint] = OrderedDict()
+        self.loads = 0
+
+    def get(self, key: str, loader) -> LoadedCheckpoint:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        while len(self._items) >= self.capacity:
+            old, _ = self._items.popitem(last=False)
+            log.info("dropping %s from the model cache", old)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        item = loader()
+        self.loads += 1
+        self._items[key] = item
+        return item
+
+    def clear(self) -> None:
+        self._items.clear()

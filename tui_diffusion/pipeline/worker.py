@@ -1,0 +1,177 @@
+"""The worker process: the only process that imports torch.
+
+Started with the ``spawn`` context; it reads commands from one multiprocessing queue and writes
+events to another (``tui_diffusion.messages``), nothing else. A reader thread takes commands
+while a job runs, so a job can be interrupted (checked every sampling step) or a pending one
+removed. This module is importable without torch: torch is imported inside ``worker_main``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+from tui_diffusion import messages as m
+from tui_diffusion.settings import WorkerConfig
+
+log = logging.getLogger("tui_diffusion.worker")
+
+
+class _Jobs:
+    """Pending jobs and the interrupt flag of the running one, shared with the reader thread."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.pending: deque[m.SubmitJob] = deque()
+        self.running: str | None = None
+        self.interrupt = threading.Event()
+        self.stop = False
+
+
+def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs) -> None:
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            cmd = cmd_q.get(timeout=0.5)
+        except Exception:  # queue.Empty, or the pipe closed under us
+            if parent is not None and not parent.is_alive():
+                cmd = m.Shutdown()
+            else:
+                continue
+        with jobs.cond:
+            if isinstance(cmd, m.SubmitJob):
+                jobs.pending.append(cmd)
+                evt_q.put(m.JobAccepted(cmd.job_id, len(jobs.pending)))
+            elif isinstance(cmd, m.CancelJob):
+                if jobs.running == cmd.job_id:
+                    jobs.interrupt.set()
+                else:
+                    for job in list(jobs.pending):
+                        if job.job_id == cmd.job_id:
+                            jobs.pending.remove(job)
+                            evt_q.put(m.JobRemoved(job.job_id))
+            elif isinstance(cmd, m.Shutdown):
+                jobs.stop = True
+                jobs.interrupt.set()
+                jobs.cond.notify_all()
+                return
+            jobs.cond.notify_all()
+
+
+def _isolate_stdout(temp_dir: str) -> None:
+    """Keep library prints off the client's stdout (``run --json`` owns it); log to a file."""
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    os.makedirs(temp_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(temp_dir, "worker.log"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _png(rgb: Any) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
+    _isolate_stdout(str(config.temp_dir))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import diffusers
+        import platformdirs
+        import torch
+
+        from tui_diffusion.paths import ModelPaths
+        from tui_diffusion.pipeline.context import EngineState
+        from tui_diffusion.pipeline.device import resolve_device
+        from tui_diffusion.pipeline.errors import Interrupted
+        from tui_diffusion.pipeline.executor import Executor, Hooks, JobError
+        from tui_diffusion.pipeline.models import ModelCache
+
+        device = resolve_device(config.device)
+        engine = EngineState(
+            device=device,
+            models=ModelCache(config.max_checkpoints),
+            paths=ModelPaths(config.models_dir),
+            output_dir=config.output_dir,
+            temp_dir=config.temp_dir,
+            config_cache=platformdirs.user_cache_path("tui-diffusion") / "configs",
+        )
+        executor = Executor(engine)
+    except Exception as exc:  # a broken install: tell the client instead of dying silently
+        log.exception("worker start failed")
+        evt_q.put(m.WorkerFailed(f"the worker could not start: {type(exc).__name__}: {exc}"))
+        return
+
+    jobs = _Jobs()
+    threading.Thread(target=_reader, args=(cmd_q, evt_q, jobs), daemon=True, name="commands").start()
+    evt_q.put(m.WorkerReady(str(device.torch_device), device.name, str(device.dtype).replace("torch.", ""),
+                            torch.__version__, diffusers.__version__, os.getpid()))
+
+    class _Hooks(Hooks):
+        def __init__(self, job: m.SubmitJob) -> None:
+            self.job = job
+            self.last_preview = 0.0
+
+        def node_started(self, node_id: str) -> None:
+            evt_q.put(m.NodeStarted(self.job.job_id, node_id))
+
+        def node_cached(self, node_id: str) -> None:
+            evt_q.put(m.NodeCached(self.job.job_id, node_id))
+
+        def node_finished(self, node_id: str, seconds: float) -> None:
+            evt_q.put(m.NodeFinished(self.job.job_id, node_id, seconds))
+
+        def progress(self, node_id: str, step: int, total: int, preview: Any) -> None:
+            png = None
+            now = time.monotonic()
+            if preview is not None and (now - self.last_preview > 0.25 or step == total):
+                png, self.last_preview = _png(preview), now
+            evt_q.put(m.Progress(self.job.job_id, node_id, step, total, png))
+
+    while True:
+        with jobs.cond:
+            while not jobs.pending and not jobs.stop:
+                jobs.cond.wait()
+            if jobs.stop:
+                break
+            job = jobs.pending.popleft()
+            jobs.running = job.job_id
+            jobs.interrupt.clear()
+        evt_q.put(m.JobStarted(job.job_id))
+        start = time.perf_counter()
+        try:
+            report = executor.run(job.workflow, _Hooks(job), jobs.interrupt.is_set, previews=job.previews)
+            evt_q.put(m.JobFinished(job.job_id, report.outputs, report.executed, report.cached, report.timings,
+                                    time.perf_counter() - start))
+        except Interrupted:
+            evt_q.put(m.JobFinished(job.job_id, [], [], [], {}, time.perf_counter() - start, status="interrupted"))
+        except JobError as exc:
+            evt_q.put(m.JobFailed(job.job_id, exc.node_id, exc.message))
+        except Exception as exc:  # never let one job take the worker down
+            log.error("job %s failed:\n%s", job.job_id, traceback.format_exc())
+            evt_q.put(m.JobFailed(job.job_id, None, f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            with jobs.cond:
+                jobs.running = None
+            if device.torch_device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -1,0 +1,27 @@
+"""Settings handed to the worker at spawn: folders and the device policy, as plain values.
+
+No import-time globals: the worker builds its device and caches from this one object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tui_diffusion.paths import default_models_dir, default_output_dir, default_temp_dir
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    #: "auto" (CUDA, then MPS, then CPU), "cpu", or an explicit torch device string such as "cuda:1"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    models_dir: Path = field(default_factory=default_models_dir)
+    output_dir: Path = field(default_factory=default_output_dir)
+    temp_dir: Path = field(default_factory=default_temp_dir)
+    device: DevicePolicy = field(default_factory=DevicePolicy)
+    #: loaded checkpoints kept in memory between jobs (least recently used is dropped first)
+    max_checkpoints: int = 2

@@ -1,0 +1,1 @@
+"""What the program keeps: output images (and, later, run history)."""
