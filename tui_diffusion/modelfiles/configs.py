@@ -60,8 +60,10 @@ def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Fami
         channels.append(_shape(h, f"{p}input_blocks.{idx}.0.in_layers.2.weight", file)[0])
         attn = f"{p}input_blocks.{idx}.1."
         has_attn.append(any(k.startswith(attn) for k in keys))
-        depth.append(_count(keys, re.escape(attn) + r"transformer_blocks\.(\d+)\.") or 1)
+        depth.append(_count(keys, re.escape(attn) + r"transformer_blocks\.(\d+)\."))
     mid_depth = _count(keys, re.escape(p + "middle_block.1.") + r"transformer_blocks\.(\d+)\.") or 1
+    # levels without attention have no depth of their own; give them the middle block's
+    depth = [d or mid_depth for d in depth]
     to_k = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((k for k in keys if k.endswith(".proj_in.weight")), None)
     cfg = dict(template)
@@ -74,10 +76,10 @@ def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Fami
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
         cross_attention_dim=h[to_k].shape[1] if to_k else template.get("cross_attention_dim", 768),
         use_linear_projection=bool(proj_in and len(h[proj_in].shape) == 2),
-        transformer_layers_per_block=depth if len(set(depth + [mid_depth])) > 1 else depth[0],
+        transformer_layers_per_block=depth if len(set(depth)) > 1 else depth[0],
         norm_num_groups=32,
     )
-    if len(set(depth + [mid_depth])) > 1 and mid_depth != depth[-1]:
+    if mid_depth != depth[-1]:
         # diffusers' mid block takes the last level's depth; say so instead of loading wrong weights
         raise CheckpointError(f"{file}: unsupported UNet: middle block depth {mid_depth} differs from the last level's")
     if family.id == "sd1":

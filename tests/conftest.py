@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random-weight SD1.x checkpoints in the original single-file layout.
+
+Nothing here downloads anything; HF_HUB_OFFLINE is set for the whole session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]
+TXT2IMG = ROOT / "workflows" / "txt2img.json"
+TINY = "tiny-sd15.safetensors"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with a tiny SD1.x single file and the same model as a diffusers folder."""
+    from tui_diffusion.pipeline.checkpoint_writer import write_sd1_checkpoint, write_sd1_diffusers_folder
+
+    root = tmp_path_factory.mktemp("models")
+    write_sd1_checkpoint(root / "checkpoints" / TINY, seed=0)
+    write_sd1_diffusers_folder(root / "checkpoints" / "tiny-sd15-diffusers", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+
+
+def txt2img(**overrides: object) -> dict:
+    """The shipped txt2img workflow at test size, with ``"node.input": value`` overrides."""
+    data = json.loads(TXT2IMG.read_text())
+    settings = {"4.ckpt_name": TINY, "5.width": 64, "5.height": 64, "3.steps": 4, "3.seed": 1}
+    settings.update(overrides)
+    for target, value in settings.items():
+        node_id, name = target.split(".", 1)
+        data[node_id]["inputs"][name] = value
+    return data
+
+
+@pytest.fixture()
+def broken_models(tmp_path: Path, models_dir: Path) -> Path:
+    """A models folder holding the good tiny file plus a truncated copy and a non-safetensors file."""
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    good = models_dir / "checkpoints" / TINY
+    shutil.copy(good, root / "checkpoints" / TINY)
+    data = good.read_bytes()
+    (root / "checkpoints" / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (root / "checkpoints" / "notes.safetensors").write_text("this is not a model\n")
+    return root
