@@ -4,12 +4,12 @@ ComfyUI builds a sigma sequence from the scheduler name (``normal``, ``karras``,
 k-diffusion sampler over it, giving the UNet the training timestep whose log-sigma is nearest.
 diffusers' scheduler options do not reproduce every one of those sequences, so this module
 computes the sequence ComfyUI's way and installs it into the diffusers scheduler that implements
-the sampler's update rule, in the layout that scheduler keeps internally (second-order schedulers
-interleave their sigmas). The denoising itself is the scheduler's ``step``.
+the sampler's update rule (see ``install_sigmas``). The denoising itself is the scheduler's ``step``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -188,8 +188,6 @@ class SchedulerRecipe:
     #: "ve": k-diffusion latents x = x0 + sigma*eps (scaled by the scheduler);
     #: "vp": latents alpha*x0 + sigma*eps (DPM-Solver, UniPC); "own": the scheduler's own grid.
     space: str
-    #: how the sigmas are laid out inside the scheduler
-    layout: str = "first_order"
 
 
 RECIPES: dict[str, SchedulerRecipe] = {
@@ -197,14 +195,14 @@ RECIPES: dict[str, SchedulerRecipe] = {
     # ComfyUI's "ddim" sampler is an Euler step on the chosen schedule
     "ddim": SchedulerRecipe("EulerDiscreteScheduler", {}, "ve"),
     "euler_ancestral": SchedulerRecipe("EulerAncestralDiscreteScheduler", {}, "ve"),
-    "heun": SchedulerRecipe("HeunDiscreteScheduler", {}, "ve", "heun"),
-    "dpm_2": SchedulerRecipe("KDPM2DiscreteScheduler", {}, "ve", "kdpm2"),
-    "dpm_2_ancestral": SchedulerRecipe("KDPM2AncestralDiscreteScheduler", {}, "ve", "kdpm2"),
-    "lms": SchedulerRecipe("LMSDiscreteScheduler", {}, "ve", "lms"),
+    "heun": SchedulerRecipe("HeunDiscreteScheduler", {}, "ve"),
+    "dpm_2": SchedulerRecipe("KDPM2DiscreteScheduler", {}, "ve"),
+    "dpm_2_ancestral": SchedulerRecipe("KDPM2AncestralDiscreteScheduler", {}, "ve"),
+    "lms": SchedulerRecipe("LMSDiscreteScheduler", {}, "ve"),
     "dpmpp_2m": SchedulerRecipe("DPMSolverMultistepScheduler", {
         "algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero",
-        "lower_order_final": True, "use_karras_sigmas": False}, "vp"),
-    "dpmpp_sde": SchedulerRecipe("DPMSolverSDEScheduler", {}, "ve", "sde"),
+        "lower_order_final": True}, "vp"),
+    "dpmpp_sde": SchedulerRecipe("DPMSolverSDEScheduler", {}, "ve"),
     "uni_pc": SchedulerRecipe("UniPCMultistepScheduler", {"final_sigmas_type": "zero", "solver_order": 2}, "vp"),
     "pndm": SchedulerRecipe("PNDMScheduler", {"skip_prk_steps": True}, "own"),
 }
@@ -227,49 +225,34 @@ def make_scheduler(sampler: str, model_config: dict[str, Any], seed: int) -> Any
 
     recipe = RECIPES[sampler]
     cls = getattr(diffusers, recipe.class_name)
+    known = set(inspect.signature(cls.__init__).parameters)
     config = {k: v for k, v in model_config.items() if k in _MODEL_KEYS}
     config.update(recipe.options)
     config["timestep_spacing"] = "leading" if recipe.space == "own" else "linspace"
-    if recipe.class_name == "DPMSolverSDEScheduler":
+    if "use_karras_sigmas" in known and recipe.space != "own":
+        config["use_karras_sigmas"] = True  # the hook install_sigmas uses; see there
+    if "noise_sampler_seed" in known:
         config["noise_sampler_seed"] = seed
-    known = set(cls.__init__.__code__.co_varnames)
     return cls.from_config({k: v for k, v in config.items() if k in known})
 
 
-def _nearest_t(ms: ModelSampling, sigmas: torch.Tensor) -> torch.Tensor:
-    return ms.timestep(sigmas).to(torch.float32)
+def install_sigmas(scheduler: Any, ms: ModelSampling, sigmas: torch.Tensor) -> None:
+    """Make a diffusers scheduler walk ``sigmas`` (n+1 values ending in 0).
 
-
-def install_sigmas(scheduler: Any, layout: str, ms: ModelSampling, sigmas: torch.Tensor) -> None:
-    """Replace a diffusers scheduler's sigma grid with ``sigmas`` (n+1 values ending in 0)."""
-    n = len(sigmas) - 1
-    scheduler.set_timesteps(n)
-    sig = sigmas.to(torch.float32).cpu()
-    ts = _nearest_t(ms, sig[:-1])
-    if layout in ("first_order", "lms"):
-        scheduler.sigmas = sig
-        scheduler.timesteps = ts
-    elif layout == "heun":
-        scheduler.sigmas = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]])
-        scheduler.timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
-    elif layout == "kdpm2":
-        interp = sig.log().lerp(sig.roll(1).log(), 0.5).exp()
-        scheduler.sigmas = torch.cat([sig[:1], sig[1:].repeat_interleave(2), sig[-1:]])
-        scheduler.sigmas_interpol = torch.cat([interp[:1], interp[1:].repeat_interleave(2), interp[-1:]])
-        t_interp = _nearest_t(ms, interp.nan_to_num(0.0))
-        pairs = torch.stack((t_interp[1:-1, None], ts[1:, None]), dim=-1).flatten()
-        scheduler.timesteps = torch.cat([ts[:1], pairs])
-    elif layout == "sde":
-        t = -sig[:-1].double().log()
-        mid = (-(t[:-1] + 0.5 * t.diff())).exp().float()
-        scheduler.sigmas = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]])
-        timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
-        timesteps[1::2] = _nearest_t(ms, mid)
-        scheduler.timesteps = timesteps
-    else:
-        raise ValueError(layout)
-    if hasattr(scheduler, "log_sigmas"):
-        scheduler.log_sigmas = ms.log_sigmas.clone()
+    Schedulers with Karras support convert their base sigmas in one method, ``_convert_to_karras``,
+    and derive UNet timesteps in another, ``_sigma_to_t``. Overriding those two on this instance
+    lets the scheduler lay out everything else itself (interleaved second-order sigmas, ancestral
+    up/down sigmas, midpoints), with ComfyUI's sigmas and ComfyUI's nearest-timestep rule.
+    """
+    body = sigmas[:-1].double().numpy()
+    if getattr(scheduler.config, "use_karras_sigmas", False):
+        scheduler._convert_to_karras = lambda in_sigmas, num_inference_steps=None: body.copy()
+        scheduler._sigma_to_t = lambda sigma, log_sigmas: float(ms.timestep(torch.tensor(float(sigma)))[0])
+        scheduler.set_timesteps(len(body))
+    else:  # one sigma per step (Euler ancestral): set the grid directly
+        scheduler.set_timesteps(len(body))
+        scheduler.sigmas = sigmas.to(torch.float32).cpu()
+        scheduler.timesteps = ms.timestep(sigmas[:-1]).to(torch.float32)
     scheduler.set_begin_index(0)
 
 
@@ -288,7 +271,7 @@ def prepare_sampler(sampler: str, scheduler_name: str, steps: int, denoise: floa
         sigmas = torch.cat([sigmas, sigmas.new_zeros([1])])
         return PreparedSampler(scheduler, "own", sigmas)
     sigmas = ksampler_sigmas(ms, sampler, scheduler_name, steps, denoise)
-    install_sigmas(scheduler, recipe.layout, ms, sigmas)
+    install_sigmas(scheduler, ms, sigmas)
     return PreparedSampler(scheduler, recipe.space, sigmas)
 
 
