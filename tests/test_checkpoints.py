@@ -122,7 +122,7 @@ def test_unknown_and_unsupported_families_are_named(tmp_path: Path) -> None:
 
     path = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, str(path))
-    with pytest.raises(CheckpointError, match=r"flux\.safetensors: Flux checkpoint: Flux checkpoints are not supported"):
+    with pytest.raises(CheckpointError, match=r"flux\.safetensors: Flux checkpoints are not supported"):
         load_checkpoint(path, CPU, tmp_path)
     row = describe_checkpoint(path, "flux.safetensors")
     assert row["family"] == "Flux" and not row["supported"]

@@ -50,7 +50,8 @@ def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Fami
     keys = [k for k in h if k.startswith(UNET)]
     p = UNET
     conv_in = _shape(h, p + "input_blocks.0.0.weight", file)
-    ops = sorted(int(m.group(1)) for k in keys if (m := re.match(re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    op_rx = re.compile(re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight$")
+    ops = sorted(int(m.group(1)) for k in keys if (m := op_rx.match(k)))
     n_inputs = _count(keys, re.escape(p) + r"input_blocks\.(\d+)\.")
     layers = ops[0] - 1 if ops else n_inputs - 1
     n_levels = len(ops) + 1

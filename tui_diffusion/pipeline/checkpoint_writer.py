@@ -151,7 +151,8 @@ def vae_to_original(state: dict[str, torch.Tensor], n_levels: int) -> dict[str, 
                 rest = [("nin_shortcut" if p == "conv_shortcut" else p) for p in parts[5:]]
                 new = f"{side}.{group}.{level}.block.{parts[4]}." + ".".join(rest)
             else:  # downsamplers.0 / upsamplers.0
-                new = f"{side}.{group}.{level}.{'downsample' if side == 'encoder' else 'upsample'}." + ".".join(parts[5:])
+                sampler = "downsample" if side == "encoder" else "upsample"
+                new = f"{side}.{group}.{level}.{sampler}." + ".".join(parts[5:])
         elif side in ("encoder", "decoder") and parts[1] == "mid_block":
             if parts[2] == "resnets":
                 rest = [("nin_shortcut" if p == "conv_shortcut" else p) for p in parts[4:]]

@@ -105,7 +105,7 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight")
         fam = detect_family(header, conv_in.shape[1] if conv_in else None)
         if not fam.supported:
-            raise CheckpointError(f"{path}: {fam.label} checkpoint: {fam.reason}")
+            raise CheckpointError(f"{path}: {fam.reason}")
         family = fam.id
         folder = write_config_folder(sd1_configs(header, fam, str(path)), config_cache)
         try:
