@@ -111,3 +111,22 @@ def test_previews_are_small_pngs(client: WorkerClient) -> None:
     _, seen = until_end(client, job)
     previews = [e.preview_png for e in seen if isinstance(e, m.Progress) and e.preview_png]
     assert previews and all(p.startswith(b"\x89PNG") for p in previews)
+
+
+def test_pending_job_moves_to_the_front(client: WorkerClient) -> None:
+    blocker = client.submit(txt2img(**{"3.steps": 60, "3.seed": 31}))
+    order = []
+    while not order:
+        event = client.next_event(timeout=60)
+        if isinstance(event, m.JobStarted):
+            order.append(event.job_id)
+    a = client.submit(txt2img(**{"3.seed": 32}))
+    b = client.submit(txt2img(**{"3.seed": 33}))
+    client.move_to_front(b)
+    deadline = time.monotonic() + 120
+    while len(order) < 3 and time.monotonic() < deadline:
+        event = client.next_event(timeout=1)
+        if isinstance(event, m.JobStarted):
+            order.append(event.job_id)
+    assert order == [blocker, b, a]
+    until_end(client, a)

@@ -57,6 +57,9 @@ class WorkerClient:
     def cancel(self, job_id: str) -> None:
         self.commands.put(m.CancelJob(job_id))
 
+    def move_to_front(self, job_id: str) -> None:
+        self.commands.put(m.MoveJob(job_id))
+
     def next_event(self, timeout: float | None = None) -> Any:
         """The next event, or None after ``timeout`` seconds; WorkerDied if the process is gone."""
         waited = 0.0

@@ -28,6 +28,13 @@ class CancelJob:
 
 
 @dataclass(frozen=True)
+class MoveJob:
+    """Move a pending job to the front of the queue."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
@@ -114,6 +121,12 @@ class JobFailed:
 @dataclass(frozen=True)
 class JobRemoved:
     job_id: str
+
+
+@dataclass(frozen=True)
+class JobMoved:
+    job_id: str
+    position: int
 
 
 JobEnd = (JobFinished, JobFailed, JobRemoved)

@@ -60,6 +60,12 @@ def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs) -> None:
                         if job.job_id == cmd.job_id:
                             jobs.pending.remove(job)
                             evt_q.put(m.JobRemoved(job.job_id))
+            elif isinstance(cmd, m.MoveJob):
+                for job in list(jobs.pending):
+                    if job.job_id == cmd.job_id:
+                        jobs.pending.remove(job)
+                        jobs.pending.appendleft(job)
+                        evt_q.put(m.JobMoved(job.job_id, 1))
             elif isinstance(cmd, m.Shutdown):
                 jobs.stop = True
                 jobs.interrupt.set()
