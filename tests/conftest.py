@@ -32,9 +32,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    cache = tmp_path_factory.mktemp("xdg-cache")
-    os.environ["XDG_CACHE_HOME"] = str(cache)
+def _isolated_user_folders(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    os.environ["TUI_DIFFUSION_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
 
 
 def txt2img(**overrides: object) -> dict:

@@ -97,3 +97,20 @@ def test_move_to_front_keeps_running_and_finished_ahead() -> None:
     book.apply(m.JobStarted("1"))
     book.move_to_front("4")
     assert [j.job_id for j in book.ordered()] == ["1", "4", "2", "3"]
+
+
+def test_typing_a_prompt_is_one_undo_step() -> None:
+    d = doc()
+    for text in ("a", "a c", "a ca", "a cat"):
+        d.set_value("6", "text", text, coalesce=True)
+    d.set_value("3", "steps", 5)
+    d.undo()
+    assert d.workflow.inputs("6")["text"] == "a cat"
+    d.undo()
+    assert d.workflow.inputs("6")["text"] == json_text()
+
+
+def json_text() -> str:
+    import json
+
+    return json.loads(TXT2IMG.read_text())["6"]["inputs"]["text"]

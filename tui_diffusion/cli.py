@@ -303,18 +303,46 @@ def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def build_tui_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tui-diffusion",
+        description="Open the terminal app (commands: run, validate, models, demo-checkpoint; "
+                    "'tui-diffusion COMMAND --help' for each).",
+    )
+    parser.add_argument("--version", action="version", version=f"tui-diffusion {__version__}")
+    parser.add_argument("workflow", type=Path, nargs="?", default=None,
+                        help="workflow to open (default: the last one used, else workflows/txt2img.json)")
+    _add_folders(parser)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    return parser
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from tui_diffusion.app import run_tui
+    from tui_diffusion.settings import DevicePolicy, WorkerConfig
+
+    config = WorkerConfig(
+        models_dir=args.models_dir or default_models_dir(),
+        output_dir=args.output_dir or default_output_dir(),
+        device=DevicePolicy("cpu" if args.cpu else "auto"),
+    )
+    return run_tui(args.workflow, config)
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_OK
+    argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if argv and argv[0] in COMMANDS:
+        args = build_parser().parse_args(argv)
+        command = COMMANDS[args.command]
+    else:
+        args = build_tui_parser().parse_args(argv)
+        command = cmd_tui
     try:
-        return COMMANDS[args.command](args)
+        return command(args)
     except (WorkflowError, UsageError) as exc:
         _err(str(exc))
         return EXIT_INVALID

@@ -37,6 +37,7 @@ class WorkflowDocument:
         self.path = path
         self._undo: list[dict[str, Any]] = []
         self._redo: list[dict[str, Any]] = []
+        self._last_edit: tuple[str, str] | None = None
         self._saved = self._snapshot()
 
     # -- files -------------------------------------------------------------------------------------
@@ -66,11 +67,13 @@ class WorkflowDocument:
         return copy.deepcopy(self.workflow.nodes)
 
     def _record(self) -> None:
+        self._last_edit = None
         self._undo.append(self._snapshot())
         del self._undo[:-UNDO_LIMIT]
         self._redo.clear()
 
     def undo(self) -> bool:
+        self._last_edit = None
         if not self._undo:
             return False
         self._redo.append(self._snapshot())
@@ -85,12 +88,17 @@ class WorkflowDocument:
         return True
 
     # -- edits -----------------------------------------------------------------------------------------
-    def set_value(self, node_id: str, name: str, value: Any) -> bool:
-        """Set a literal input; returns False when nothing changed (no undo step)."""
+    def set_value(self, node_id: str, name: str, value: Any, coalesce: bool = False) -> bool:
+        """Set a literal input; returns False when nothing changed (no undo step).
+
+        With ``coalesce``, consecutive edits of the same input make one undo step (typing a prompt).
+        """
         if self.workflow.inputs(node_id).get(name, object()) == value:
             return False
-        self._record()
+        if not (coalesce and self._last_edit == (node_id, name) and self._undo):
+            self._record()
         self.workflow.set_input(node_id, name, value)
+        self._last_edit = (node_id, name) if coalesce else None
         return True
 
     def link(self, node_id: str, name: str, source: OutputRef) -> None:

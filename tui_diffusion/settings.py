@@ -25,3 +25,5 @@ class WorkerConfig:
     device: DevicePolicy = field(default_factory=DevicePolicy)
     #: loaded checkpoints kept in memory between jobs (least recently used is dropped first)
     max_checkpoints: int = 2
+    #: send the worker's stdout and stderr to its log file (the TUI owns the terminal)
+    log_to_file_only: bool = False

@@ -74,12 +74,18 @@ def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs) -> None:
             jobs.cond.notify_all()
 
 
-def _isolate_stdout(temp_dir: str) -> None:
-    """Keep library prints off the client's stdout (``run --json`` owns it); log to a file."""
+def _isolate_output(temp_dir: str, file_only: bool) -> None:
+    """Keep library prints off the client's stdout (``run --json`` owns it), and off the terminal
+    altogether when the TUI draws on it; log to a file."""
+    os.makedirs(temp_dir, exist_ok=True)
+    log_path = os.path.join(temp_dir, "worker.log")
+    if file_only:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 2)
+        os.close(fd)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    os.makedirs(temp_dir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(temp_dir, "worker.log"), encoding="utf-8")
+    handler = logging.FileHandler(log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -96,7 +102,7 @@ def _png(rgb: Any) -> bytes:
 
 def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
-    _isolate_stdout(str(config.temp_dir))
+    _isolate_output(str(config.temp_dir), config.log_to_file_only)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

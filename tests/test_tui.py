@@ -1,0 +1,280 @@
+"""The terminal app driven with Textual's Pilot, against a worker double that speaks the real protocol."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, TXT2IMG
+from tests.fakes import FakeClient
+from tui_diffusion.app import TuiDiffusionApp
+from tui_diffusion.settings import DevicePolicy, WorkerConfig
+from tui_diffusion.widgets.image_pane import ImagePane
+from tui_diffusion.widgets.node_tree import NodeTree
+from tui_diffusion.widgets.param_form import Field, NumberInput, ParamForm
+from tui_diffusion.widgets.queue_panel import QueuePanel
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's folder: models/checkpoints with a (never loaded) tiny file name, workflows/."""
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / TINY).write_bytes(b"x")
+    shutil.copytree(TXT2IMG.parent, tmp_path / "workflows")
+    wf = json.loads(TXT2IMG.read_text())
+    wf["4"]["inputs"]["ckpt_name"] = TINY
+    (tmp_path / "workflows" / "mine.json").write_text(json.dumps(wf))
+    monkeypatch.chdir(tmp_path)
+    FakeClient.instances.clear()
+    return tmp_path
+
+
+def make_app(home: Path, workflow: str | None = "workflows/mine.json") -> TuiDiffusionApp:
+    config = WorkerConfig(models_dir=home / "models", output_dir=home / "output", device=DevicePolicy("cpu"))
+    return TuiDiffusionApp(Path(workflow) if workflow else None, config, client_factory=FakeClient)
+
+
+async def settle(pilot, times: int = 3) -> None:
+    for _ in range(times):
+        await pilot.pause(0.05)
+
+
+def field(app: TuiDiffusionApp, name: str) -> Field:
+    return next(f for f in app.screen.query(Field) if f.input_name == name)
+
+
+async def test_opens_the_workflow_and_shows_worker_state(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        labels = [str(n.label) for n in tree.root.children]
+        assert any("KSampler" in label for label in labels) and len(labels) == 7
+        assert "ready: Fake CPU" in app.sub_title
+        assert app.title == "mine.json"  # opened unchanged: not dirty
+        assert app.screen.query_one(ParamForm).node_id == "3"
+
+
+async def test_nudge_a_number_with_keys_and_undo(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        steps = field(app, "steps").query_one(NumberInput)
+        steps.focus()
+        await pilot.press("plus", "plus", "shift+up")
+        await settle(pilot)
+        doc = app.screen.document
+        assert doc.workflow.inputs("3")["steps"] == 32 and doc.dirty and app.title.endswith("•")
+        await pilot.press("ctrl+z")
+        await settle(pilot)
+        assert doc.workflow.inputs("3")["steps"] == 22  # each nudge is one undo step
+
+
+async def test_invalid_value_is_shown_inline_and_blocks_queueing(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        cfg = field(app, "cfg").query_one(NumberInput)
+        cfg.focus()
+        cfg.value = ""
+        await pilot.press("minus", "1")  # '-' nudges; type a bad value directly
+        cfg.value = "-1"
+        await settle(pilot)
+        assert "below the minimum" in str(field(app, "cfg").query_one(".error").render())
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        assert FakeClient.instances[-1].submitted == []
+
+
+async def test_missing_model_marks_the_node_and_blocks(home: Path) -> None:
+    app = make_app(home, "workflows/txt2img.json")  # names a checkpoint the folder lacks
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        assert FakeClient.instances[-1].submitted == []
+        tree = app.screen.query_one(NodeTree)
+        loader = next(n for n in tree.root.children if n.data[0] == "4")
+        assert str(loader.label).startswith("! ")
+        assert "problem" in app.sub_title
+
+
+async def test_queue_progress_preview_and_result(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        doc = app.screen.document
+        doc.set_seed_mode("3", "seed", "increment")
+        seed = doc.workflow.inputs("3")["seed"]
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        fake = FakeClient.instances[-1]
+        (job_id, sent), = fake.submitted
+        assert sent["3"]["inputs"]["seed"] == seed
+        assert doc.workflow.inputs("3")["seed"] == seed + 1  # control after generate
+        image = fake.run_job(job_id, home / "out", finish=False)
+        await settle(pilot, 6)
+        record = app.screen.book.jobs[job_id]
+        assert record.status == "running" and record.step == 4
+        pane = app.screen.query_one(ImagePane)
+        assert pane.image is not None and "preview 4/4" in pane.caption and pane.path is None
+        assert "busy" in app.sub_title
+        fake.finish(job_id, image)
+        await settle(pilot, 6)
+        assert record.status == "done" and pane.path == image
+        tree = app.screen.query_one(NodeTree)
+        sampler = next(n for n in tree.root.children if n.data[0] == "3")
+        assert "executed 0.50s" in str(sampler.label)
+        queue = app.screen.query_one(QueuePanel)
+        assert queue.row_count == 1 and "done" in str(queue.get_row_at(0)[1])
+
+
+async def test_interrupt_the_running_job(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        fake = FakeClient.instances[-1]
+        job_id = fake.submitted[0][0]
+        fake.run_job(job_id, home / "out", finish=False)
+        await settle(pilot, 4)
+        await pilot.press("ctrl+x")
+        await settle(pilot)
+        assert fake.cancelled == [job_id]
+
+
+async def test_queue_many_with_incrementing_seeds_and_manage_pending(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        seed = app.screen.document.workflow.inputs("3")["seed"]
+        await pilot.press("ctrl+b")
+        await settle(pilot)
+        await pilot.press("ctrl+a", "ctrl+k", "3", "enter")
+        await settle(pilot)
+        fake = FakeClient.instances[-1]
+        assert [w["3"]["inputs"]["seed"] for _, w in fake.submitted] == [seed, seed + 1, seed + 2]
+        queue = app.screen.query_one(QueuePanel)
+        queue.focus()
+        queue.move_cursor(row=2)
+        await pilot.press("t")
+        await settle(pilot)
+        assert fake.moved == [fake.submitted[2][0]]
+        assert [j.job_id for j in app.screen.book.ordered()][0] == fake.submitted[2][0]
+        queue.move_cursor(row=2)
+        await pilot.press("delete")
+        await settle(pilot)
+        assert fake.cancelled == [queue.coordinate_to_cell_key(queue.cursor_coordinate).row_key.value]
+
+
+async def test_save_as_then_open_round_trip(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        app.screen.document.set_value("3", "steps", 7)
+        await pilot.press("f3")
+        await settle(pilot)
+        await pilot.press("ctrl+a", "ctrl+k", *"saved.json", "enter")
+        await settle(pilot)
+        saved = json.loads((home / "saved.json").read_text())
+        assert saved["3"]["inputs"]["steps"] == 7
+        assert app.title == "saved.json"
+        app.screen.document.set_value("3", "steps", 9)
+        await pilot.press("ctrl+o")
+        await settle(pilot)
+        await pilot.press(*"saved.json", "enter")
+        await settle(pilot)
+        await pilot.press("tab", "enter")  # unsaved changes: "Discard" is the second button
+        await settle(pilot, 5)
+        assert app.screen.document.workflow.inputs("3")["steps"] == 7
+
+
+async def test_add_link_delete_and_undo_a_node(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        app.screen.query_one(NodeTree).focus()
+        await pilot.press("a")
+        await settle(pilot)
+        await pilot.press(*"Preview", "enter")
+        await settle(pilot, 5)
+        doc = app.screen.document
+        assert doc.workflow.class_type("10") == "PreviewImage"
+        link_button = field(app, "images").query_one(".link")
+        link_button.focus()
+        await pilot.press("enter")
+        await settle(pilot)
+        await pilot.press("enter")  # first compatible output: VAE Decode.IMAGE
+        await settle(pilot, 5)
+        assert doc.workflow.inputs("10")["images"] == ["8", 0]
+        app.screen.query_one(NodeTree).focus()
+        app.screen.query_one(NodeTree).move_cursor(app.screen.query_one(NodeTree).root.children[-1])
+        await settle(pilot)
+        await pilot.press("delete")
+        await settle(pilot, 5)
+        assert "10" not in doc.workflow
+        await pilot.press("ctrl+z")
+        await settle(pilot, 5)
+        assert doc.workflow.inputs("10")["images"] == ["8", 0]
+
+
+async def test_worker_crash_restarts_and_keeps_pending_jobs(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+r")
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        first = FakeClient.instances[-1]
+        running, pending = (j for j, _ in first.submitted)
+        first.emit(__import__("tui_diffusion.messages", fromlist=["JobStarted"]).JobStarted(running))
+        await settle(pilot)
+        first.crash()
+        await settle(pilot, 8)
+        assert len(FakeClient.instances) == 2
+        second = FakeClient.instances[-1]
+        assert [j for j, _ in second.submitted] == [pending]
+        assert app.screen.book.jobs[running].status == "failed"
+        assert "crashed" in app.screen.book.jobs[running].error
+
+
+async def test_small_terminal_switches_panels(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        assert screen.query_one("#panels").has_class("narrow")
+        assert screen.query_one("#right").region.width == 0 and screen.query_one("#form").region.width > 0
+        await pilot.press("f2")
+        await settle(pilot)
+        assert screen.query_one("#image").region.width > 0 and screen.query_one("#tree").region.width == 0
+
+
+async def test_help_screen_lists_the_keys(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        app.screen.query_one(NodeTree).focus()
+        await pilot.press("question_mark")
+        await settle(pilot)
+        assert type(app.screen).__name__ == "HelpScreen"
+        await pilot.press("escape")
+        await settle(pilot)
+        assert type(app.screen).__name__ == "MainScreen"
+
+
+async def test_quit_with_unsaved_changes_asks_first(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        app.screen.document.set_value("3", "steps", 3)
+        await pilot.press("ctrl+q")
+        await settle(pilot)
+        assert type(app.screen).__name__ == "ConfirmDialog"
+        await pilot.press("escape")
+        await settle(pilot)
+        assert app.is_running

@@ -1,0 +1,171 @@
+"""The terminal app: wires settings, the main screen and the worker bridge. Work lives elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.reactive import reactive
+
+from tui_diffusion.bridge import EngineBridge
+from tui_diffusion.document import WorkflowDocument
+from tui_diffusion.graph.workflow import Workflow, WorkflowError
+from tui_diffusion.paths import ModelPaths
+from tui_diffusion.screens.dialogs import ConfirmDialog
+from tui_diffusion.settings import WorkerConfig
+from tui_diffusion.state import load_state, save_state
+
+PACKAGE_WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+
+
+class TuiDiffusionApp(App):
+    TITLE = "tui-diffusion"
+    BINDINGS = [Binding("ctrl+q", "quit_app", "Quit", priority=True)]
+
+    worker_state: reactive[str] = reactive("starting…")
+
+    def __init__(self, workflow_path: Path | None, config: WorkerConfig,
+                 client_factory: Callable[[WorkerConfig], Any] | None = None,
+                 exit_after_first_frame: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.models = ModelPaths(config.models_dir)
+        self.workflows_dir = Path("workflows")
+        self.default_workflow = self._default_workflow()
+        self.document, self.open_error = self._open_initial(workflow_path)
+        kwargs = {"factory": client_factory} if client_factory else {}
+        self.bridge = EngineBridge(self.post_to_screen, config, **kwargs)
+        self._exit_after_first_frame = exit_after_first_frame
+        self.first_frame_at: float | None = None
+        self.main_screen: Any = None
+
+    # -- start-up -------------------------------------------------------------------------------------------
+    def _default_workflow(self) -> Path:
+        local = Path("workflows") / "txt2img.json"
+        return local if local.is_file() else PACKAGE_WORKFLOWS / "txt2img.json"
+
+    def _open_initial(self, path: Path | None) -> tuple[WorkflowDocument, str | None]:
+        candidates = [path] if path else []
+        last = load_state().get("last_workflow")
+        if path is None and last:
+            candidates.append(Path(last))
+        error = None
+        for candidate in candidates:
+            try:
+                return WorkflowDocument.open(candidate), None
+            except WorkflowError as exc:
+                error = str(exc)
+        return WorkflowDocument(Workflow.load(self.default_workflow), None), error
+
+    def on_mount(self) -> None:
+        from tui_diffusion.screens.main import MainScreen
+
+        self.main_screen = MainScreen(self.document)
+        self.push_screen(self.main_screen)
+        self.bridge.start()
+        self.update_title()
+        if self.open_error:
+            self.notify(self.open_error, severity="error", timeout=10)
+        self.call_after_refresh(self._first_frame)
+
+    def _first_frame(self) -> None:
+        self.first_frame_at = time.time()  # wall clock: the benchmark compares it with the launch time
+        if self._exit_after_first_frame:
+            self.exit(self.first_frame_at)
+
+    def post_to_screen(self, message: Any) -> None:
+        """Deliver a bridge message to the main screen; thread-safe (post_message is)."""
+        if self.main_screen is not None:
+            self.main_screen.post_message(message)
+
+    # -- state shown in the header ---------------------------------------------------------------------------
+    def watch_worker_state(self, state: str) -> None:
+        self.update_title()
+
+    def update_title(self) -> None:
+        screen = self._main()
+        doc = screen.document if screen else self.document
+        mark = " •" if doc.dirty else ""
+        issues = len(screen.issues) if screen else 0
+        self.title = f"{doc.name}{mark}"
+        self.sub_title = f"worker {self.worker_state}" + (f" · {issues} problem(s)" if issues else "")
+
+    def _main(self) -> Any:
+        return self.main_screen
+
+    def remember(self, path: Path) -> None:
+        state = load_state()
+        state["last_workflow"] = str(path.resolve())
+        save_state(state)
+
+    # -- actions ------------------------------------------------------------------------------------------------
+    def full_view(self, path: Path) -> None:
+        from tui_diffusion.images import show_full
+
+        try:
+            with self.suspend():
+                show_full(path)
+        except Exception as exc:  # e.g. a terminal that cannot be suspended (tests, Windows)
+            self.notify(f"cannot show the full view here: {exc}", severity="warning")
+
+    def action_quit_app(self) -> None:
+        screen = self._main()
+        if screen is None or not screen.document.dirty:
+            self.exit()
+            return
+
+        def answered(answer: str | None) -> None:
+            if answer == "save":
+                screen.action_save()
+                if not screen.document.dirty:
+                    self.exit()
+            elif answer == "discard":
+                self.exit()
+
+        self.push_screen(ConfirmDialog(f"{screen.document.name} has unsaved changes. Quit?",
+                                       [("save", "Save and quit"), ("discard", "Quit without saving"),
+                                        ("cancel", "Cancel")]), answered)
+
+    def get_system_commands(self, screen: Any):  # noqa: ANN201
+        yield from super().get_system_commands(screen)
+        main = self._main()
+        if main is None:
+            return
+        for binding in main.BINDINGS:
+            if isinstance(binding, Binding) and binding.description:
+                action = binding.action
+                yield SystemCommand(binding.description, binding.tooltip or binding.description,
+                                    lambda a=action: self.call_later(main.run_action, a))
+        for label, action in (("Add node", "add"), ("Delete selected node", "delete"), ("Rename node", "rename")):
+            yield SystemCommand(label, f"{label} (node tree)",
+                                lambda a=action: main.post_message(_tree_request(main, a)))
+
+    async def on_unmount(self) -> None:
+        self.bridge.close()
+
+
+def _tree_request(main: Any, action: str) -> Any:
+    from tui_diffusion.widgets.node_tree import NodeTree
+
+    return NodeTree.Requested(action, main.selected_node)
+
+
+def run_tui(workflow: Path | None, config: WorkerConfig) -> int:
+    from multiprocessing import resource_tracker
+
+    # Start multiprocessing's helper while stderr is still the terminal's: under Textual it is not
+    # a real file descriptor, and the helper cannot be spawned then.
+    resource_tracker.ensure_running()
+    exit_after = os.environ.get("TUI_DIFFUSION_EXIT_AFTER_FIRST_FRAME") == "1"
+    config = dataclasses.replace(config, log_to_file_only=True)
+    app = TuiDiffusionApp(workflow, config, exit_after_first_frame=exit_after)
+    result = app.run()
+    if exit_after and isinstance(result, float):
+        print(f"first frame at {result:.6f}")
+    return 0

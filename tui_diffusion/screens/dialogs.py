@@ -1,0 +1,134 @@
+"""Small modal screens: pickers, prompts and confirmations. Each returns its answer with dismiss()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, OptionList
+from textual.widgets.option_list import Option
+
+_CSS = """
+Dialog { align: center middle; }
+Dialog > Vertical { width: 70; max-width: 100%; height: auto; max-height: 90%; border: round $accent;
+                    background: $surface; padding: 0 1; }
+Dialog OptionList { height: auto; max-height: 16; }
+Dialog Horizontal { height: auto; }
+Dialog .title { text-style: bold; margin-bottom: 1; }
+"""
+
+
+class Dialog(ModalScreen):
+    DEFAULT_CSS = _CSS
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ChoiceDialog(Dialog):
+    """Pick one of several options (node types, link sources); typing filters the list."""
+
+    BINDINGS = [Binding("down", "into_list", show=False)]
+
+    def __init__(self, title: str, options: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.options = options
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.title_text, classes="title")
+            yield Input(placeholder="type to filter, enter to choose, down to browse")
+            yield OptionList(*self._matching(""))
+
+    def _matching(self, text: str) -> list[Option]:
+        words = text.lower().split()
+        return [Option(label, id=value) for value, label in self.options
+                if all(w in f"{value} {label}".lower() for w in words)]
+
+    @on(Input.Changed)
+    def _filter(self, event: Input.Changed) -> None:
+        options = self.query_one(OptionList)
+        options.clear_options()
+        options.add_options(self._matching(event.value))
+        options.highlighted = 0 if options.option_count else None
+
+    @on(Input.Submitted)
+    def _submit(self, event: Input.Submitted) -> None:
+        options = self.query_one(OptionList)
+        if options.option_count:
+            index = options.highlighted if options.highlighted is not None else 0
+            self.dismiss(options.get_option_at_index(index).id)
+
+    def action_into_list(self) -> None:
+        self.query_one(OptionList).focus()
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class PromptDialog(Dialog):
+    """Ask for one line of text (a file name, a title, a count)."""
+
+    def __init__(self, title: str, value: str = "", placeholder: str = "") -> None:
+        super().__init__()
+        self.title_text = title
+        self.value = value
+        self.placeholder = placeholder
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.title_text, classes="title")
+            yield Input(self.value, placeholder=self.placeholder)
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+
+class OpenDialog(Dialog):
+    """Open a workflow: pick one from the workflows folder or type any path."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        super().__init__()
+        self.files = sorted({p for folder in folders if folder.is_dir() for p in folder.glob("*.json")})
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Open workflow (type a path, or pick one)", classes="title")
+            yield Input(placeholder="path/to/workflow.json")
+            yield OptionList(*[Option(str(p), id=str(p)) for p in self.files])
+
+    @on(Input.Submitted)
+    def _typed(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    @on(OptionList.OptionSelected)
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class ConfirmDialog(Dialog):
+    """A question with a few buttons; answers the id of the pressed one."""
+
+    def __init__(self, question: str, answers: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.question = question
+        self.answers = answers
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question, classes="title")
+            with Horizontal():
+                for answer_id, label in self.answers:
+                    yield Button(label, id=answer_id)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id)

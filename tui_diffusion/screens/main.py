@@ -1,0 +1,443 @@
+"""The main screen: node tree | parameter form | image and queue. Wires the panels together."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header
+
+from tui_diffusion import messages as m
+from tui_diffusion.bridge import EngineEvent, WorkerLost
+from tui_diffusion.document import WorkflowDocument
+from tui_diffusion.graph.specs import NODE_SPECS
+from tui_diffusion.graph.validate import ValidationIssue
+from tui_diffusion.graph.workflow import Workflow, WorkflowError
+from tui_diffusion.jobs import DONE, PENDING, RUNNING, JobBook
+from tui_diffusion.screens.dialogs import ChoiceDialog, ConfirmDialog, OpenDialog, PromptDialog
+from tui_diffusion.screens.help import HelpScreen
+from tui_diffusion.widgets.image_pane import ImagePane
+from tui_diffusion.widgets.node_tree import NodeStatus, NodeTree
+from tui_diffusion.widgets.param_form import ParamForm, SeedModeChanged, ValueEdited
+from tui_diffusion.widgets.queue_panel import QueuePanel
+
+NARROW = 110  # columns below which the panels switch instead of sitting side by side
+
+
+class MainScreen(Screen):
+    DEFAULT_CSS = """
+    #panels { height: 1fr; }
+    #tree { width: 30%; border: round $primary; }
+    #form { width: 38%; border: round $primary; }
+    #right { width: 1fr; }
+    #image { height: 1fr; border: round $primary; }
+    #queue { height: 12; border: round $primary; }
+    #panels.narrow #tree { width: 40%; }
+    #panels.narrow #form { width: 1fr; }
+    #panels.narrow #right { display: none; }
+    #panels.narrow.outputs #tree, #panels.narrow.outputs #form { display: none; }
+    #panels.narrow.outputs #right { display: block; width: 1fr; }
+    #panels.narrow #queue { height: 9; }
+    """
+
+    BINDINGS = [
+        Binding("ctrl+r,ctrl+enter", "queue", "Queue", priority=True, tooltip="Queue the workflow"),
+        Binding("ctrl+b", "queue_many", "Queue N", priority=True, tooltip="Queue N copies with the next seeds"),
+        Binding("ctrl+x", "interrupt", "Interrupt", priority=True, tooltip="Interrupt the running job"),
+        Binding("ctrl+z", "undo", "Undo", priority=True),
+        Binding("ctrl+y", "redo", "Redo", priority=True),
+        Binding("ctrl+s", "save", "Save", priority=True),
+        Binding("f3", "save_as", "Save as", priority=True),
+        Binding("ctrl+o", "open", "Open", priority=True),
+        Binding("ctrl+n", "new", "New", priority=True, show=False),
+        Binding("f2", "switch_panels", "Panels", priority=True, tooltip="Switch editor / images (small terminals)"),
+        Binding("v", "full_view", "View"),
+        Binding("question_mark,f1", "help", "Help"),
+    ]
+
+    def __init__(self, document: WorkflowDocument) -> None:
+        super().__init__()
+        self.document = document
+        self.book = JobBook()
+        self.issues: list[ValidationIssue] = []
+        self.node_status: dict[str, NodeStatus] = {}
+        self.selected_node: str | None = None
+        self.selected_job: str | None = None
+        self.follow_latest = True
+
+    # -- layout --------------------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="panels"):
+            yield NodeTree(id="tree")
+            yield ParamForm(id="form")
+            with Vertical(id="right"):
+                yield ImagePane(id="image")
+                yield QueuePanel(id="queue")
+        yield Footer()
+
+    @property
+    def models(self):  # noqa: ANN201
+        return self.app.models
+
+    async def on_mount(self) -> None:
+        self.query_one("#tree").border_title = "Nodes"
+        self.query_one("#form").border_title = "Parameters"
+        self.query_one("#queue").border_title = "Queue"
+        self.query_one("#image").border_title = "Image"
+        self._apply_size(self.app.size.width)
+        first = next(iter(self.document.workflow), None)
+        self.selected_node = next((n for n in self.document.workflow if self.document.workflow.class_type(n)
+                                   == "KSampler"), first)
+        await self.refresh_all()
+        self.query_one(NodeTree).focus()
+
+    def on_resize(self, event: Any) -> None:
+        self._apply_size(event.size.width)
+
+    def _apply_size(self, width: int) -> None:
+        self.query_one("#panels").set_class(width < NARROW, "narrow")
+
+    # -- refresh helpers ---------------------------------------------------------------------------------------
+    def revalidate(self) -> None:
+        self.issues = self.document.validate(self.models)
+        self.app.update_title()
+
+    async def refresh_all(self, focus: str | None = None) -> None:
+        self.revalidate()
+        self.query_one(NodeTree).show(self.document, self.issues, self.node_status, self.selected_node)
+        await self.query_one(ParamForm).show_node(self.document, self.selected_node, self.models, self.issues,
+                                                  focus=focus)
+
+    def refresh_tree(self) -> None:
+        self.query_one(NodeTree).show(self.document, self.issues, self.node_status, self.selected_node)
+
+    def refresh_queue(self) -> None:
+        self.query_one(QueuePanel).show(self.book.ordered(), self.selected_job)
+
+    # -- tree and form events --------------------------------------------------------------------------------
+    @on(NodeTree.NodeSelected)
+    async def _node_selected(self, event: NodeTree.NodeSelected) -> None:
+        if event.node_id != self.selected_node:
+            self.selected_node = event.node_id
+            await self.query_one(ParamForm).show_node(self.document, event.node_id, self.models, self.issues)
+
+    @on(ValueEdited)
+    def _value_edited(self, event: ValueEdited) -> None:
+        typed = isinstance(event.value, str)
+        if event.error is None and self.document.set_value(event.node_id, event.name, event.value, coalesce=typed):
+            self.revalidate()
+            self.query_one(ParamForm).show_issues(self.issues)
+            self.refresh_tree()
+
+    @on(SeedModeChanged)
+    def _seed_mode(self, event: SeedModeChanged) -> None:
+        self.document.set_seed_mode(event.node_id, event.name, event.mode)
+
+    @on(ParamForm.LinkRequested)
+    def _link_requested(self, event: ParamForm.LinkRequested) -> None:
+        refs = self.document.compatible_outputs(event.node_id, event.name)
+        options = [(f"{r.node_id}:{r.index}", f"{r.label}  [dim](node {r.node_id})[/]") for r in refs]
+        options.append(("-", "disconnect"))
+
+        async def done(answer: str | None) -> None:
+            if answer is None:
+                return
+            if answer == "-":
+                self.document.unlink(event.node_id, event.name)
+            else:
+                ref = next(r for r in refs if f"{r.node_id}:{r.index}" == answer)
+                self.document.link(event.node_id, event.name, ref)
+            await self.refresh_all(focus=event.name)
+
+        self.app.push_screen(ChoiceDialog(f"Connect {event.name} to…", options), done)
+
+    @on(NodeTree.Requested)
+    def _tree_request(self, event: NodeTree.Requested) -> None:
+        if event.action == "add":
+            options = [(s.class_type, f"{s.display_name}  [dim]{s.class_type} · {s.category}[/]")
+                       for s in NODE_SPECS.values()]
+
+            async def added(class_type: str | None) -> None:
+                if class_type:
+                    self.selected_node = self.document.add_node(class_type)
+                    await self.refresh_all()
+
+            self.app.push_screen(ChoiceDialog("Add node", options), added)
+        elif event.action == "delete" and event.node_id:
+            self.document.delete_node(event.node_id)
+            self.selected_node = next(iter(self.document.workflow), None)
+            self.notify(f"deleted node {event.node_id} (ctrl+z to undo)")
+            self.call_later(self.refresh_all)
+        elif event.action == "rename" and event.node_id:
+            async def renamed(title: str | None) -> None:
+                if title:
+                    self.document.rename(event.node_id, title)
+                    await self.refresh_all()
+
+            self.app.push_screen(PromptDialog("Node title", self.document.workflow.title(event.node_id)), renamed)
+
+    # -- queue ------------------------------------------------------------------------------------------------
+    def _blocked(self) -> bool:
+        self.revalidate()
+        if self.issues:
+            self.refresh_tree()
+            self.query_one(ParamForm).show_issues(self.issues)
+            detail = "\n".join(str(i) for i in self.issues[:4])
+            self.notify(f"Not queued: fix these first\n{detail}", severity="error", timeout=8)
+            return True
+        form_errors = self.query_one(ParamForm).errors
+        if form_errors:
+            (node_id, name), why = next(iter(form_errors.items()))
+            self.notify(f"Not queued: node {node_id}, input {name!r}: {why}", severity="error", timeout=8)
+            return True
+        return False
+
+    def queue_current(self) -> str:
+        data = self.document.workflow.to_data()
+        job_id = uuid.uuid4().hex[:8]
+        label = self._job_label(data)
+        self.book.add(job_id, data, label)
+        self.app.bridge.submit(job_id, data)
+        return job_id
+
+    def _job_label(self, data: dict[str, Any]) -> str:
+        seeds = [str(data[n]["inputs"][s]) for n, s in self.document.seed_inputs() if n in data]
+        return f"{self.document.name} seed {','.join(seeds)}" if seeds else self.document.name
+
+    async def action_queue(self) -> None:
+        if self._blocked():
+            return
+        self.queue_current()
+        self.follow_latest = True
+        self.document.after_queue()
+        self.refresh_queue()
+        await self.refresh_all(focus=self._focused_input())
+
+    def action_queue_many(self) -> None:
+        if self._blocked():
+            return
+
+        async def count(answer: str | None) -> None:
+            if not answer:
+                return
+            try:
+                n = int(answer)
+            except ValueError:
+                self.notify(f"{answer!r} is not a number", severity="error")
+                return
+            seeds = self.document.seed_inputs()
+            for _ in range(max(1, min(n, 100))):
+                self.queue_current()
+                for node_id, name in seeds:
+                    value = self.document.workflow.inputs(node_id)[name]
+                    self.document.set_value(node_id, name, value + 1)
+            self.refresh_queue()
+            await self.refresh_all()
+
+        self.app.push_screen(PromptDialog("Queue how many copies (seed +1 each)?", "4"), count)
+
+    def action_interrupt(self) -> None:
+        running = self.book.running()
+        if running is None:
+            self.notify("nothing is running")
+            return
+        self.app.bridge.cancel(running.job_id)
+        self.notify(f"interrupting job {running.number}")
+
+    @on(QueuePanel.Requested)
+    def _queue_request(self, event: QueuePanel.Requested) -> None:
+        job = self.book.jobs.get(event.job_id)
+        if job is None or job.status != PENDING:
+            self.notify("only pending jobs can be moved or removed", severity="warning")
+            return
+        if event.action == "remove":
+            self.app.bridge.cancel(job.job_id)
+        else:
+            self.app.bridge.move_to_front(job.job_id)
+            self.book.move_to_front(job.job_id)
+            self.refresh_queue()
+
+    @on(QueuePanel.JobChosen)
+    def _job_chosen(self, event: QueuePanel.JobChosen) -> None:
+        if event.job_id == self.selected_job:
+            return
+        self.selected_job = event.job_id
+        latest = self.book.ordered()[-1].job_id if self.book.jobs else None
+        self.follow_latest = event.job_id == latest
+        self._show_job_image(self.book.jobs.get(event.job_id))
+
+    def _show_job_image(self, job: Any) -> None:
+        pane = self.query_one(ImagePane)
+        if job is None:
+            return
+        if job.status == DONE and job.outputs:
+            pane.show_file(job.outputs[-1], f"job {job.number}: {Path(job.outputs[-1]).name}")
+        elif job.preview_png:
+            pane.show_preview(job.preview_png, f"job {job.number}: preview {job.step}/{job.total}")
+        else:
+            pane.clear(f"job {job.number}: {job.status}")
+
+    # -- worker events ------------------------------------------------------------------------------------------
+    @on(EngineEvent)
+    def _engine_event(self, message: EngineEvent) -> None:
+        event = message.event
+        if isinstance(event, m.WorkerReady):
+            self.app.worker_state = f"ready: {event.device_name}"
+            return
+        if isinstance(event, m.WorkerFailed):
+            self.app.worker_state = "failed to start"
+            self.notify(event.message, severity="error", timeout=15)
+            return
+        job = self.book.apply(event)
+        if job is None:
+            return
+        if isinstance(event, m.JobStarted):
+            self.node_status = {}
+            if self.follow_latest:
+                self.selected_job = job.job_id
+        if isinstance(event, m.NodeStarted):
+            self.node_status[event.node_id] = NodeStatus("executing")
+            self.refresh_tree()
+        elif isinstance(event, m.NodeFinished):
+            self.node_status[event.node_id] = NodeStatus("executed", event.seconds)
+            self.refresh_tree()
+        elif isinstance(event, m.NodeCached):
+            self.node_status[event.node_id] = NodeStatus("cached")
+        elif isinstance(event, m.JobFailed):
+            if event.node_id:
+                self.node_status[event.node_id] = NodeStatus("failed")
+            self.notify(f"job {job.number} failed: {event.message}", severity="error", timeout=10)
+            self.refresh_tree()
+        elif isinstance(event, m.JobFinished) and event.status == "interrupted":
+            self.notify(f"job {job.number} interrupted")
+        self._update_worker_state()
+        if job.job_id == self.selected_job or (self.follow_latest and job.status == RUNNING):
+            self.selected_job = job.job_id
+            if isinstance(event, (m.Progress, m.JobFinished, m.JobFailed, m.JobStarted)):
+                self._show_job_image(job)
+        self.refresh_queue()
+
+    def _update_worker_state(self) -> None:
+        running = self.book.running()
+        if running is not None:
+            where = f"{running.step}/{running.total}" if running.total else f"node {running.node_id or '…'}"
+            self.app.worker_state = f"busy: job {running.number} {where}"
+        elif self.app.worker_state.startswith("busy"):
+            self.app.worker_state = "ready: idle"
+
+    @on(WorkerLost)
+    def _worker_lost(self, message: WorkerLost) -> None:
+        pending = self.book.worker_lost(f"the worker crashed: {message.reason}")
+        self.app.worker_state = "crashed: restarting"
+        self.notify(f"The worker stopped ({message.reason}); restarting it. "
+                    f"{len(pending)} pending job(s) kept.", severity="error", timeout=10)
+        self.app.bridge.restart()
+        for job in pending:
+            self.app.bridge.submit(job.job_id, job.workflow)
+        self.refresh_queue()
+
+    # -- files --------------------------------------------------------------------------------------------------
+    def action_save(self) -> None:
+        if self.document.path is None:
+            self.action_save_as()
+            return
+        self._save(self.document.path)
+
+    def _save(self, path: Path) -> None:
+        try:
+            self.document.save(path)
+        except OSError as exc:
+            self.notify(f"{path}: cannot save: {exc.strerror or exc}", severity="error")
+            return
+        self.app.remember(path)
+        self.app.update_title()
+        self.notify(f"saved {path}")
+
+    def action_save_as(self) -> None:
+        current = str(self.document.path or Path("workflows") / "untitled.json")
+
+        def chosen(answer: str | None) -> None:
+            if answer:
+                self._save(Path(answer).expanduser())
+
+        self.app.push_screen(PromptDialog("Save workflow as", current), chosen)
+
+    def action_open(self) -> None:
+        def chosen(answer: str | None) -> None:
+            if answer:
+                self._confirm_discard(lambda: self.call_later(self.load, Path(answer).expanduser()))
+
+        self.app.push_screen(OpenDialog([Path("workflows"), self.app.workflows_dir]), chosen)
+
+    def action_new(self) -> None:
+        self._confirm_discard(lambda: self.call_later(self.load, self.app.default_workflow, True))
+
+    async def load(self, path: Path, as_new: bool = False) -> None:
+        try:
+            doc = WorkflowDocument(Workflow.load(path), None if as_new else path)
+        except WorkflowError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self.document = doc
+        self.node_status = {}
+        self.selected_node = next((n for n in doc.workflow if doc.workflow.class_type(n) == "KSampler"),
+                                  next(iter(doc.workflow), None))
+        if not as_new:
+            self.app.remember(path)
+        await self.refresh_all()
+
+    def _confirm_discard(self, then: Any) -> None:
+        if not self.document.dirty:
+            then()
+            return
+
+        def answered(answer: str | None) -> None:
+            if answer == "save":
+                self.action_save()
+                then()
+            elif answer == "discard":
+                then()
+
+        self.app.push_screen(ConfirmDialog(f"{self.document.name} has unsaved changes.",
+                                           [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")]),
+                             answered)
+
+    # -- misc ---------------------------------------------------------------------------------------------------
+    async def action_undo(self) -> None:
+        if self.document.undo():
+            await self.refresh_all(focus=self._focused_input())
+        else:
+            self.notify("nothing to undo")
+
+    async def action_redo(self) -> None:
+        if self.document.redo():
+            await self.refresh_all(focus=self._focused_input())
+
+    def _focused_input(self) -> str | None:
+        from tui_diffusion.widgets.param_form import Field
+
+        focused = self.app.focused
+        for ancestor in focused.ancestors if focused else ():
+            if isinstance(ancestor, Field):
+                return ancestor.input_name
+        return None
+
+    def action_switch_panels(self) -> None:
+        self.query_one("#panels").toggle_class("outputs")
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen())
+
+    def action_full_view(self) -> None:
+        pane = self.query_one(ImagePane)
+        if pane.path is None:
+            self.notify("no finished image to view yet", severity="warning")
+            return
+        self.app.full_view(pane.path)

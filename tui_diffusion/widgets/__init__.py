@@ -1,0 +1,1 @@
+"""Textual widgets of the terminal app, one per module."""

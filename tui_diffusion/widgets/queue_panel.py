@@ -1,0 +1,87 @@
+"""The queue: every job with its state, progress, ETA and outcome."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.binding import Binding
+from textual.message import Message
+from textual.widgets import DataTable
+
+from tui_diffusion.jobs import DONE, FAILED, INTERRUPTED, PENDING, REMOVED, RUNNING, JobRecord
+
+_STYLE = {PENDING: "yellow", RUNNING: "bold cyan", DONE: "green", FAILED: "bold red", INTERRUPTED: "magenta",
+          REMOVED: "dim"}
+
+
+def _bar(step: int, total: int, width: int = 12) -> str:
+    filled = int(width * step / max(total, 1))
+    return "█" * filled + "░" * (width - filled)
+
+
+def describe(job: JobRecord) -> Text:
+    text = Text()
+    if job.status == RUNNING:
+        if job.total:
+            text.append(f"{_bar(job.step, job.total)} {job.step}/{job.total}")
+            if job.eta is not None:
+                text.append(f" ETA {job.eta:.0f}s", style="dim")
+        else:
+            text.append(f"node {job.node_id or '…'}", style="dim")
+    elif job.status == DONE:
+        text.append(f"{job.seconds:.1f}s · ran {len(job.executed)}, cached {len(job.cached)}")
+    elif job.status == FAILED:
+        text.append(job.error or "failed", style="red")
+    return text
+
+
+class QueuePanel(DataTable):
+    BINDINGS = [
+        Binding("t", "to_front", "To front", tooltip="Move the selected pending job to the front"),
+        Binding("delete,d", "remove", "Remove", tooltip="Remove the selected pending job"),
+    ]
+
+    class JobChosen(Message):
+        def __init__(self, job_id: str) -> None:
+            super().__init__()
+            self.job_id = job_id
+
+    class Requested(Message):
+        def __init__(self, action: str, job_id: str) -> None:
+            super().__init__()
+            self.action = action
+            self.job_id = job_id
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        self.add_columns("#", "state", "job", "progress")
+
+    def show(self, jobs: list[JobRecord], selected: str | None) -> None:
+        keep = selected or self.selected_job()
+        self.clear()
+        for job in jobs:
+            self.add_row(str(job.number), Text(job.status, style=_STYLE.get(job.status, "")), job.label,
+                         describe(job), key=job.job_id)
+        if keep is not None and keep in {j.job_id for j in jobs}:
+            self.move_cursor(row=self.get_row_index(keep))
+
+    def selected_job(self) -> str | None:
+        if self.row_count == 0:
+            return None
+        try:
+            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:  # no row under the cursor
+            return None
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key is not None and event.row_key.value is not None:
+            self.post_message(self.JobChosen(event.row_key.value))
+
+    def action_to_front(self) -> None:
+        if (job := self.selected_job()) is not None:
+            self.post_message(self.Requested("to_front", job))
+
+    def action_remove(self) -> None:
+        if (job := self.selected_job()) is not None:
+            self.post_message(self.Requested("remove", job))
