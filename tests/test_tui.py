@@ -278,3 +278,10 @@ async def test_quit_with_unsaved_changes_asks_first(home: Path) -> None:
         await pilot.press("escape")
         await settle(pilot)
         assert app.is_running
+
+
+async def test_opening_the_default_workflow_leaves_it_unchanged(home: Path) -> None:
+    app = make_app(home, "workflows/txt2img.json")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, 6)
+        assert not app.screen.document.dirty and "•" not in app.title

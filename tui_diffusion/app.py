@@ -33,6 +33,11 @@ class TuiDiffusionApp(App):
     def __init__(self, workflow_path: Path | None, config: WorkerConfig,
                  client_factory: Callable[[WorkerConfig], Any] | None = None,
                  exit_after_first_frame: bool = False) -> None:
+        from multiprocessing import resource_tracker
+
+        # Start multiprocessing's helper while stderr is still the terminal's: once Textual runs it
+        # is not a real file descriptor, and the helper could not be spawned then.
+        resource_tracker.ensure_running()
         super().__init__()
         self.config = config
         self.models = ModelPaths(config.models_dir)
@@ -157,11 +162,6 @@ def _tree_request(main: Any, action: str) -> Any:
 
 
 def run_tui(workflow: Path | None, config: WorkerConfig) -> int:
-    from multiprocessing import resource_tracker
-
-    # Start multiprocessing's helper while stderr is still the terminal's: under Textual it is not
-    # a real file descriptor, and the helper cannot be spawned then.
-    resource_tracker.ensure_running()
     exit_after = os.environ.get("TUI_DIFFUSION_EXIT_AFTER_FIRST_FRAME") == "1"
     config = dataclasses.replace(config, log_to_file_only=True)
     app = TuiDiffusionApp(workflow, config, exit_after_first_frame=exit_after)

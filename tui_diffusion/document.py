@@ -175,6 +175,8 @@ class WorkflowDocument:
     def set_seed_mode(self, node_id: str, name: str, mode: str) -> None:
         if mode not in SEED_MODES:
             raise ValueError(f"unknown seed mode {mode!r}")
+        if mode == self.seed_mode(node_id, name):
+            return
         meta = self.workflow.nodes[node_id].setdefault("_meta", {})
         meta.setdefault("control_after_generate", {})[name] = mode
 

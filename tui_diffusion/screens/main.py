@@ -47,18 +47,18 @@ class MainScreen(Screen):
     """
 
     BINDINGS = [
+        Binding("question_mark,f1", "help", "Help", tooltip="Show every key"),
         Binding("ctrl+r,ctrl+enter", "queue", "Queue", priority=True, tooltip="Queue the workflow"),
-        Binding("ctrl+b", "queue_many", "Queue N", priority=True, tooltip="Queue N copies with the next seeds"),
         Binding("ctrl+x", "interrupt", "Interrupt", priority=True, tooltip="Interrupt the running job"),
-        Binding("ctrl+z", "undo", "Undo", priority=True),
-        Binding("ctrl+y", "redo", "Redo", priority=True),
-        Binding("ctrl+s", "save", "Save", priority=True),
-        Binding("f3", "save_as", "Save as", priority=True),
-        Binding("ctrl+o", "open", "Open", priority=True),
-        Binding("ctrl+n", "new", "New", priority=True, show=False),
         Binding("f2", "switch_panels", "Panels", priority=True, tooltip="Switch editor / images (small terminals)"),
-        Binding("v", "full_view", "View"),
-        Binding("question_mark,f1", "help", "Help"),
+        Binding("v", "full_view", "View", tooltip="Show the current image full-size"),
+        Binding("ctrl+b", "queue_many", "Queue N", priority=True, tooltip="Queue N copies with the next seeds"),
+        Binding("ctrl+z", "undo", "Undo", priority=True, tooltip="Undo the last edit"),
+        Binding("ctrl+y", "redo", "Redo", priority=True, tooltip="Redo"),
+        Binding("ctrl+s", "save", "Save", priority=True, tooltip="Save the workflow"),
+        Binding("f3", "save_as", "Save as", priority=True, tooltip="Save the workflow under a new name"),
+        Binding("ctrl+o", "open", "Open", priority=True, tooltip="Open a workflow"),
+        Binding("ctrl+n", "new", "New", priority=True, show=False, tooltip="New workflow from the default graph"),
     ]
 
     def __init__(self, document: WorkflowDocument) -> None:

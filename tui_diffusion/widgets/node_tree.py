@@ -84,12 +84,12 @@ class NodeTree(Tree[tuple[str, str | None]]):
                 label.append("  ")
             label.append(f"{node_id} ", style="dim")
             label.append(wf.title(node_id), style="bold")
-            if wf.title(node_id) != wf.class_type(node_id):
-                label.append(f" ({wf.class_type(node_id)})", style="dim")
             if st and st.state in ("executed", "cached", "failed"):
                 style = {"executed": "green", "cached": "blue", "failed": "red"}[st.state]
                 timing = f" {st.seconds:.2f}s" if st.seconds is not None else ""
-                label.append(f"  {st.state}{timing}", style=style)
+                label.append(f" · {st.state}{timing}", style=style)
+            if wf.title(node_id) != wf.class_type(node_id):
+                label.append(f" ({wf.class_type(node_id)})", style="dim")
             branch: TreeNode = self.root.add(label, data=(node_id, None), expand=node_id in expanded or node_id == keep)
             if node_id == keep:
                 cursor_line = branch.line if branch.line >= 0 else cursor_line

@@ -87,7 +87,7 @@ class Field(Vertical):
     Field Horizontal { height: auto; }
     Field TextArea { height: 6; }
     Field Input, Field Select, Field Button { width: 1fr; }
-    Field .seed-mode { width: 16; }
+    Field .seed-mode { width: 14; }
     Field .randomize { width: auto; }
     """
 
@@ -157,13 +157,16 @@ class ParamForm(VerticalScroll):
         children: list[Any] = [Label(label)]
         if link is not None or not ispec.is_widget:
             text = doc.link_label(link) if link else "not connected"
-            children.append(Button(f"{text}  (enter: change link)", classes="editor link", compact=True))
+            children.append(Button(f"{text} ⏎", classes="editor link", compact=True,
+                                   tooltip="enter: connect this input to another output"))
         elif ispec.type in (INT, FLOAT):
             editor = NumberInput(ispec, value, classes="editor", tooltip=ispec.tooltip or None, compact=True)
             if ispec.control_after_generate:
                 mode = Select([(m, m) for m in SEED_MODES], value=doc.seed_mode(node_id, ispec.name),
                               allow_blank=False, classes="seed-mode", compact=True)
-                children.append(Horizontal(editor, mode, Button("randomize", classes="randomize", compact=True)))
+                children.append(editor)
+                children.append(Horizontal(Label("after each run ", classes="hint"), mode,
+                                           Button("randomize", classes="randomize", compact=True)))
             else:
                 children.append(editor)
         elif ispec.type == COMBO:
