@@ -11,6 +11,7 @@ def test_client_side_modules_do_not_import_torch() -> None:
         "import sys\n"
         "import tui_diffusion.graph, tui_diffusion.cli, tui_diffusion.client, tui_diffusion.messages\n"
         "import tui_diffusion.pipeline.worker, tui_diffusion.modelfiles.describe, tui_diffusion.store.outputs\n"
+        "import tui_diffusion.app, tui_diffusion.screens.main, tui_diffusion.bridge, tui_diffusion.images\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

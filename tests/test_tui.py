@@ -285,3 +285,31 @@ async def test_opening_the_default_workflow_leaves_it_unchanged(home: Path) -> N
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot, 6)
         assert not app.screen.document.dirty and "•" not in app.title
+
+
+async def test_keyboard_only_edit_from_the_tree(home: Path) -> None:
+    """Enter on an input in the tree jumps to its field; typing edits it; escape-free round trip."""
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        tree.focus()
+        sampler = next(n for n in tree.root.children if n.data[0] == "3")
+        seed_leaf = next(c for c in sampler.children if c.data[1] == "seed")
+        tree.move_cursor(seed_leaf)
+        await settle(pilot)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.focused, NumberInput) and app.focused.spec.name == "seed"
+        await pilot.press("ctrl+a", "ctrl+k", *"42")  # Input: home, delete to end, type
+        await settle(pilot)
+        assert app.screen.document.workflow.inputs("3")["seed"] == 42
+
+
+async def test_command_palette_lists_the_actions(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        names = [c.title for c in app.get_system_commands(app.screen)]
+        for expected in ("Queue", "Interrupt", "Save", "Open", "Undo", "Help", "Add node"):
+            assert expected in names, names

@@ -8,19 +8,25 @@ import shutil
 import subprocess
 import sys
 import warnings
+from functools import cache
 from io import BytesIO
 from pathlib import Path
+from types import ModuleType
 
 from PIL import Image
 
-warnings.filterwarnings("ignore", message="It seems this process is not running within a terminal")
 
-import term_image  # noqa: E402
-from term_image.image import AutoImage, BlockImage, auto_image_class  # noqa: E402
+@cache
+def _term_image() -> ModuleType:
+    """term-image, imported on first use (it is slow to import: not on the start-up path)."""
+    warnings.filterwarnings("ignore", message="It seems this process is not running within a terminal")
+    import term_image
+    import term_image.image
 
-# Inside the app Textual owns the terminal: term-image must not query it.
-term_image.disable_queries()
-term_image.set_cell_ratio(0.5)
+    # Inside the app Textual owns the terminal: term-image must not query it.
+    term_image.disable_queries()
+    term_image.set_cell_ratio(0.5)
+    return term_image
 
 
 def open_image(source: str | Path | bytes) -> Image.Image:
@@ -36,7 +42,7 @@ def halfblock_ansi(image: Image.Image, columns: int, rows: int) -> str:
     w, h = image.size
     scale = min(columns / w, (rows * 2) / h)
     target = (max(1, round(w * scale)), max(2, round(h * scale)))
-    block = BlockImage(image.resize(target, Image.LANCZOS))
+    block = _term_image().image.BlockImage(image.resize(target, Image.BOX))  # area average: no ringing at edges
     block.set_size(width=target[0])
     return format(block, "1.1")
 
@@ -55,19 +61,20 @@ def tmux_passthrough_allowed() -> bool:
 
 def full_view_class() -> type:
     """The term-image class for the full-size view in this terminal."""
+    ti = _term_image()
     if os.environ.get("TMUX") and not tmux_passthrough_allowed():
-        return BlockImage  # graphics would be swallowed by tmux: blocks always show
-    term_image.enable_queries()
+        return ti.image.BlockImage  # graphics would be swallowed by tmux: blocks always show
+    ti.enable_queries()
     try:
-        return auto_image_class()
+        return ti.image.auto_image_class()
     finally:
-        term_image.disable_queries()
+        ti.disable_queries()
 
 
 def show_full(path: str | Path) -> None:
     """Draw the image as large as the terminal allows, then wait for a key (the app is suspended)."""
     cls = full_view_class()
-    image = cls(open_image(path)) if cls is not AutoImage else AutoImage(open_image(path))
+    image = cls(open_image(path))
     cols, lines = shutil.get_terminal_size()
     image.set_size(frame_size=(cols, max(lines - 2, 1)))
     sys.stdout.write("\x1b[2J\x1b[H")

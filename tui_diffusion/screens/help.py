@@ -29,7 +29,8 @@ Everything works from the keyboard; the footer shows the keys of the focused pan
 | `ctrl+q` | quit (asks first when there are unsaved changes) |
 
 ## Node tree (left)
-`up`/`down` move, `enter`/`space` fold, `a` add a node, `delete` or `x` delete it, `r` rename it.
+`up`/`down` move, `enter` on a node folds it, `enter` on an input edits it in the form,
+`a` add a node, `delete` or `x` delete it, `r` rename it.
 Marks: `◆` output node, `»` running now, `!` invalid; after a run each node says *executed* or *cached*
 and its time.
 

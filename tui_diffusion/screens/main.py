@@ -128,6 +128,14 @@ class MainScreen(Screen):
             self.selected_node = event.node_id
             await self.query_one(ParamForm).show_node(self.document, event.node_id, self.models, self.issues)
 
+    @on(NodeTree.EditRequested)
+    async def _edit_requested(self, event: NodeTree.EditRequested) -> None:
+        form = self.query_one(ParamForm)
+        if form.node_id != event.node_id:
+            self.selected_node = event.node_id
+            await form.show_node(self.document, event.node_id, self.models, self.issues)
+        form.focus_input(event.input_name)
+
     @on(ValueEdited)
     def _value_edited(self, event: ValueEdited) -> None:
         typed = isinstance(event.value, str)

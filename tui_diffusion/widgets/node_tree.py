@@ -113,6 +113,18 @@ class NodeTree(Tree[tuple[str, str | None]]):
                 self.move_cursor(child)
                 return
 
+    class EditRequested(Message):
+        """Enter on an input: edit it in the form."""
+
+        def __init__(self, node_id: str, input_name: str) -> None:
+            super().__init__()
+            self.node_id = node_id
+            self.input_name = input_name
+
+    def on_tree_node_selected(self, event: Tree.NodeSelected) -> None:
+        if event.node.data and event.node.data[1] is not None:
+            self.post_message(self.EditRequested(*event.node.data))
+
     def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
         if event.node.data:
             node_id, name = event.node.data

@@ -140,11 +140,17 @@ class ParamForm(VerticalScroll):
         self.show_issues(issues)
         self._building = False
         if focus:
-            for field in self.query(Field):
-                if field.input_name == focus:
-                    editor = field.query(".editor")
-                    if editor:
-                        editor.first().focus()
+            self.focus_input(focus)
+
+    def focus_input(self, name: str) -> bool:
+        for field in self.query(Field):
+            if field.input_name == name:
+                editor = field.query(".editor")
+                if editor:
+                    editor.first().focus()
+                    field.scroll_visible()
+                    return True
+        return False
 
     def _field(self, doc: WorkflowDocument, node_id: str, ispec: InputSpec, models: ModelPaths | None) -> Field:
         wf = doc.workflow
