@@ -82,7 +82,9 @@ class Field(Vertical):
 
     DEFAULT_CSS = """
     Field { height: auto; margin-bottom: 1; }
-    Field .error { color: $error; height: auto; }
+    Field .error { color: $error; height: auto; display: none; }
+    Field .error.shown { display: block; }
+    Field Button.link { content-align: left middle; text-style: none; }
     Field .hint { color: $text-muted; }
     Field Horizontal { height: auto; }
     Field TextArea { height: 6; }
@@ -98,7 +100,9 @@ class Field(Vertical):
         self.input_name = name
 
     def set_error(self, text: str | None) -> None:
-        self.query_one(".error", Static).update(text or "")
+        line = self.query_one(".error", Static)
+        line.update(text or "")
+        line.set_class(bool(text), "shown")
 
 
 class ParamForm(VerticalScroll):
