@@ -23,6 +23,8 @@ Everything works from the keyboard; the footer shows the keys of the focused pan
 | `ctrl+z` / `ctrl+y` | undo / redo any edit |
 | `ctrl+o` / `ctrl+s` / `f3` | open / save / save as |
 | `ctrl+n` | new workflow from the default text-to-image graph |
+| `escape` | back to the node tree (from the form) |
+| `ctrl+t` | go to the queue |
 | `f2` | on a small terminal: switch between the editor and the images/queue |
 | `v` | show the current image full-size (any key returns) |
 | `?` or `f1` | this help |

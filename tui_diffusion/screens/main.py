@@ -59,6 +59,8 @@ class MainScreen(Screen):
         Binding("f3", "save_as", "Save as", priority=True, tooltip="Save the workflow under a new name"),
         Binding("ctrl+o", "open", "Open", priority=True, tooltip="Open a workflow"),
         Binding("ctrl+n", "new", "New", priority=True, show=False, tooltip="New workflow from the default graph"),
+        Binding("escape", "focus_tree", "Tree", show=False, tooltip="Back to the node tree"),
+        Binding("ctrl+t", "focus_queue", "Queue panel", show=False, tooltip="Go to the queue"),
     ]
 
     def __init__(self, document: WorkflowDocument) -> None:
@@ -217,7 +219,7 @@ class MainScreen(Screen):
 
     def _job_label(self, data: dict[str, Any]) -> str:
         seeds = [str(data[n]["inputs"][s]) for n, s in self.document.seed_inputs() if n in data]
-        return f"{self.document.name} seed {','.join(seeds)}" if seeds else self.document.name
+        return f"seed {','.join(seeds)}" if seeds else self.document.name.removesuffix(".json")
 
     async def action_queue(self) -> None:
         if self._blocked():
@@ -436,6 +438,15 @@ class MainScreen(Screen):
             if isinstance(ancestor, Field):
                 return ancestor.input_name
         return None
+
+    def action_focus_tree(self) -> None:
+        self.query_one(NodeTree).focus()
+
+    def action_focus_queue(self) -> None:
+        panels = self.query_one("#panels")
+        if panels.has_class("narrow") and not panels.has_class("outputs"):
+            panels.add_class("outputs")
+        self.query_one(QueuePanel).focus()
 
     def action_switch_panels(self) -> None:
         self.query_one("#panels").toggle_class("outputs")

@@ -62,7 +62,6 @@ class NodeTree(Tree[tuple[str, str | None]]):
     def show(self, doc: WorkflowDocument, issues: list[ValidationIssue],
              status: dict[str, NodeStatus], select: str | None = None) -> None:
         keep = select or self.selected_node_id()
-        expanded = {n.data[0] for n in self.root.children if n.is_expanded and n.data}
         by_node: dict[str, list[ValidationIssue]] = {}
         for issue in issues:
             by_node.setdefault(issue.node_id or "", []).append(issue)
@@ -90,7 +89,7 @@ class NodeTree(Tree[tuple[str, str | None]]):
                 label.append(f" · {st.state}{timing}", style=style)
             if wf.title(node_id) != wf.class_type(node_id):
                 label.append(f" ({wf.class_type(node_id)})", style="dim")
-            branch: TreeNode = self.root.add(label, data=(node_id, None), expand=node_id in expanded or node_id == keep)
+            branch: TreeNode = self.root.add(label, data=(node_id, None), expand=node_id == keep)
             if node_id == keep:
                 cursor_line = branch.line if branch.line >= 0 else cursor_line
             bad_inputs = {i.input for i in node_issues}
@@ -128,7 +127,19 @@ class NodeTree(Tree[tuple[str, str | None]]):
     def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
         if event.node.data:
             node_id, name = event.node.data
+            if name is None:
+                self._accordion(event.node)
             self.post_message(self.NodeSelected(node_id, name))
+
+    def _accordion(self, node: TreeNode) -> None:
+        """Show the inputs of the highlighted node only: moving down then walks into them."""
+        if node.is_expanded and all(not c.is_expanded for c in self.root.children if c is not node):
+            return
+        for child in self.root.children:
+            if child is not node and child.is_expanded:
+                child.collapse()
+        node.expand()
+        self.call_after_refresh(self.move_cursor, node)
 
     def action_add_node(self) -> None:
         self.post_message(self.Requested("add", self.selected_node_id()))
