@@ -200,3 +200,17 @@ def test_deterministic_samplers_converge_to_the_same_image(engine: EngineState) 
     for sampler, lat in latents.items():
         rel = ((lat - ref).norm() / ref.norm()).item()
         assert rel < 0.05, (sampler, rel)
+
+
+def test_clip_set_last_layer_in_a_workflow(engine: EngineState) -> None:
+    data = txt2img()
+    data["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -2}}
+    data["6"]["inputs"]["clip"] = ["10", 0]
+    ex = Executor(engine)
+    report = run(ex, data)
+    assert "10" in report.executed
+    bad = txt2img()
+    bad["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -9}}
+    bad["6"]["inputs"]["clip"] = ["10", 0]
+    with pytest.raises(JobError, match="node 10 'CLIP Set Last Layer': stop_at_clip_layer -9: this text encoder has 2"):
+        run(ex, bad)

@@ -110,6 +110,16 @@ _SPECS: tuple[NodeSpec, ...] = (
         description="Encodes a text prompt into an embedding that guides the diffusion model.",
     ),
     NodeSpec(
+        "CLIPSetLastLayer", "CLIP Set Last Layer", "conditioning",
+        inputs=(
+            InputSpec("clip", CLIP),
+            InputSpec("stop_at_clip_layer", INT, default=-1, min=-24, max=-1, step=1,
+                      tooltip="-1: the last layer; -2: the penultimate (\"clip skip 2\")."),
+        ),
+        outputs=(OutputSpec(CLIP, "CLIP"),),
+        description="Reads the text encoder's output from an earlier layer (\"clip skip\").",
+    ),
+    NodeSpec(
         "EmptyLatentImage", "Empty Latent Image", "latent",
         inputs=(
             InputSpec("width", INT, default=512, min=16, max=MAX_RESOLUTION, step=8, multiple_of_step=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class ClipHandle:
     device: Device
     #: hidden layer to read: -1 is the last (ComfyUI's CLIPSetLastLayer)
     layer: int = -1
-    cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass

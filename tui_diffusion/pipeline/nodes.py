@@ -8,6 +8,7 @@ tensor ``[B,H,W,3]`` in 0..1, CONDITIONING is ``[[embeddings, {extras}], ...]``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import secrets
@@ -23,6 +24,7 @@ from tui_diffusion.paths import PathError
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.models import ClipHandle, ModelHandle, VaeHandle, load_checkpoint
+from tui_diffusion.pipeline.prompt_weights import weighted_chunks
 from tui_diffusion.pipeline.sampling import ModelSampling, initial_latent, noise_for, prepare_sampler, step_generator
 from tui_diffusion.store.outputs import save_png
 
@@ -59,29 +61,54 @@ def checkpoint_loader(ctx: NodeContext, ckpt_name: str) -> NodeResult:
 
 
 # -- conditioning -------------------------------------------------------------------------------------------
-def _token_chunks(clip: ClipHandle, text: str) -> list[list[int]]:
-    """Prompt tokens in windows of (context - 2), each framed by BOS/EOS and padded, as ComfyUI does."""
-    tok = clip.tokenizer
-    context = clip.text_encoder.config.max_position_embeddings
-    ids = tok(text, add_special_tokens=False, truncation=False).input_ids
-    width = context - 2
-    chunks = [ids[i:i + width] for i in range(0, len(ids), width)] or [[]]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return [[tok.bos_token_id, *c, tok.eos_token_id] + [pad] * (width - len(c)) for c in chunks]
+def _text_transformer(encoder: Any) -> Any:
+    # transformers 5 flattened CLIPTextModel; 4.x keeps the layers under .text_model
+    return getattr(encoder, "text_model", encoder)
 
 
 @torch.inference_mode()
-def encode_text(clip: ClipHandle, text: str) -> torch.Tensor:
-    rows = torch.tensor(_token_chunks(clip, text), dtype=torch.long, device=clip.device.torch_device)
-    out = clip.text_encoder(rows, output_hidden_states=clip.layer != -1)
-    hidden = out.last_hidden_state if clip.layer == -1 else clip.text_encoder.text_model.final_layer_norm(
-        out.hidden_states[clip.layer])
-    return hidden.reshape(1, -1, hidden.shape[-1]).float().cpu()
+def encode_text(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's CLIPTextEncode: weighted tokens in 75-token windows, hidden states of the chosen layer.
+
+    A token of weight w moves its embedding away from the empty prompt's: z' = z_empty + w (z - z_empty).
+    Returns the embeddings [1, tokens, width] and the first window's pooled output.
+    """
+    tok = clip.tokenizer
+    context = clip.text_encoder.config.max_position_embeddings
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    chunks = weighted_chunks(text, lambda word: tok(word, add_special_tokens=False).input_ids,
+                             tok.bos_token_id, tok.eos_token_id, pad, context)
+    weights = torch.tensor([[w for _, w in c] for c in chunks], dtype=torch.float32)
+    rows = [[t for t, _ in c] for c in chunks]
+    weighted = bool((weights != 1.0).any())
+    if weighted:
+        rows.append([tok.bos_token_id, tok.eos_token_id] + [pad] * (context - 2))
+    ids = torch.tensor(rows, dtype=torch.long, device=clip.device.torch_device)
+    out = clip.text_encoder(ids, output_hidden_states=clip.layer != -1)
+    if clip.layer == -1:
+        hidden = out.last_hidden_state
+    else:
+        hidden = _text_transformer(clip.text_encoder).final_layer_norm(out.hidden_states[clip.layer])
+    hidden = hidden.float().cpu()
+    pooled = out.pooler_output[:1].float().cpu()
+    if weighted:
+        empty, hidden = hidden[-1:], hidden[:-1]
+        hidden = empty + weights[..., None] * (hidden - empty)
+    return hidden.reshape(1, -1, hidden.shape[-1]), pooled
 
 
 @node("CLIPTextEncode")
 def clip_text_encode(ctx: NodeContext, text: str, clip: ClipHandle) -> NodeResult:
-    return NodeResult(([[encode_text(clip, text), {}]],))
+    embeddings, pooled = encode_text(clip, text)
+    return NodeResult(([[embeddings, {"pooled_output": pooled}]],))
+
+
+@node("CLIPSetLastLayer")
+def clip_set_last_layer(ctx: NodeContext, clip: ClipHandle, stop_at_clip_layer: int = -1) -> NodeResult:
+    layers = clip.text_encoder.config.num_hidden_layers
+    if -stop_at_clip_layer > layers:
+        raise NodeError(f"stop_at_clip_layer {stop_at_clip_layer}: this text encoder has {layers} layers")
+    return NodeResult((dataclasses.replace(clip, layer=stop_at_clip_layer),))
 
 
 # -- latents ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""CLIPTextEncode's weights, long prompts and CLIPSetLastLayer, checked against the text encoder itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY
+from tui_diffusion.pipeline.device import resolve_device
+from tui_diffusion.pipeline.models import ClipHandle, load_checkpoint
+from tui_diffusion.pipeline.nodes import encode_text
+from tui_diffusion.settings import DevicePolicy
+
+
+@pytest.fixture(scope="module")
+def clip(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ClipHandle:
+    loaded = load_checkpoint(models_dir / "checkpoints" / TINY, resolve_device(DevicePolicy("cpu")),
+                             tmp_path_factory.mktemp("cfg"))
+    return loaded.clip
+
+
+def run_encoder(clip: ClipHandle, ids: list[int], layer: int = -1) -> torch.Tensor:
+    with torch.inference_mode():
+        out = clip.text_encoder(torch.tensor([ids]), output_hidden_states=True)
+        if layer == -1:
+            return out.last_hidden_state[0]
+        return clip.text_encoder.final_layer_norm(out.hidden_states[layer])[0]
+
+
+def padded(clip: ClipHandle, text: str) -> list[int]:
+    return clip.tokenizer(text, padding="max_length", max_length=77).input_ids
+
+
+def test_plain_prompt_is_the_encoder_output(clip: ClipHandle) -> None:
+    z, pooled = encode_text(clip, "a photo of a cat")
+    torch.testing.assert_close(z[0], run_encoder(clip, padded(clip, "a photo of a cat")))
+    assert pooled.shape == (1, clip.text_encoder.config.hidden_size)
+
+
+def test_weight_moves_the_token_away_from_the_empty_prompt(clip: ClipHandle) -> None:
+    z, _ = encode_text(clip, "a (cat:1.5)")
+    plain = run_encoder(clip, padded(clip, "a cat"))
+    empty = run_encoder(clip, padded(clip, ""))
+    cat = 2  # BOS, "a", "cat"
+    torch.testing.assert_close(z[0, cat], empty[cat] + 1.5 * (plain[cat] - empty[cat]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z[0, 1], plain[1], rtol=1e-5, atol=1e-5)  # weight 1 unchanged
+    same, _ = encode_text(clip, "a (cat:1.0)")
+    torch.testing.assert_close(same[0], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_long_prompts_concatenate_windows(clip: ClipHandle) -> None:
+    z, _ = encode_text(clip, " ".join(["cat"] * 100))
+    assert z.shape == (1, 154, clip.text_encoder.config.hidden_size)
+    torch.testing.assert_close(z[0, :77], run_encoder(clip, padded(clip, " ".join(["cat"] * 75))))
+
+
+def test_empty_prompt_is_allowed(clip: ClipHandle) -> None:
+    z, _ = encode_text(clip, "")
+    torch.testing.assert_close(z[0], run_encoder(clip, padded(clip, "")))
+
+
+def test_clip_skip_reads_the_penultimate_layer_through_the_final_norm(clip: ClipHandle) -> None:
+    skipped = dataclasses.replace(clip, layer=-2)
+    z, _ = encode_text(skipped, "a photo of a cat")
+    torch.testing.assert_close(z[0], run_encoder(clip, padded(clip, "a photo of a cat"), layer=-2))
+    assert not torch.allclose(z, encode_text(clip, "a photo of a cat")[0])
