@@ -40,7 +40,7 @@ class TuiDiffusionApp(App):
         resource_tracker.ensure_running()
         super().__init__()
         self.config = config
-        self.models = ModelPaths(config.models_dir)
+        self.models = ModelPaths(config.models_dir, config.input_dir)
         self.workflows_dir = Path("workflows")
         self.default_workflow = self._default_workflow()
         self.document, self.open_error = self._open_initial(workflow_path)

@@ -21,7 +21,7 @@ from tui_diffusion.graph.specs import get_spec
 from tui_diffusion.graph.validate import validate_workflow
 from tui_diffusion.graph.values import parse_value
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
-from tui_diffusion.paths import ModelPaths, default_models_dir, default_output_dir
+from tui_diffusion.paths import ModelPaths, default_input_dir, default_models_dir, default_output_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -39,6 +39,8 @@ def _add_folders(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--models-dir", type=Path, default=None,
                    help="models folder in ComfyUI's layout (checkpoints/, loras/, vae/, embeddings/); "
                         "default ./models or $TUI_DIFFUSION_MODELS_DIR")
+    p.add_argument("--input-dir", type=Path, default=None,
+                   help="where LoadImage reads images; default ./input or $TUI_DIFFUSION_INPUT_DIR")
     if output:
         p.add_argument("--output-dir", type=Path, default=None,
                        help="where SaveImage writes; default ./output or $TUI_DIFFUSION_OUTPUT_DIR")
@@ -121,7 +123,7 @@ def expand_sweeps(wf: Workflow, sweeps: list[str]) -> list[Workflow]:
 def _load(args: argparse.Namespace) -> tuple[Workflow, ModelPaths]:
     wf = Workflow.load(args.workflow)
     apply_sets(wf, args.sets)
-    return wf, ModelPaths(args.models_dir or default_models_dir())
+    return wf, ModelPaths(args.models_dir or default_models_dir(), args.input_dir or default_input_dir())
 
 
 def _report_issues(source: Path, issues: list) -> None:
@@ -182,6 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = WorkerConfig(
         models_dir=models.root,
+        input_dir=models.folder("input"),
         output_dir=args.output_dir or default_output_dir(),
         device=DevicePolicy("cpu" if args.cpu else "auto"),
     )
@@ -323,6 +326,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
     config = WorkerConfig(
         models_dir=args.models_dir or default_models_dir(),
+        input_dir=args.input_dir or default_input_dir(),
         output_dir=args.output_dir or default_output_dir(),
         device=DevicePolicy("cpu" if args.cpu else "auto"),
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 MODELS_DIR_ENV = "TUI_DIFFUSION_MODELS_DIR"
 OUTPUT_DIR_ENV = "TUI_DIFFUSION_OUTPUT_DIR"
+INPUT_DIR_ENV = "TUI_DIFFUSION_INPUT_DIR"
 
 #: model folder kind -> file suffixes listed in it
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
@@ -20,6 +21,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "loras": (".safetensors",),
     "vae": (".safetensors",),
     "embeddings": (".safetensors", ".pt", ".bin"),
+    "input": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -35,6 +37,10 @@ def default_models_dir() -> Path:
 
 def default_output_dir() -> Path:
     return Path(os.environ.get(OUTPUT_DIR_ENV) or "output")
+
+
+def default_input_dir() -> Path:
+    return Path(os.environ.get(INPUT_DIR_ENV) or "input")
 
 
 def default_temp_dir() -> Path:
@@ -58,11 +64,14 @@ def inside(folder: Path, name: str) -> Path:
 
 @dataclass(frozen=True)
 class ModelPaths:
-    """The models folder of one run."""
+    """The models folder of one run (and the input folder that LoadImage reads)."""
 
     root: Path
+    input_dir: Path | None = None
 
     def folder(self, kind: str) -> Path:
+        if kind == "input":
+            return self.input_dir if self.input_dir is not None else default_input_dir()
         return self.root / kind
 
     def list(self, kind: str) -> list[str]:

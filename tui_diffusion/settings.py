@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tui_diffusion.paths import default_models_dir, default_output_dir, default_temp_dir
+from tui_diffusion.paths import default_input_dir, default_models_dir, default_output_dir, default_temp_dir
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class DevicePolicy:
 class WorkerConfig:
     models_dir: Path = field(default_factory=default_models_dir)
     output_dir: Path = field(default_factory=default_output_dir)
+    input_dir: Path = field(default_factory=default_input_dir)
     temp_dir: Path = field(default_factory=default_temp_dir)
     device: DevicePolicy = field(default_factory=DevicePolicy)
     #: loaded checkpoints kept in memory between jobs (least recently used is dropped first)

@@ -85,6 +85,11 @@ class NodeSpec:
         return self._by_name.get(name)
 
 
+LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
+IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+CROP_METHODS = ("disabled", "center")
+
+
 def _seed(name: str = "seed") -> InputSpec:
     return InputSpec(
         name, INT, default=0, min=0, max=MAX_SEED, step=1, control_after_generate=True,
@@ -151,6 +156,144 @@ _SPECS: tuple[NodeSpec, ...] = (
         ),
         outputs=(OutputSpec(LATENT, "LATENT"),),
         description="Denoises a latent image with the model, guided by the positive and negative prompts.",
+    ),
+    NodeSpec(
+        "KSamplerAdvanced", "KSampler (Advanced)", "sampling",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("add_noise", COMBO, default="enable", choices=("enable", "disable")),
+            _seed("noise_seed"),
+            InputSpec("steps", INT, default=20, min=1, max=10000, step=1),
+            InputSpec("cfg", FLOAT, default=8.0, min=0.0, max=100.0, step=0.1),
+            InputSpec("sampler_name", COMBO, default="euler", choices=tuple(SAMPLERS)),
+            InputSpec("scheduler", COMBO, default="normal", choices=SCHEDULERS),
+            InputSpec("positive", CONDITIONING),
+            InputSpec("negative", CONDITIONING),
+            InputSpec("latent_image", LATENT),
+            InputSpec("start_at_step", INT, default=0, min=0, max=10000, step=1),
+            InputSpec("end_at_step", INT, default=10000, min=0, max=10000, step=1),
+            InputSpec("return_with_leftover_noise", COMBO, default="disable", choices=("disable", "enable")),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Samples part of the schedule (steps start_at_step to end_at_step): two-stage graphs.",
+    ),
+    NodeSpec(
+        "ConditioningCombine", "Conditioning (Combine)", "conditioning",
+        inputs=(InputSpec("conditioning_1", CONDITIONING), InputSpec("conditioning_2", CONDITIONING)),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="Both conditionings guide the sampler; their predictions are averaged.",
+    ),
+    NodeSpec(
+        "ConditioningSetTimestepRange", "ConditioningSetTimestepRange", "conditioning",
+        inputs=(
+            InputSpec("conditioning", CONDITIONING),
+            InputSpec("start", FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+            InputSpec("end", FLOAT, default=1.0, min=0.0, max=1.0, step=0.001),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="Applies the conditioning only between these fractions of the sampling.",
+    ),
+    NodeSpec(
+        "VAELoader", "Load VAE", "loaders",
+        inputs=(InputSpec("vae_name", COMBO, choices_from="vae"),),
+        outputs=(OutputSpec(VAE, "VAE"),),
+        description="Loads a VAE from models/vae (original or diffusers key layout).",
+    ),
+    NodeSpec(
+        "VAEEncode", "VAE Encode", "latent",
+        inputs=(InputSpec("pixels", IMAGE), InputSpec("vae", VAE)),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Encodes images into latents (img2img).",
+    ),
+    NodeSpec(
+        "VAEEncodeForInpaint", "VAE Encode (for Inpainting)", "latent/inpaint",
+        inputs=(
+            InputSpec("pixels", IMAGE), InputSpec("vae", VAE), InputSpec("mask", MASK),
+            InputSpec("grow_mask_by", INT, default=6, min=0, max=64, step=1),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Encodes images with the masked area blanked, and marks that area for denoising.",
+    ),
+    NodeSpec(
+        "SetLatentNoiseMask", "Set Latent Noise Mask", "latent/inpaint",
+        inputs=(InputSpec("samples", LATENT), InputSpec("mask", MASK)),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Only the masked area of the latent is denoised.",
+    ),
+    NodeSpec(
+        "LoadImage", "Load Image", "image",
+        inputs=(InputSpec("image", COMBO, choices_from="input", tooltip="An image in the input folder."),),
+        outputs=(OutputSpec(IMAGE, "IMAGE"), OutputSpec(MASK, "MASK")),
+        description="Loads an image from the input folder; its alpha channel becomes the mask.",
+    ),
+    NodeSpec(
+        "LoadImageMask", "Load Image (as Mask)", "mask",
+        inputs=(
+            InputSpec("image", COMBO, choices_from="input"),
+            InputSpec("channel", COMBO, default="alpha", choices=("alpha", "red", "green", "blue")),
+        ),
+        outputs=(OutputSpec(MASK, "MASK"),),
+        description="Loads one channel of an image from the input folder as a mask.",
+    ),
+    NodeSpec(
+        "LatentUpscale", "Upscale Latent", "latent",
+        inputs=(
+            InputSpec("samples", LATENT),
+            InputSpec("upscale_method", COMBO, default="nearest-exact", choices=LATENT_UPSCALE_METHODS),
+            InputSpec("width", INT, default=512, min=0, max=MAX_RESOLUTION, step=8, multiple_of_step=True),
+            InputSpec("height", INT, default=512, min=0, max=MAX_RESOLUTION, step=8, multiple_of_step=True),
+            InputSpec("crop", COMBO, default="disabled", choices=CROP_METHODS),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Resizes latents to a pixel size (0 keeps the aspect ratio from the other side).",
+    ),
+    NodeSpec(
+        "LatentUpscaleBy", "Upscale Latent By", "latent",
+        inputs=(
+            InputSpec("samples", LATENT),
+            InputSpec("upscale_method", COMBO, default="nearest-exact", choices=LATENT_UPSCALE_METHODS),
+            InputSpec("scale_by", FLOAT, default=1.5, min=0.01, max=8.0, step=0.01),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Resizes latents by a factor (the first half of a hires fix).",
+    ),
+    NodeSpec(
+        "ImageScale", "Upscale Image", "image/upscaling",
+        inputs=(
+            InputSpec("image", IMAGE),
+            InputSpec("upscale_method", COMBO, default="nearest-exact", choices=IMAGE_UPSCALE_METHODS),
+            InputSpec("width", INT, default=512, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("height", INT, default=512, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("crop", COMBO, default="disabled", choices=CROP_METHODS),
+        ),
+        outputs=(OutputSpec(IMAGE, "IMAGE"),),
+        description="Resizes images to a size (0 keeps the aspect ratio from the other side).",
+    ),
+    NodeSpec(
+        "ImageScaleBy", "Upscale Image By", "image/upscaling",
+        inputs=(
+            InputSpec("image", IMAGE),
+            InputSpec("upscale_method", COMBO, default="nearest-exact", choices=IMAGE_UPSCALE_METHODS),
+            InputSpec("scale_by", FLOAT, default=1.0, min=0.01, max=8.0, step=0.01),
+        ),
+        outputs=(OutputSpec(IMAGE, "IMAGE"),),
+        description="Resizes images by a factor.",
+    ),
+    NodeSpec(
+        "RepeatLatentBatch", "Repeat Latent Batch", "latent/batch",
+        inputs=(InputSpec("samples", LATENT), InputSpec("amount", INT, default=1, min=1, max=64, step=1)),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Repeats the latent batch; each copy gets its own noise.",
+    ),
+    NodeSpec(
+        "LatentFromBatch", "Latent From Batch", "latent/batch",
+        inputs=(
+            InputSpec("samples", LATENT),
+            InputSpec("batch_index", INT, default=0, min=0, max=63, step=1),
+            InputSpec("length", INT, default=1, min=1, max=64, step=1),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Picks latents out of a batch; they keep the noise they had in the batch.",
     ),
     NodeSpec(
         "VAEDecode", "VAE Decode", "latent",

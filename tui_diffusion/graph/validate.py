@@ -72,10 +72,15 @@ def _check_model_file(kind: str, name: str, models: ModelPaths) -> str | None:
         path = models.resolve(kind, name)
     except PathError as exc:
         available = models.list(kind)
-        hint = f" (available: {', '.join(available[:8])})" if available else (
-            " (the folder holds no models: download a checkpoint, e.g. from civitai.com, into it, "
-            "or write a random-weight one with 'tui-diffusion demo-checkpoint')"
-        )
+        if available:
+            hint = f" (available: {', '.join(available[:8])})"
+        elif kind == "checkpoints":
+            hint = (" (the folder holds no models: download a checkpoint, e.g. from civitai.com, into it, "
+                    "or write a random-weight one with 'tui-diffusion demo-checkpoint')")
+        elif kind == "input":
+            hint = " (put the image in that folder, or point --input-dir at the folder that has it)"
+        else:
+            hint = " (the folder is empty)"
         return f"{exc}{hint}"
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return (f"{path}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded and are not "

@@ -90,12 +90,12 @@ def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Fami
     return cfg
 
 
-def vae_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str) -> dict[str, Any]:
-    keys = [k for k in h if k.startswith(VAE)]
-    p = VAE
+def vae_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str, prefix: str = VAE) -> dict[str, Any]:
+    keys = [k for k in h if k.startswith(prefix)]
+    p = prefix
     n_levels = _count(keys, re.escape(p) + r"encoder\.down\.(\d+)\.")
     if n_levels == 0:
-        raise CheckpointError(f"{file}: incomplete checkpoint: no VAE ('first_stage_model.*') tensors")
+        raise CheckpointError(f"{file}: incomplete checkpoint: no VAE ('{prefix}encoder.*') tensors")
     channels = [_shape(h, f"{p}encoder.down.{i}.block.0.conv1.weight", file)[0] for i in range(n_levels)]
     cfg = dict(template)
     cfg.update(
@@ -154,6 +154,13 @@ def sd1_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str
         "tokenizer/special_tokens_map.json": _load_json(base / "tokenizer" / "special_tokens_map.json"),
         "scheduler/scheduler_config.json": _load_json(base / "scheduler" / "scheduler_config.json"),
     }
+
+
+def standalone_vae_configs(h: dict[str, TensorInfo], file: str) -> dict[str, dict[str, Any]]:
+    """Config of a VAE file from models/vae in the original layout (with or without its prefix)."""
+    prefix = VAE if any(k.startswith(VAE) for k in h) else ""
+    base = package_config_dir(FAMILY_TEMPLATE["sd1"])
+    return {"vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file, prefix)}
 
 
 def write_config_folder(files: dict[str, dict[str, Any]], cache_root: Path) -> Path:

@@ -24,7 +24,7 @@ from tui_diffusion.modelfiles.header import CheckpointError
 from tui_diffusion.paths import PathError
 from tui_diffusion.pipeline.context import EngineState, NodeContext
 from tui_diffusion.pipeline.errors import Interrupted, NodeError
-from tui_diffusion.pipeline.nodes import IMPLEMENTATIONS, NodeResult
+from tui_diffusion.pipeline.registry import NodeResult, implementations
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Executor:
                     report=lambda step, total, preview, _n=node_id: hooks.progress(_n, step, total, preview),
                     interrupted=interrupted, want_previews=previews,
                 )
-                fn = IMPLEMENTATIONS[wf.class_type(node_id)]
+                fn = implementations()[wf.class_type(node_id)]
                 start = time.perf_counter()
                 try:
                     result = fn(ctx, **self._inputs(wf, node_id, results))

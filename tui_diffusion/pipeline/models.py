@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tui_diffusion.modelfiles.configs import sd1_configs, write_config_folder
+from tui_diffusion.modelfiles.configs import sd1_configs, standalone_vae_configs, write_config_folder
 from tui_diffusion.modelfiles.family import detect_family
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
 from tui_diffusion.paths import PICKLE_SUFFIXES, is_diffusers_folder
@@ -58,6 +58,11 @@ class VaeHandle:
     @property
     def downscale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode(self, pixels: Any) -> Any:
+        """IMAGE [B,H,W,3] in 0..1 -> scaled latent (the distribution's mean, as ComfyUI takes)."""
+        x = pixels.movedim(-1, 1).to(self.device.torch_device, self.device.vae_dtype) * 2 - 1
+        return self.vae.encode(x).latent_dist.mean.float().cpu() * self.scaling_factor
 
 
 @dataclass
@@ -122,6 +127,41 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         clip=ClipHandle(pipe.tokenizer, pipe.text_encoder, device),
         vae=VaeHandle(pipe.vae, device),
     )
+
+
+def load_vae(path: Path, device: Device, config_cache: Path) -> VaeHandle:
+    """A standalone VAE file (models/vae) in the original layout, or a diffusers-layout one."""
+    from diffusers import AutoencoderKL
+
+    _quiet_libraries()
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: only .safetensors VAE files are supported")
+    header = read_header(path)
+    try:
+        if any(k.startswith("encoder.down_blocks.") for k in header):  # diffusers layout
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+            channels = [state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                        for i in range(sum(1 for k in state if k.endswith(".resnets.0.conv1.weight")
+                                           and k.startswith("encoder.down_blocks.")))]
+            vae = AutoencoderKL(block_out_channels=channels, down_block_types=["DownEncoderBlock2D"] * len(channels),
+                                up_block_types=["UpDecoderBlock2D"] * len(channels),
+                                latent_channels=state["post_quant_conv.weight"].shape[0],
+                                layers_per_block=sum(1 for k in state if k.startswith("encoder.down_blocks.0.resnets.")
+                                                     and k.endswith(".conv1.weight")),
+                                scaling_factor=0.18215)
+            vae.load_state_dict(state)
+        else:
+            folder = write_config_folder(standalone_vae_configs(header, str(path)), config_cache)
+            vae = AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae",
+                                                 local_files_only=True, torch_dtype=device.vae_dtype)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load this VAE: {exc}") from None
+    vae.to(device.torch_device, dtype=device.vae_dtype).eval().requires_grad_(False)
+    return VaeHandle(vae, device)
 
 
 class ModelCache:

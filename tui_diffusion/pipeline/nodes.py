@@ -9,42 +9,20 @@ tensor ``[B,H,W,3]`` in 0..1, CONDITIONING is ``[[embeddings, {extras}], ...]``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from tui_diffusion.paths import PathError
+from tui_diffusion.pipeline import ksampler as sampling_nodes
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
-from tui_diffusion.pipeline.models import ClipHandle, ModelHandle, VaeHandle, load_checkpoint
+from tui_diffusion.pipeline.models import ClipHandle, VaeHandle, load_checkpoint
 from tui_diffusion.pipeline.prompt_weights import weighted_chunks
-from tui_diffusion.pipeline.sampling import ModelSampling, initial_latent, noise_for, prepare_sampler, step_generator
+from tui_diffusion.pipeline.registry import NodeResult, node
 from tui_diffusion.store.outputs import save_png
-
-
-@dataclass
-class NodeResult:
-    outputs: tuple[Any, ...] = ()
-    files: list[str] = field(default_factory=list)
-
-
-NodeFn = Callable[..., NodeResult]
-IMPLEMENTATIONS: dict[str, NodeFn] = {}
-
-
-def node(class_type: str) -> Callable[[NodeFn], NodeFn]:
-    def register(fn: NodeFn) -> NodeFn:
-        IMPLEMENTATIONS[class_type] = fn
-        return fn
-
-    return register
 
 
 # -- loaders ----------------------------------------------------------------------------------------------
@@ -117,77 +95,14 @@ def empty_latent_image(ctx: NodeContext, width: int, height: int, batch_size: in
     return NodeResult(({"samples": torch.zeros([batch_size, 4, height // 8, width // 8])},))
 
 
-# SD1.x latent -> RGB approximation (ComfyUI's latent_rgb_factors), for live previews.
-_LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
-                            [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]])
-
-
-def latent_preview(latent: torch.Tensor) -> np.ndarray:
-    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), _LATENT_RGB)
-    return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-
-
-def _embeddings(cond: list, name: str) -> torch.Tensor:
-    if not cond:
-        raise NodeError(f"{name}: empty conditioning")
-    return torch.cat([c[0] for c in cond], dim=1) if len(cond) > 1 else cond[0][0]
-
-
-def _match_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of different chunk counts are repeated to a common length, as ComfyUI does."""
-    if a.shape[1] == b.shape[1]:
-        return a, b
-    lcm = math.lcm(a.shape[1], b.shape[1])
-    return a.repeat(1, lcm // a.shape[1], 1), b.repeat(1, lcm // b.shape[1], 1)
-
-
-def _step_kwargs(scheduler: Any) -> set[str]:
-    return set(inspect.signature(scheduler.step).parameters)
-
-
 @node("KSampler")
-@torch.inference_mode()
-def ksampler(ctx: NodeContext, model: ModelHandle, seed: int, steps: int, cfg: float, sampler_name: str,
-             scheduler: str, positive: list, negative: list, latent_image: dict, denoise: float = 1.0) -> NodeResult:
-    latent = latent_image["samples"].float()
-    if denoise <= 0:
-        return NodeResult(({**latent_image, "samples": latent.clone()},))
-    dev = model.device
-    prepared = prepare_sampler(sampler_name, scheduler, steps, denoise, model.scheduler_config, seed)
-    sched = prepared.scheduler
-    noise = noise_for(seed, tuple(latent.shape))
-    ms = ModelSampling.from_scheduler_config(model.scheduler_config)
-    x = initial_latent(prepared, latent, noise, ms.sigma_max).to(dev.torch_device)
+def ksampler(ctx: NodeContext, **inputs: Any) -> NodeResult:
+    return NodeResult((sampling_nodes.ksampler(ctx, **inputs),))
 
-    cond, uncond = _match_length(_embeddings(positive, "positive"), _embeddings(negative, "negative"))
-    batch = latent.shape[0]
-    cond = cond.to(dev.torch_device, dev.dtype).expand(batch, -1, -1)
-    uncond = uncond.to(dev.torch_device, dev.dtype).expand(batch, -1, -1)
-    use_cfg = not math.isclose(cfg, 1.0)
-    context = torch.cat([uncond, cond]) if use_cfg else cond
-    accepts = _step_kwargs(sched)
-    extra: dict[str, Any] = {"return_dict": False}
-    if "generator" in accepts:
-        extra["generator"] = step_generator(seed)
 
-    timesteps = sched.timesteps
-    total = len(timesteps)
-    for i, t in enumerate(timesteps):
-        ctx.check_interrupt()
-        x_in = torch.cat([x, x]) if use_cfg else x
-        x_in = sched.scale_model_input(x_in, t).to(dev.dtype)
-        out = model.unet(x_in, t.to(dev.torch_device), encoder_hidden_states=context, return_dict=False)[0].float()
-        if use_cfg:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + cfg * (out_cond - out_uncond)
-        step = sched.step(out, t, x, **extra)
-        x = step[0]
-        preview = None
-        if ctx.want_previews:
-            denoised = step[1] if len(step) > 1 and isinstance(step[1], torch.Tensor) else x
-            preview = latent_preview(denoised)
-        ctx.report(i + 1, total, preview)
-    return NodeResult(({**latent_image, "samples": x.float().cpu()},))
+@node("KSamplerAdvanced")
+def ksampler_advanced(ctx: NodeContext, **inputs: Any) -> NodeResult:
+    return NodeResult((sampling_nodes.ksampler_advanced(ctx, **inputs),))
 
 
 # -- images ------------------------------------------------------------------------------------------------------

@@ -215,9 +215,17 @@ _MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
 @dataclass
 class PreparedSampler:
     scheduler: Any
-    #: what the initial latent is multiplied by (noise) and how the input latent is placed
+    #: the latent space the scheduler works in: "ve", "vp" or "own" (see SchedulerRecipe)
     space: str
+    #: the sigmas walked, first to last (the last is 0 unless noise is left over)
     sigmas: torch.Tensor
+
+    @property
+    def evaluations(self) -> int:
+        """Model evaluations to run: all of them, or those before an appended final step to 0."""
+        if self.space == "own" or float(self.sigmas[-1]) == 0.0:
+            return len(self.scheduler.timesteps)
+        return (len(self.sigmas) - 1) * self.scheduler.order
 
 
 def make_scheduler(sampler: str, model_config: dict[str, Any], seed: int) -> Any:
@@ -256,8 +264,24 @@ def install_sigmas(scheduler: Any, ms: ModelSampling, sigmas: torch.Tensor) -> N
     scheduler.set_begin_index(0)
 
 
+def advanced_sigmas(ms: ModelSampling, sampler: str, scheduler: str, steps: int, start_at_step: int,
+                    end_at_step: int, force_full_denoise: bool) -> torch.Tensor:
+    """KSamplerAdvanced's walk: steps start..end of the full schedule (ComfyUI's common_ksampler)."""
+    sigmas = ksampler_sigmas(ms, sampler, scheduler, steps, 1.0)
+    if end_at_step < steps:
+        sigmas = sigmas[:end_at_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0.0
+    return sigmas[start_at_step:]
+
+
 def prepare_sampler(sampler: str, scheduler_name: str, steps: int, denoise: float,
-                    model_config: dict[str, Any], seed: int) -> PreparedSampler:
+                    model_config: dict[str, Any], seed: int, sigmas: torch.Tensor | None = None) -> PreparedSampler:
+    """A diffusers scheduler set up to walk ComfyUI's sigmas (or the given ones).
+
+    A walk that ends above sigma 0 (KSamplerAdvanced with leftover noise) is installed with a final
+    step to 0 appended; the caller stops before it (``PreparedSampler.evaluations``).
+    """
     ms = ModelSampling.from_scheduler_config(model_config)
     recipe = RECIPES[sampler]
     scheduler = make_scheduler(sampler, model_config, seed)
@@ -270,8 +294,10 @@ def prepare_sampler(sampler: str, scheduler_name: str, steps: int, denoise: floa
         sigmas = ms.sigmas[scheduler.timesteps.long()]
         sigmas = torch.cat([sigmas, sigmas.new_zeros([1])])
         return PreparedSampler(scheduler, "own", sigmas)
-    sigmas = ksampler_sigmas(ms, sampler, scheduler_name, steps, denoise)
-    install_sigmas(scheduler, ms, sigmas)
+    if sigmas is None:
+        sigmas = ksampler_sigmas(ms, sampler, scheduler_name, steps, denoise)
+    walk = sigmas if float(sigmas[-1]) == 0.0 else torch.cat([sigmas, sigmas.new_zeros([1])])
+    install_sigmas(scheduler, ms, walk)
     return PreparedSampler(scheduler, recipe.space, sigmas)
 
 

@@ -1,0 +1,170 @@
+"""Latent, VAE and conditioning nodes beyond the core six (ComfyUI's semantics)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tui_diffusion.paths import PathError
+from tui_diffusion.pipeline.context import NodeContext
+from tui_diffusion.pipeline.errors import NodeError
+from tui_diffusion.pipeline.models import VaeHandle, load_vae
+from tui_diffusion.pipeline.registry import NodeResult, node
+
+
+def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
+    """ComfyUI's common_upscale on [B,C,H,W]: optional centre crop to the target aspect, then resize."""
+    if crop == "center":
+        old_w, old_h = samples.shape[-1], samples.shape[-2]
+        old_aspect, new_aspect = old_w / old_h, width / height
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+        samples = samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+    if method == "lanczos":
+        from PIL import Image
+
+        images = []
+        for img in samples.movedim(1, -1):
+            pil = Image.fromarray(img.mul(255).round().clamp(0, 255).to(torch.uint8).numpy())
+            resized = pil.resize((width, height), Image.LANCZOS)
+            images.append(torch.from_numpy(np.array(resized)).float() / 255)
+        return torch.stack(images).movedim(-1, 1)
+    kwargs: dict[str, Any] = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
+    return F.interpolate(samples, size=(height, width), mode=method, **kwargs)
+
+
+def _fit(width: int, height: int, old_w: int, old_h: int, minimum: int) -> tuple[int, int]:
+    if width == 0:
+        height = max(minimum, height)
+        width = max(minimum, round(old_w * height / old_h))
+    elif height == 0:
+        width = max(minimum, width)
+        height = max(minimum, round(old_h * width / old_w))
+    else:
+        width, height = max(minimum, width), max(minimum, height)
+    return width, height
+
+
+@node("LatentUpscale")
+def latent_upscale(ctx: NodeContext, samples: dict, upscale_method: str, width: int, height: int,
+                   crop: str = "disabled") -> NodeResult:
+    if width == 0 and height == 0:
+        return NodeResult((samples,))
+    lat = samples["samples"]
+    width, height = _fit(width, height, lat.shape[-1] * 8, lat.shape[-2] * 8, 64)
+    return NodeResult(({**samples, "samples": common_upscale(lat, width // 8, height // 8, upscale_method, crop)},))
+
+
+@node("LatentUpscaleBy")
+def latent_upscale_by(ctx: NodeContext, samples: dict, upscale_method: str, scale_by: float) -> NodeResult:
+    lat = samples["samples"]
+    width, height = round(lat.shape[-1] * scale_by), round(lat.shape[-2] * scale_by)
+    return NodeResult(({**samples, "samples": common_upscale(lat, width, height, upscale_method, "disabled")},))
+
+
+@node("RepeatLatentBatch")
+def repeat_latent_batch(ctx: NodeContext, samples: dict, amount: int) -> NodeResult:
+    out = dict(samples)
+    out["samples"] = samples["samples"].repeat((amount, 1, 1, 1))
+    mask = samples.get("noise_mask")
+    if mask is not None and mask.shape[0] > 1:
+        out["noise_mask"] = mask.repeat((amount, 1, 1, 1))
+    if "batch_index" in samples:
+        index = samples["batch_index"]
+        offset = max(index) - min(index) + 1
+        out["batch_index"] = index + [x + i * offset for i in range(1, amount) for x in index]
+    return NodeResult((out,))
+
+
+@node("LatentFromBatch")
+def latent_from_batch(ctx: NodeContext, samples: dict, batch_index: int, length: int) -> NodeResult:
+    lat = samples["samples"]
+    batch_index = min(lat.shape[0] - 1, batch_index)
+    length = min(lat.shape[0] - batch_index, length)
+    out = dict(samples)
+    out["samples"] = lat[batch_index:batch_index + length].clone()
+    mask = samples.get("noise_mask")
+    if mask is not None:
+        if mask.shape[0] == 1:
+            out["noise_mask"] = mask.clone()
+        else:
+            if mask.shape[0] < lat.shape[0]:
+                mask = mask.repeat(math.ceil(lat.shape[0] / mask.shape[0]), 1, 1, 1)[: lat.shape[0]]
+            out["noise_mask"] = mask[batch_index:batch_index + length].clone()
+    index = samples.get("batch_index")
+    out["batch_index"] = (list(range(batch_index, batch_index + length)) if index is None
+                          else index[batch_index:batch_index + length])
+    return NodeResult((out,))
+
+
+@node("SetLatentNoiseMask")
+def set_latent_noise_mask(ctx: NodeContext, samples: dict, mask: torch.Tensor) -> NodeResult:
+    return NodeResult(({**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))},))
+
+
+def _crop_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
+    h, w = (pixels.shape[1] // multiple) * multiple, (pixels.shape[2] // multiple) * multiple
+    if (h, w) == tuple(pixels.shape[1:3]):
+        return pixels
+    dy, dx = (pixels.shape[1] % multiple) // 2, (pixels.shape[2] % multiple) // 2
+    return pixels[:, dy:dy + h, dx:dx + w, :]
+
+
+@node("VAEEncode")
+@torch.inference_mode()
+def vae_encode(ctx: NodeContext, pixels: torch.Tensor, vae: VaeHandle) -> NodeResult:
+    pixels = _crop_to_multiple(pixels[..., :3], vae.downscale)
+    if pixels.shape[1] == 0 or pixels.shape[2] == 0:
+        raise NodeError(f"the image is smaller than {vae.downscale} pixels")
+    return NodeResult(({"samples": vae.encode(pixels)},))
+
+
+@node("VAEEncodeForInpaint")
+@torch.inference_mode()
+def vae_encode_for_inpaint(ctx: NodeContext, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor,
+                           grow_mask_by: int = 6) -> NodeResult:
+    d = vae.downscale
+    h, w = (pixels.shape[1] // d) * d, (pixels.shape[2] // d) * d
+    mask = F.interpolate(mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).float(),
+                         size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
+    pixels = _crop_to_multiple(pixels[..., :3].clone(), d)
+    dy, dx = (mask.shape[2] % d) // 2, (mask.shape[3] % d) // 2
+    mask = mask[:, :, dy:dy + h, dx:dx + w]
+    if grow_mask_by == 0:
+        grown = mask
+    else:
+        kernel = torch.ones((1, 1, grow_mask_by, grow_mask_by))
+        grown = torch.clamp(F.conv2d(mask.round(), kernel, padding=math.ceil((grow_mask_by - 1) / 2)), 0, 1)
+    keep = (1.0 - mask.round()).squeeze(1)
+    pixels = (pixels - 0.5) * keep[..., None] + 0.5
+    return NodeResult(({"samples": vae.encode(pixels), "noise_mask": grown[:, :, :h, :w].round()},))
+
+
+@node("VAELoader")
+def vae_loader(ctx: NodeContext, vae_name: str) -> NodeResult:
+    eng = ctx.engine
+    try:
+        path = eng.paths.resolve("vae", vae_name)
+    except PathError as exc:
+        raise NodeError(str(exc)) from None
+    key = repr(("vae", eng.paths.fingerprint("vae", vae_name), str(eng.device.torch_device)))
+    return NodeResult((eng.models.get(key, lambda: load_vae(path, eng.device, eng.config_cache)),))
+
+
+@node("ConditioningCombine")
+def conditioning_combine(ctx: NodeContext, conditioning_1: list, conditioning_2: list) -> NodeResult:
+    return NodeResult((conditioning_1 + conditioning_2,))
+
+
+@node("ConditioningSetTimestepRange")
+def conditioning_set_timestep_range(ctx: NodeContext, conditioning: list, start: float = 0.0,
+                                    end: float = 1.0) -> NodeResult:
+    return NodeResult(([[emb, {**extras, "timestep_start": start, "timestep_end": end}]
+                        for emb, extras in conditioning],))
