@@ -49,7 +49,7 @@ def test_written_file_loads_back_tensor_for_tensor(tmp_path: Path, sizes: TinySD
     unet, vae, text = build_sd1_models(sizes, seed=5)
     assert_same_weights(unet, loaded.model.unet)
     assert_same_weights(vae, loaded.vae.vae)
-    assert_same_weights(text, loaded.clip.text_encoder)
+    assert_same_weights(text, loaded.clip.encoders[0].model)
     assert loaded.model.unet.config.layers_per_block == sizes.layers_per_block
     assert list(loaded.model.unet.config.block_out_channels) == list(sizes.unet_channels)
 
@@ -84,7 +84,7 @@ def test_sizes_come_from_shapes_and_heads_from_convention(models_dir: Path) -> N
 
 def test_tokenizer_ships_with_the_package(models_dir: Path, tmp_path: Path) -> None:
     loaded = load_checkpoint(models_dir / "checkpoints" / TINY, CPU, tmp_path / "cfg")
-    assert loaded.clip.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert loaded.clip.encoders[0].tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
 def test_diffusers_folder_in_checkpoints_loads(models_dir: Path, tmp_path: Path) -> None:

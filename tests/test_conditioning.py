@@ -24,20 +24,20 @@ def clip(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ClipHand
 
 def run_encoder(clip: ClipHandle, ids: list[int], layer: int = -1) -> torch.Tensor:
     with torch.inference_mode():
-        out = clip.text_encoder(torch.tensor([ids]), output_hidden_states=True)
+        out = clip.encoders[0].model(torch.tensor([ids]), output_hidden_states=True)
         if layer == -1:
             return out.last_hidden_state[0]
-        return clip.text_encoder.final_layer_norm(out.hidden_states[layer])[0]
+        return clip.encoders[0].model.final_layer_norm(out.hidden_states[layer])[0]
 
 
 def padded(clip: ClipHandle, text: str) -> list[int]:
-    return clip.tokenizer(text, padding="max_length", max_length=77).input_ids
+    return clip.encoders[0].tokenizer(text, padding="max_length", max_length=77).input_ids
 
 
 def test_plain_prompt_is_the_encoder_output(clip: ClipHandle) -> None:
     z, pooled = encode_text(clip, "a photo of a cat")
     torch.testing.assert_close(z[0], run_encoder(clip, padded(clip, "a photo of a cat")))
-    assert pooled.shape == (1, clip.text_encoder.config.hidden_size)
+    assert pooled.shape == (1, clip.encoders[0].model.config.hidden_size)
 
 
 def test_weight_moves_the_token_away_from_the_empty_prompt(clip: ClipHandle) -> None:
@@ -53,7 +53,7 @@ def test_weight_moves_the_token_away_from_the_empty_prompt(clip: ClipHandle) -> 
 
 def test_long_prompts_concatenate_windows(clip: ClipHandle) -> None:
     z, _ = encode_text(clip, " ".join(["cat"] * 100))
-    assert z.shape == (1, 154, clip.text_encoder.config.hidden_size)
+    assert z.shape == (1, 154, clip.encoders[0].model.config.hidden_size)
     torch.testing.assert_close(z[0, :77], run_encoder(clip, padded(clip, " ".join(["cat"] * 75))))
 
 

@@ -66,8 +66,8 @@ def test_image_matches_the_diffusers_pipeline(engine: EngineState, models_dir: P
     # ComfyUI's "simple" schedule at 5 steps lands on diffusers' "trailing" timesteps
     sched = getattr(diffusers, diffusers_scheduler).from_config(loaded.model.scheduler_config,
                                                                 timestep_spacing="trailing")
-    pipe = StableDiffusionPipeline(vae=loaded.vae.vae, text_encoder=loaded.clip.text_encoder,
-                                   tokenizer=loaded.clip.tokenizer, unet=loaded.model.unet, scheduler=sched,
+    pipe = StableDiffusionPipeline(vae=loaded.vae.vae, text_encoder=loaded.clip.encoders[0].model,
+                                   tokenizer=loaded.clip.encoders[0].tokenizer, unet=loaded.model.unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     ms = ModelSampling.from_scheduler_config(loaded.model.scheduler_config)

@@ -75,8 +75,9 @@ def test_img2img_matches_the_diffusers_img2img_pipeline(engine: EngineState, mod
     encoded = output(ex, data, "12")["samples"]
     loaded = load_checkpoint(models_dir / "checkpoints" / TINY, CPU, tmp_path / "cfg2")
     sched = EulerDiscreteScheduler.from_config(loaded.model.scheduler_config, timestep_spacing="trailing")
-    pipe = StableDiffusionImg2ImgPipeline(vae=loaded.vae.vae, text_encoder=loaded.clip.text_encoder,
-                                          tokenizer=loaded.clip.tokenizer, unet=loaded.model.unet, scheduler=sched,
+    pipe = StableDiffusionImg2ImgPipeline(vae=loaded.vae.vae, text_encoder=loaded.clip.encoders[0].model,
+                                          tokenizer=loaded.clip.encoders[0].tokenizer, unet=loaded.model.unet,
+                                          scheduler=sched,
                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     # ComfyUI's denoise 0.5 over 5 steps walks the last 5 of a 10-step schedule: diffusers' strength 0.5 of 10

@@ -16,13 +16,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tui_diffusion.modelfiles.family import SD1_TEXT, UNET, VAE, Family
+from tui_diffusion.modelfiles.family import SD1_TEXT, SDXL_TEXT_G, SDXL_TEXT_L, UNET, VAE, Family
 from tui_diffusion.modelfiles.header import CheckpointError, TensorInfo
 
 CONFIG_PACKAGE = "tui_diffusion.configs"
-FAMILY_TEMPLATE = {"sd1": "sd15"}
-#: Scale of SD1.x/SD2.x latents (not stored in the files).
+FAMILY_TEMPLATE = {"sd1": "sd15", "sdxl": "sdxl-base"}
+#: Scale of the latents (not stored in the files): SD1.x/SD2.x, and SDXL.
 SD_VAE_SCALING = 0.18215
+SDXL_VAE_SCALING = 0.13025
 
 
 def package_config_dir(name: str) -> Path:
@@ -46,7 +47,8 @@ def _shape(h: dict[str, TensorInfo], key: str, file: str) -> tuple[int, ...]:
         raise CheckpointError(f"{file}: incomplete checkpoint: tensor {key!r} is missing") from None
 
 
-def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Family, file: str) -> dict[str, Any]:
+def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Family, file: str,
+                pooled_width: int | None = None) -> dict[str, Any]:
     keys = [k for k in h if k.startswith(UNET)]
     p = UNET
     conv_in = _shape(h, p + "input_blocks.0.0.weight", file)
@@ -87,10 +89,17 @@ def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Fami
         cfg["attention_head_dim"] = 8  # SD1.x convention: 8 heads at every level
     else:
         cfg["attention_head_dim"] = [max(1, c // 64) for c in channels]  # 64 channels per head
+    label = h.get(p + "label_emb.0.0.weight")
+    if label is not None:  # SDXL: pooled text + six size numbers, each embedded in addition_time_embed_dim
+        if pooled_width is None:
+            raise CheckpointError(f"{file}: a size-conditioned UNet without a pooled text projection")
+        cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=label.shape[1],
+                   addition_time_embed_dim=(label.shape[1] - pooled_width) // 6)
     return cfg
 
 
-def vae_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str, prefix: str = VAE) -> dict[str, Any]:
+def vae_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str, prefix: str = VAE,
+               scaling: float = SD_VAE_SCALING) -> dict[str, Any]:
     keys = [k for k in h if k.startswith(prefix)]
     p = prefix
     n_levels = _count(keys, re.escape(p) + r"encoder\.down\.(\d+)\.")
@@ -108,7 +117,7 @@ def vae_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str, pr
         up_block_types=["UpDecoderBlock2D"] * n_levels,
         norm_num_groups=32,
         sample_size=template.get("sample_size", 512),
-        scaling_factor=SD_VAE_SCALING,
+        scaling_factor=scaling,
     )
     return cfg
 
@@ -130,6 +139,52 @@ def clip_config(h: dict[str, TensorInfo], prefix: str, template: dict[str, Any],
     if vocab != 49408:
         raise CheckpointError(f"{file}: text encoder has {vocab} tokens; CLIP's tokenizer needs 49408")
     return cfg
+
+
+def openclip_config(h: dict[str, TensorInfo], prefix: str, template: dict[str, Any], file: str) -> dict[str, Any]:
+    """HF CLIPTextModel(WithProjection) config of an OpenCLIP text tower (SD2, SDXL bigG)."""
+    keys = [k for k in h if k.startswith(prefix)]
+    vocab, hidden = _shape(h, prefix + "token_embedding.weight", file)
+    cfg = dict(template)
+    cfg.update(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=_count(keys, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."),
+        intermediate_size=_shape(h, prefix + "transformer.resblocks.0.mlp.c_fc.weight", file)[0],
+        max_position_embeddings=_shape(h, prefix + "positional_embedding", file)[0],
+        num_attention_heads=max(1, hidden // 64),
+    )
+    if prefix + "text_projection" in h:
+        cfg["projection_dim"] = h[prefix + "text_projection"].shape[1]
+    cfg.pop("torch_dtype", None)  # the shipped SDXL configs say float16; the caller chooses the dtype
+    cfg.pop("dtype", None)
+    return cfg
+
+
+def sdxl_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:
+    base = package_config_dir(FAMILY_TEMPLATE["sdxl"])
+    text = clip_config(h, SDXL_TEXT_L, _load_json(base / "text_encoder" / "config.json"), file)
+    text.pop("torch_dtype", None)
+    text_2 = openclip_config(h, SDXL_TEXT_G, _load_json(base / "text_encoder_2" / "config.json"), file)
+    files = {
+        "model_index.json": _load_json(base / "model_index.json"),
+        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file,
+                                        pooled_width=text_2["projection_dim"]),
+        "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file, scaling=SDXL_VAE_SCALING),
+        "text_encoder/config.json": text,
+        "text_encoder_2/config.json": text_2,
+        "scheduler/scheduler_config.json": _load_json(base / "scheduler" / "scheduler_config.json"),
+    }
+    for tok in ("tokenizer", "tokenizer_2"):
+        files[f"{tok}/tokenizer_config.json"] = _load_json(base / tok / "tokenizer_config.json")
+        files[f"{tok}/special_tokens_map.json"] = _load_json(base / tok / "special_tokens_map.json")
+    return files
+
+
+def family_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:
+    if family.id == "sdxl":
+        return sdxl_configs(h, family, file)
+    return sd1_configs(h, family, file)
 
 
 def sd1_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:

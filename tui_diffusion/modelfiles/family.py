@@ -26,7 +26,7 @@ class Family:
 SD1 = Family("sd1", "SD1.x", True)
 SD1_INPAINT = Family("sd1-inpaint", "SD1.x inpainting", False, "SD1.x inpainting checkpoints are not supported yet")
 SD2 = Family("sd2", "SD2.x", False, "SD2.x checkpoints are not supported yet")
-SDXL = Family("sdxl", "SDXL base", False, "SDXL checkpoints are not supported yet")
+SDXL = Family("sdxl", "SDXL base", True)
 SDXL_REFINER = Family("sdxl-refiner", "SDXL refiner", False, "SDXL refiner checkpoints are not supported yet")
 
 

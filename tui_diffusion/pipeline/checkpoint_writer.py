@@ -94,6 +94,8 @@ def _unet_key(key: str, layers: int) -> str:
         return {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[parts[1]] + "." + ".".join(parts[2:])
     if parts[0] == "conv_norm_out":
         return "out.0." + ".".join(parts[1:])
+    if parts[0] == "add_embedding":  # SDXL's pooled-text and size embedding
+        return {"linear_1": "label_emb.0.0", "linear_2": "label_emb.0.2"}[parts[1]] + "." + ".".join(parts[2:])
     if parts[0] == "conv_out":
         return "out.2." + ".".join(parts[1:])
 
@@ -193,9 +195,7 @@ def sd1_state_dict(unet, vae, text, layers: int) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     sd.update(unet_to_original(unet.state_dict(), layers))
     sd.update(vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)))
-    for k, v in text.state_dict().items():
-        # transformers 5 dropped the "text_model." level from CLIPTextModel's keys; files keep it
-        k = k if k.startswith("text_model.") else "text_model." + k
+    for k, v in _hf_text_keys(text).items():
         sd["cond_stage_model.transformer." + k] = v
     sd.setdefault("cond_stage_model.transformer.text_model.embeddings.position_ids",
                   torch.arange(text.config.max_position_embeddings, dtype=torch.int64)[None])
@@ -209,10 +209,111 @@ def write_sd1_checkpoint(
     path: str | os.PathLike[str], sizes: TinySD1 = TinySD1(), seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Path:
     """Write a random-weight SD1.x checkpoint in the original layout; atomically."""
-    path = Path(path)
     unet, vae, text = build_sd1_models(sizes, seed)
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
-          for k, v in sd1_state_dict(unet, vae, text, sizes.layers_per_block).items()}
+    return _save(sd1_state_dict(unet, vae, text, sizes.layers_per_block), Path(path), dtype)
+
+
+@dataclass(frozen=True)
+class TinySDXL:
+    """Sizes of a small SDXL-architecture model; the two text encoders differ in width, as in SDXL."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_attention: tuple[bool, ...] = (False, True)
+    layers_per_block: int = 1
+    transformer_depth: tuple[int, ...] = (1, 2)
+    clip_l_width: int = 64
+    clip_l_layers: int = 2
+    clip_g_width: int = 128
+    clip_g_layers: int = 2
+    time_embed_dim: int = 8
+    vae_channels: tuple[int, ...] = (32, 32, 32, 32)
+    vae_layers: int = 1
+
+
+def build_sdxl_models(sizes: TinySDXL, seed: int = 0):
+    """Randomly initialised SDXL components: UNet, VAE, CLIP-L and OpenCLIP-bigG-style text encoders."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4,
+        block_out_channels=sizes.unet_channels, layers_per_block=sizes.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in sizes.unet_attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(sizes.unet_attention)),
+        cross_attention_dim=sizes.clip_l_width + sizes.clip_g_width,
+        attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
+        transformer_layers_per_block=sizes.transformer_depth, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=sizes.time_embed_dim,
+        projection_class_embeddings_input_dim=6 * sizes.time_embed_dim + sizes.clip_g_width, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels,
+        layers_per_block=sizes.vae_layers, down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(sizes.vae_channels), norm_num_groups=32, scaling_factor=0.13025,
+    )
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(20.0)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=sizes.clip_l_width, intermediate_size=sizes.clip_l_width * 4,
+        num_hidden_layers=sizes.clip_l_layers, num_attention_heads=max(1, sizes.clip_l_width // 64),
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=sizes.clip_l_width))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=sizes.clip_g_width, intermediate_size=sizes.clip_g_width * 4,
+        num_hidden_layers=sizes.clip_g_layers, num_attention_heads=max(1, sizes.clip_g_width // 64),
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=sizes.clip_g_width))
+    return unet.eval(), vae.eval(), text.eval(), text_2.eval()
+
+
+def _hf_text_keys(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIP text model's state with the "text_model." level (transformers 5 dropped it from CLIPTextModel)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if not k.startswith(("text_model.", "text_projection.")):
+            k = "text_model." + k
+        out[k] = v
+    return out
+
+
+def openclip_from_hf(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """An HF CLIP text model in OpenCLIP's layout (SD2 ``cond_stage_model.model.*``, SDXL bigG)."""
+    sd = _hf_text_keys(module)
+    out: dict[str, torch.Tensor] = {
+        prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+        prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+    }
+    layers = module.config.num_hidden_layers
+    for i in range(layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                [sd[f"{src}self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")])
+            out[f"{dst}attn.out_proj.{kind}"] = sd[f"{src}self_attn.out_proj.{kind}"]
+            out[f"{dst}ln_1.{kind}"] = sd[f"{src}layer_norm1.{kind}"]
+            out[f"{dst}ln_2.{kind}"] = sd[f"{src}layer_norm2.{kind}"]
+            out[f"{dst}mlp.c_fc.{kind}"] = sd[f"{src}mlp.fc1.{kind}"]
+            out[f"{dst}mlp.c_proj.{kind}"] = sd[f"{src}mlp.fc2.{kind}"]
+    if "text_projection.weight" in sd:
+        out[prefix + "text_projection"] = sd["text_projection.weight"].T.contiguous()  # OpenCLIP: x @ proj
+    out[prefix + "logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
+def sdxl_state_dict(unet, vae, text, text_2, layers: int) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    sd.update(unet_to_original(unet.state_dict(), layers))
+    sd.update(vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)))
+    for k, v in _hf_text_keys(text).items():
+        sd["conditioner.embedders.0.transformer." + k] = v
+    sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd.update(openclip_from_hf(text_2, "conditioner.embedders.1.model."))
+    return sd
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> Path:
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -221,6 +322,13 @@ def write_sd1_checkpoint(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_sdxl_checkpoint(path: str | os.PathLike[str], sizes: TinySDXL = TinySDXL(), seed: int = 0,
+                          dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random-weight SDXL base checkpoint in the original (SGM) single-file layout."""
+    unet, vae, text, text_2 = build_sdxl_models(sizes, seed)
+    return _save(sdxl_state_dict(unet, vae, text, text_2, sizes.layers_per_block), Path(path), dtype)
 
 
 def write_sd1_diffusers_folder(path: str | os.PathLike[str], sizes: TinySD1 = TinySD1(), seed: int = 0) -> Path:

@@ -7,6 +7,7 @@ config folder derived from the file's tensor shapes; diffusers folders through
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tui_diffusion.modelfiles.configs import sd1_configs, standalone_vae_configs, write_config_folder
+from tui_diffusion.modelfiles.configs import family_configs, standalone_vae_configs, write_config_folder
 from tui_diffusion.modelfiles.family import detect_family
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
 from tui_diffusion.paths import PICKLE_SUFFIXES, is_diffusers_folder
@@ -36,13 +37,24 @@ class ModelHandle:
 
 
 @dataclass
-class ClipHandle:
-    """CLIP: tokenizer and text encoder."""
+class TextEncoder:
+    """One tokenizer and text encoder of a CLIP (SDXL has two)."""
 
     tokenizer: Any
-    text_encoder: Any
+    model: Any
+    #: an earlier hidden layer is read through the final layer norm (SD1.x) or raw (SDXL)
+    norm_hidden: bool = True
+    #: this encoder's projected pooled output conditions the UNet (SDXL's bigG)
+    pooled: bool = False
+
+
+@dataclass
+class ClipHandle:
+    """CLIP: the text encoders whose outputs are concatenated into the conditioning."""
+
+    encoders: list[TextEncoder]
     device: Device
-    #: hidden layer to read: -1 is the last (ComfyUI's CLIPSetLastLayer)
+    #: hidden layer to read: -1 is the last (ComfyUI's CLIPSetLastLayer); SDXL reads the penultimate
     layer: int = -1
 
 
@@ -84,7 +96,7 @@ def _quiet_libraries() -> None:
 
 def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedCheckpoint:
     """Load a checkpoint file or diffusers folder; CheckpointError names the file on failure."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     _quiet_libraries()
     common: dict[str, Any] = dict(
@@ -94,9 +106,11 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path}: a folder in checkpoints/ must be a diffusers model (model_index.json)")
-        family = "sd1"
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), **common)
+            index = json.loads((path / "model_index.json").read_text())
+            family = "sdxl" if index.get("_class_name") == "StableDiffusionXLPipeline" else "sd1"
+            cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+            pipe = cls.from_pretrained(str(path), **_pipeline_kwargs(family, common))
         except Exception as exc:  # diffusers raises many types for bad folders
             raise CheckpointError(f"{path}: cannot load this diffusers folder: {exc}") from None
     else:
@@ -111,22 +125,36 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         if not fam.supported:
             raise CheckpointError(f"{path}: {fam.reason}")
         family = fam.id
-        folder = write_config_folder(sd1_configs(header, fam, str(path)), config_cache)
+        folder = write_config_folder(family_configs(header, fam, str(path)), config_cache)
+        cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), **common)
+            pipe = cls.from_single_file(str(path), config=str(folder), **_pipeline_kwargs(family, common))
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot load this checkpoint: {exc}") from None
     pipe.unet.to(device.torch_device).eval()
-    pipe.text_encoder.to(device.torch_device).eval()
     pipe.vae.to(device.torch_device, dtype=device.vae_dtype).eval()
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.requires_grad_(False)
-    source = str(path)
+    if family == "sdxl":
+        encoders = [TextEncoder(pipe.tokenizer, pipe.text_encoder, norm_hidden=False),
+                    TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, norm_hidden=False, pooled=True)]
+        clip = ClipHandle(encoders, device, layer=-2)
+    else:
+        clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device)
+    for module in [pipe.unet, pipe.vae] + [e.model for e in clip.encoders]:
+        module.to(device.torch_device).eval().requires_grad_(False)
+    pipe.vae.to(dtype=device.vae_dtype)
     return LoadedCheckpoint(
-        model=ModelHandle(pipe.unet, dict(pipe.scheduler.config), family, device, source),
-        clip=ClipHandle(pipe.tokenizer, pipe.text_encoder, device),
+        model=ModelHandle(pipe.unet, dict(pipe.scheduler.config), family, device, str(path)),
+        clip=clip,
         vae=VaeHandle(pipe.vae, device),
     )
+
+
+def _pipeline_kwargs(family: str, common: dict[str, Any]) -> dict[str, Any]:
+    if family == "sdxl":
+        return {k: v for k, v in common.items() if k not in ("safety_checker", "feature_extractor",
+                                                                 "requires_safety_checker")} | {
+            "add_watermarker": False}
+    return common
 
 
 def load_vae(path: Path, device: Device, config_cache: Path) -> VaeHandle:

@@ -19,7 +19,7 @@ from tui_diffusion.paths import PathError
 from tui_diffusion.pipeline import ksampler as sampling_nodes
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
-from tui_diffusion.pipeline.models import ClipHandle, VaeHandle, load_checkpoint
+from tui_diffusion.pipeline.models import ClipHandle, TextEncoder, VaeHandle, load_checkpoint
 from tui_diffusion.pipeline.prompt_weights import weighted_chunks
 from tui_diffusion.pipeline.registry import NodeResult, node
 from tui_diffusion.store.outputs import save_png
@@ -45,14 +45,9 @@ def _text_transformer(encoder: Any) -> Any:
 
 
 @torch.inference_mode()
-def encode_text(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """ComfyUI's CLIPTextEncode: weighted tokens in 75-token windows, hidden states of the chosen layer.
-
-    A token of weight w moves its embedding away from the empty prompt's: z' = z_empty + w (z - z_empty).
-    Returns the embeddings [1, tokens, width] and the first window's pooled output.
-    """
-    tok = clip.tokenizer
-    context = clip.text_encoder.config.max_position_embeddings
+def _encode_one(enc: TextEncoder, text: str, layer: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = enc.tokenizer
+    context = enc.model.config.max_position_embeddings
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     chunks = weighted_chunks(text, lambda word: tok(word, add_special_tokens=False).input_ids,
                              tok.bos_token_id, tok.eos_token_id, pad, context)
@@ -61,18 +56,34 @@ def encode_text(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor
     weighted = bool((weights != 1.0).any())
     if weighted:
         rows.append([tok.bos_token_id, tok.eos_token_id] + [pad] * (context - 2))
-    ids = torch.tensor(rows, dtype=torch.long, device=clip.device.torch_device)
-    out = clip.text_encoder(ids, output_hidden_states=clip.layer != -1)
-    if clip.layer == -1:
+    ids = torch.tensor(rows, dtype=torch.long, device=device)
+    out = enc.model(ids, output_hidden_states=layer != -1)
+    if layer == -1:
         hidden = out.last_hidden_state
     else:
-        hidden = _text_transformer(clip.text_encoder).final_layer_norm(out.hidden_states[clip.layer])
+        hidden = out.hidden_states[layer]
+        if enc.norm_hidden:
+            hidden = _text_transformer(enc.model).final_layer_norm(hidden)
     hidden = hidden.float().cpu()
-    pooled = out.pooler_output[:1].float().cpu()
+    pooled = getattr(out, "text_embeds", None)
+    pooled = (pooled if pooled is not None else out.pooler_output)[:1].float().cpu()
     if weighted:
         empty, hidden = hidden[-1:], hidden[:-1]
         hidden = empty + weights[..., None] * (hidden - empty)
     return hidden.reshape(1, -1, hidden.shape[-1]), pooled
+
+
+def encode_text(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's CLIPTextEncode: weighted tokens in 75-token windows, hidden states of the chosen layer.
+
+    A token of weight w moves its embedding away from the empty prompt's: z' = z_empty + w (z - z_empty).
+    With two encoders (SDXL) their outputs are concatenated along the features. Returns the embeddings
+    [1, tokens, width] and the pooled output (SDXL: the bigG encoder's projection; else the first's).
+    """
+    results = [_encode_one(enc, text, clip.layer, clip.device.torch_device) for enc in clip.encoders]
+    embeddings = torch.cat([r[0] for r in results], dim=-1)
+    pooled_index = next((i for i, e in enumerate(clip.encoders) if e.pooled), 0)
+    return embeddings, results[pooled_index][1]
 
 
 @node("CLIPTextEncode")
@@ -83,7 +94,7 @@ def clip_text_encode(ctx: NodeContext, text: str, clip: ClipHandle) -> NodeResul
 
 @node("CLIPSetLastLayer")
 def clip_set_last_layer(ctx: NodeContext, clip: ClipHandle, stop_at_clip_layer: int = -1) -> NodeResult:
-    layers = clip.text_encoder.config.num_hidden_layers
+    layers = min(e.model.config.num_hidden_layers for e in clip.encoders)
     if -stop_at_clip_layer > layers:
         raise NodeError(f"stop_at_clip_layer {stop_at_clip_layer}: this text encoder has {layers} layers")
     return NodeResult((dataclasses.replace(clip, layer=stop_at_clip_layer),))
