@@ -18,15 +18,21 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 TXT2IMG = ROOT / "workflows" / "txt2img.json"
 TINY = "tiny-sd15.safetensors"
+TINY_XL = "tiny-sdxl.safetensors"
 
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder with a tiny SD1.x single file and the same model as a diffusers folder."""
-    from tui_diffusion.pipeline.checkpoint_writer import write_sd1_checkpoint, write_sd1_diffusers_folder
+    from tui_diffusion.pipeline.checkpoint_writer import (
+        write_sd1_checkpoint,
+        write_sd1_diffusers_folder,
+        write_sdxl_checkpoint,
+    )
 
     root = tmp_path_factory.mktemp("models")
     write_sd1_checkpoint(root / "checkpoints" / TINY, seed=0)
+    write_sdxl_checkpoint(root / "checkpoints" / TINY_XL, seed=0)
     write_sd1_diffusers_folder(root / "checkpoints" / "tiny-sd15-diffusers", seed=0)
     return root
 

@@ -166,3 +166,15 @@ def test_ctrl_c_interrupts_the_running_job_cleanly(workdir: Path) -> None:
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     assert not (workdir / "output").exists() or not any((workdir / "output").iterdir())
+
+
+def test_sdxl_demo_checkpoint_runs_the_shipped_sdxl_workflow(tmp_path: Path) -> None:
+    made = cli("demo-checkpoint", "--family", "sdxl", "--models-dir", "m", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    listing = json.loads(cli("models", "--models-dir", "m", "--json", cwd=tmp_path).stdout)
+    assert listing[0]["family"] == "SDXL base" and listing[0]["supported"]
+    out = cli("run", str(ROOT / "workflows" / "sdxl.json"), "--models-dir", "m",
+              "--set", "4.ckpt_name=demo-sdxl-tiny.safetensors", "--set", "5.width=64", "--set", "5.height=64",
+              "--set", "3.steps=2", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(json.loads(out.stdout)["outputs"][0]).size == (64, 64)

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo-checkpoint", help="write a small random-weight checkpoint to try the program with")
-    demo.add_argument("--family", choices=["sd15"], default="sd15")
+    demo.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     demo.add_argument("--name", default=None, help="file name (default demo-<family>-tiny.safetensors)")
     _add_folders(demo, output=False)
     return parser
@@ -295,13 +295,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
-    from tui_diffusion.pipeline.checkpoint_writer import write_sd1_checkpoint
+    from tui_diffusion.pipeline.checkpoint_writer import write_sd1_checkpoint, write_sdxl_checkpoint
 
     models = ModelPaths(args.models_dir or default_models_dir())
     name = args.name or f"demo-{args.family}-tiny.safetensors"
-    path = write_sd1_checkpoint(models.folder("checkpoints") / name)
+    writer = write_sdxl_checkpoint if args.family == "sdxl" else write_sd1_checkpoint
+    path = writer(models.folder("checkpoints") / name)
+    workflow = "sdxl.json" if args.family == "sdxl" else "txt2img.json"
     print(f"wrote {path} (random weights: its images are noise)")
-    print(f"try: tui-diffusion run workflows/txt2img.json --set 4.ckpt_name={name} "
+    print(f"try: tui-diffusion run workflows/{workflow} --set 4.ckpt_name={name} "
           "--set 5.width=64 --set 5.height=64 --set 3.steps=4")
     return EXIT_OK
 

@@ -115,6 +115,22 @@ _SPECS: tuple[NodeSpec, ...] = (
         description="Encodes a text prompt into an embedding that guides the diffusion model.",
     ),
     NodeSpec(
+        "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXL", "advanced/conditioning",
+        inputs=(
+            InputSpec("clip", CLIP),
+            InputSpec("width", INT, default=1024, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("height", INT, default=1024, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("crop_w", INT, default=0, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("crop_h", INT, default=0, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("target_width", INT, default=1024, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("target_height", INT, default=1024, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("text_g", STRING, default="", multiline=True),
+            InputSpec("text_l", STRING, default="", multiline=True),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="SDXL prompt with a text per encoder and explicit size conditioning.",
+    ),
+    NodeSpec(
         "CLIPSetLastLayer", "CLIP Set Last Layer", "conditioning",
         inputs=(
             InputSpec("clip", CLIP),

@@ -29,13 +29,19 @@ from tui_diffusion.pipeline.sampling import (
     step_generator,
 )
 
-# SD1.x/SD2.x latent -> RGB approximation (ComfyUI's latent_rgb_factors), for live previews.
-_LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
-                            [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]])
+# Latent -> RGB approximations (ComfyUI's latent_rgb_factors and bias), for live previews.
+_LATENT_RGB = {
+    "sd1": (torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                          [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]), torch.zeros(3)),
+    "sdxl": (torch.tensor([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
+                           [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]),
+             torch.tensor([0.1084, -0.0175, -0.0011])),
+}
 
 
-def latent_preview(latent: torch.Tensor) -> np.ndarray:
-    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), _LATENT_RGB)
+def latent_preview(latent: torch.Tensor, family: str = "sd1") -> np.ndarray:
+    factors, bias = _LATENT_RGB.get(family, _LATENT_RGB["sd1"])
+    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), factors) + bias
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
 
 
@@ -71,10 +77,33 @@ class _Conds:
         for emb, extras in conds:
             high = _percent_to_sigma(ms, extras.get("timestep_start", 0.0))
             low = _percent_to_sigma(ms, extras.get("timestep_end", 1.0))
-            self.entries.append((emb, low, high))
+            self.entries.append(((emb, extras), low, high))
 
-    def active(self, sigma: float) -> list[torch.Tensor]:
-        return [emb for emb, low, high in self.entries if low <= sigma <= high]
+    def active(self, sigma: float) -> list[tuple[torch.Tensor, dict]]:
+        """The entries whose window holds ``sigma`` (all of them when none does)."""
+        return [c for c, low, high in self.entries if low <= sigma <= high] or [c for c, _, _ in self.entries]
+
+
+def _check_fits(model: ModelHandle, entries: list[tuple[torch.Tensor, dict]], sdxl: bool) -> None:
+    """Conditioning from another model family fails here, with a message, not deep inside the UNet."""
+    config = model.unet.config
+    for emb, extras in entries:
+        if emb.shape[-1] != config.cross_attention_dim:
+            raise NodeError(f"the conditioning is {emb.shape[-1]} wide but this model takes "
+                            f"{config.cross_attention_dim}: encode the prompts with this checkpoint's CLIP")
+        if sdxl:
+            pooled = extras.get("pooled_output")
+            want = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            if pooled is None or pooled.shape[-1] != want:
+                raise NodeError("an SDXL model needs conditioning from an SDXL CLIP (pooled output of width "
+                                f"{want})")
+
+
+def _size_conditioning(extras: dict, latent: torch.Tensor) -> list[float]:
+    """SDXL's size numbers; by default the image size, as ComfyUI derives it from the latent."""
+    height, width = extras.get("height", latent.shape[-2] * 8), extras.get("width", latent.shape[-1] * 8)
+    return [height, width, extras.get("crop_h", 0), extras.get("crop_w", 0),
+            extras.get("target_height", height), extras.get("target_width", width)]
 
 
 def _common_length(embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -116,6 +145,8 @@ def sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, seed
     if "generator" in inspect.signature(sched.step).parameters:
         extra["generator"] = step_generator(seed)
     vp = prepared.space in ("vp", "own")
+    sdxl = model.family == "sdxl"
+    _check_fits(model, [c for c, _, _ in pos.entries + neg.entries], sdxl)
 
     timesteps = sched.timesteps[: prepared.evaluations]
     total = len(timesteps)
@@ -125,12 +156,20 @@ def sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, seed
         if mask is not None:  # outside the mask the latent stays the input latent at this noise level
             outside = keep + sigma * noise_dev
             x = x * mask + (outside / math.sqrt(1 + sigma * sigma) if vp else outside) * (1 - mask)
-        conds = pos.active(sigma) or [e for e, _, _ in pos.entries]
-        unconds = (neg.active(sigma) or [e for e, _, _ in neg.entries]) if use_cfg else []
-        contexts = _common_length(unconds + conds)
+        conds = pos.active(sigma)
+        unconds = neg.active(sigma) if use_cfg else []
+        entries = unconds + conds
+        contexts = _common_length([emb for emb, _ in entries])
         context = torch.cat([c.to(dev.torch_device, dev.dtype).expand(batch, -1, -1) for c in contexts])
+        kwargs: dict[str, Any] = {}
+        if sdxl:
+            pooled = [extras["pooled_output"].expand(batch, -1) for _, extras in entries]
+            sizes = [torch.tensor([_size_conditioning(extras, latent)]).expand(batch, -1) for _, extras in entries]
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled).to(dev.torch_device, dev.dtype),
+                                           "time_ids": torch.cat(sizes).to(dev.torch_device, dev.dtype)}
         x_in = sched.scale_model_input(torch.cat([x] * len(contexts)), t).to(dev.dtype)
-        out = model.unet(x_in, t.to(dev.torch_device), encoder_hidden_states=context, return_dict=False)[0].float()
+        out = model.unet(x_in, t.to(dev.torch_device), encoder_hidden_states=context, return_dict=False,
+                         **kwargs)[0].float()
         parts = out.chunk(len(contexts))
         eps_cond = torch.stack(parts[len(unconds):]).mean(0)
         if use_cfg:
@@ -145,7 +184,7 @@ def sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, seed
         preview = None
         if ctx.want_previews:
             denoised = step[1] if len(step) > 1 and isinstance(step[1], torch.Tensor) else x
-            preview = latent_preview(denoised)
+            preview = latent_preview(denoised, model.family)
         ctx.report(i + 1, total, preview)
     end = float(prepared.sigmas[-1])
     if vp and end > 0:

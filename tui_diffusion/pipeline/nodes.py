@@ -92,6 +92,26 @@ def clip_text_encode(ctx: NodeContext, text: str, clip: ClipHandle) -> NodeResul
     return NodeResult(([[embeddings, {"pooled_output": pooled}]],))
 
 
+@node("CLIPTextEncodeSDXL")
+def clip_text_encode_sdxl(ctx: NodeContext, clip: ClipHandle, width: int, height: int, crop_w: int, crop_h: int,
+                          target_width: int, target_height: int, text_g: str, text_l: str) -> NodeResult:
+    if len(clip.encoders) != 2:
+        raise NodeError("this CLIP is not an SDXL one (it has one text encoder); use CLIPTextEncode")
+    dev = clip.device.torch_device
+    hidden_l, _ = _encode_one(clip.encoders[0], text_l, clip.layer, dev)
+    hidden_g, pooled = _encode_one(clip.encoders[1], text_g, clip.layer, dev)
+    while hidden_l.shape[1] != hidden_g.shape[1]:  # pad the shorter prompt with empty windows, as ComfyUI does
+        short = 0 if hidden_l.shape[1] < hidden_g.shape[1] else 1
+        empty, _ = _encode_one(clip.encoders[short], "", clip.layer, dev)
+        if short == 0:
+            hidden_l = torch.cat([hidden_l, empty], dim=1)
+        else:
+            hidden_g = torch.cat([hidden_g, empty], dim=1)
+    extras = {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
+              "target_width": target_width, "target_height": target_height}
+    return NodeResult(([[torch.cat([hidden_l, hidden_g], dim=-1), extras]],))
+
+
 @node("CLIPSetLastLayer")
 def clip_set_last_layer(ctx: NodeContext, clip: ClipHandle, stop_at_clip_layer: int = -1) -> NodeResult:
     layers = min(e.model.config.num_hidden_layers for e in clip.encoders)
