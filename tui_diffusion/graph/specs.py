@@ -210,6 +210,28 @@ _SPECS: tuple[NodeSpec, ...] = (
         description="Applies the conditioning only between these fractions of the sampling.",
     ),
     NodeSpec(
+        "LoraLoader", "Load LoRA", "loaders",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("clip", CLIP),
+            InputSpec("lora_name", COMBO, choices_from="loras"),
+            InputSpec("strength_model", FLOAT, default=1.0, min=-100.0, max=100.0, step=0.01),
+            InputSpec("strength_clip", FLOAT, default=1.0, min=-100.0, max=100.0, step=0.01),
+        ),
+        outputs=(OutputSpec(MODEL, "MODEL"), OutputSpec(CLIP, "CLIP")),
+        description="Applies a LoRA (kohya/A1111 or diffusers file) to the model and its text encoder.",
+    ),
+    NodeSpec(
+        "LoraLoaderModelOnly", "LoraLoaderModelOnly", "loaders",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("lora_name", COMBO, choices_from="loras"),
+            InputSpec("strength_model", FLOAT, default=1.0, min=-100.0, max=100.0, step=0.01),
+        ),
+        outputs=(OutputSpec(MODEL, "MODEL"),),
+        description="Applies a LoRA to the model only.",
+    ),
+    NodeSpec(
         "VAELoader", "Load VAE", "loaders",
         inputs=(InputSpec("vae_name", COMBO, choices_from="vae"),),
         outputs=(OutputSpec(VAE, "VAE"),),

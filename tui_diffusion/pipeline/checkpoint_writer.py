@@ -9,6 +9,7 @@ must return every tensor unchanged, which the tests check.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,7 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.
            "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 
 
-def _unet_key(key: str, layers: int) -> str:
+def unet_original_key(key: str, layers: int) -> str:
     parts = key.split(".")
     if parts[0] == "conv_in":
         return "input_blocks.0.0." + ".".join(parts[1:])
@@ -128,7 +129,7 @@ def unet_to_original(state: dict[str, torch.Tensor], layers: int) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     attn_levels = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
     for key, value in state.items():
-        new = _unet_key(key, layers)
+        new = unet_original_key(key, layers)
         if new is None:  # up_blocks.b.upsamplers.0.conv.*
             b = int(key.split(".")[1])
             slot = 2 if b in attn_levels else 1
@@ -329,6 +330,35 @@ def write_sdxl_checkpoint(path: str | os.PathLike[str], sizes: TinySDXL = TinySD
     """Write a random-weight SDXL base checkpoint in the original (SGM) single-file layout."""
     unet, vae, text, text_2 = build_sdxl_models(sizes, seed)
     return _save(sdxl_state_dict(unet, vae, text, text_2, sizes.layers_per_block), Path(path), dtype)
+
+
+def write_kohya_lora(path: str | os.PathLike[str], unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
+                     rank: int = 4, seed: int = 0, original_names: bool = False, scale: float = 0.05) -> Path:
+    """A random LoRA in the kohya/A1111 layout for the attention projections of a UNet and its text encoders.
+
+    ``original_names`` names UNet layers the way kohya's SDXL files do (``input_blocks_4_1_...``) instead of
+    by diffusers' module paths.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+
+    def add(key: str, module: torch.nn.Linear) -> None:
+        sd[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * scale
+        sd[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * scale
+        sd[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
+
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
+            if original_names:
+                name = unet_original_key(name + ".weight", unet.config.layers_per_block).removesuffix(".weight")
+            add("lora_unet_" + name.replace(".", "_"), module)
+    prefixes = ["lora_te"] if len(text_encoders) == 1 else ["lora_te1", "lora_te2"]
+    for prefix, encoder in zip(prefixes, text_encoders, strict=False):
+        for name, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and re.search(r"self_attn\.(q_proj|v_proj)$", name):
+                full = name if name.startswith("text_model.") else "text_model." + name
+                add(f"{prefix}_" + full.replace(".", "_"), module)
+    return _save(sd, Path(path), torch.float32)
 
 
 def write_sd1_diffusers_folder(path: str | os.PathLike[str], sizes: TinySD1 = TinySD1(), seed: int = 0) -> Path:

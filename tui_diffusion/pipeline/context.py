@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ class EngineState:
     output_dir: Path
     temp_dir: Path
     config_cache: Path
+    #: loaded LoRA files (small; kept apart so they never push a checkpoint out)
+    loras: ModelCache = field(default_factory=lambda: ModelCache(8))
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
+from tui_diffusion.pipeline.lora import patched
 from tui_diffusion.pipeline.models import ModelHandle
 from tui_diffusion.pipeline.sampling import (
     ModelSampling,
@@ -124,8 +125,14 @@ def _mask_for(latent: dict, shape: torch.Size) -> torch.Tensor | None:
     return mask.expand(shape[0] if mask.shape[0] == 1 else mask.shape[0], shape[1], -1, -1)[: shape[0]]
 
 
-@torch.inference_mode()
 def sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, seed: int, add_noise: bool, cfg: float,
+           positive: list, negative: list, latent_image: dict) -> dict:
+    with patched({"unet": model.unet}, list(model.patches)):
+        return _sample(ctx, model, prepared, seed, add_noise, cfg, positive, negative, latent_image)
+
+
+@torch.inference_mode()
+def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, seed: int, add_noise: bool, cfg: float,
            positive: list, negative: list, latent_image: dict) -> dict:
     dev = model.device
     sched = prepared.scheduler

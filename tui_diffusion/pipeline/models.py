@@ -34,6 +34,8 @@ class ModelHandle:
     family: str
     device: Device
     source: str
+    #: LoRA patches added while sampling (the cached UNet itself is never changed)
+    patches: tuple = ()
 
 
 @dataclass
@@ -56,6 +58,12 @@ class ClipHandle:
     device: Device
     #: hidden layer to read: -1 is the last (ComfyUI's CLIPSetLastLayer); SDXL reads the penultimate
     layer: int = -1
+    #: LoRA patches added while encoding
+    patches: tuple = ()
+
+    def parts(self) -> dict[str, Any]:
+        """The encoders by the names LoRA files use for them."""
+        return {f"te{i + 1}": e.model for i, e in enumerate(self.encoders)}
 
 
 @dataclass

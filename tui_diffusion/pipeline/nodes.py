@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ from tui_diffusion.paths import PathError
 from tui_diffusion.pipeline import ksampler as sampling_nodes
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
-from tui_diffusion.pipeline.models import ClipHandle, TextEncoder, VaeHandle, load_checkpoint
+from tui_diffusion.pipeline.lora import LoraWeights, Patch, load_lora, matched_modules, patched
+from tui_diffusion.pipeline.models import ClipHandle, ModelHandle, TextEncoder, VaeHandle, load_checkpoint
 from tui_diffusion.pipeline.prompt_weights import weighted_chunks
 from tui_diffusion.pipeline.registry import NodeResult, node
 from tui_diffusion.store.outputs import save_png
@@ -74,6 +76,11 @@ def _encode_one(enc: TextEncoder, text: str, layer: int, device: Any) -> tuple[t
 
 
 def encode_text(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with patched(clip.parts(), list(clip.patches)):
+        return _encode_all(clip, text)
+
+
+def _encode_all(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """ComfyUI's CLIPTextEncode: weighted tokens in 75-token windows, hidden states of the chosen layer.
 
     A token of weight w moves its embedding away from the empty prompt's: z' = z_empty + w (z - z_empty).
@@ -98,15 +105,16 @@ def clip_text_encode_sdxl(ctx: NodeContext, clip: ClipHandle, width: int, height
     if len(clip.encoders) != 2:
         raise NodeError("this CLIP is not an SDXL one (it has one text encoder); use CLIPTextEncode")
     dev = clip.device.torch_device
-    hidden_l, _ = _encode_one(clip.encoders[0], text_l, clip.layer, dev)
-    hidden_g, pooled = _encode_one(clip.encoders[1], text_g, clip.layer, dev)
-    while hidden_l.shape[1] != hidden_g.shape[1]:  # pad the shorter prompt with empty windows, as ComfyUI does
-        short = 0 if hidden_l.shape[1] < hidden_g.shape[1] else 1
-        empty, _ = _encode_one(clip.encoders[short], "", clip.layer, dev)
-        if short == 0:
-            hidden_l = torch.cat([hidden_l, empty], dim=1)
-        else:
-            hidden_g = torch.cat([hidden_g, empty], dim=1)
+    with patched(clip.parts(), list(clip.patches)):
+        hidden_l, _ = _encode_one(clip.encoders[0], text_l, clip.layer, dev)
+        hidden_g, pooled = _encode_one(clip.encoders[1], text_g, clip.layer, dev)
+        while hidden_l.shape[1] != hidden_g.shape[1]:  # pad the shorter prompt with empty windows, as ComfyUI
+            short = 0 if hidden_l.shape[1] < hidden_g.shape[1] else 1
+            empty, _ = _encode_one(clip.encoders[short], "", clip.layer, dev)
+            if short == 0:
+                hidden_l = torch.cat([hidden_l, empty], dim=1)
+            else:
+                hidden_g = torch.cat([hidden_g, empty], dim=1)
     extras = {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
               "target_width": target_width, "target_height": target_height}
     return NodeResult(([[torch.cat([hidden_l, hidden_g], dim=-1), extras]],))
@@ -134,6 +142,48 @@ def ksampler(ctx: NodeContext, **inputs: Any) -> NodeResult:
 @node("KSamplerAdvanced")
 def ksampler_advanced(ctx: NodeContext, **inputs: Any) -> NodeResult:
     return NodeResult((sampling_nodes.ksampler_advanced(ctx, **inputs),))
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------------------
+def _lora(ctx: NodeContext, lora_name: str) -> LoraWeights:
+    eng = ctx.engine
+    try:
+        path = eng.paths.resolve("loras", lora_name)
+    except PathError as exc:
+        raise NodeError(str(exc)) from None
+    return eng.loras.get(repr(eng.paths.fingerprint("loras", lora_name)), lambda: load_lora(path))
+
+
+def _with_patch(handle: Any, parts: dict[str, Any], lora: LoraWeights, strength: float, what: str) -> Any:
+    if strength == 0.0:
+        return handle  # a no-op, as in ComfyUI
+    mine = [k for k in lora.pairs if k.split(":", 1)[0] in parts]
+    fitting = matched_modules(parts, lora)
+    if fitting == 0:
+        raise NodeError(f"{Path(lora.source).name}: none of its layers belong to this {what} "
+                        "(a LoRA for another model family?)")
+    if fitting < len(mine):
+        raise NodeError(f"{Path(lora.source).name}: only {fitting} of its {len(mine)} {what} layers fit this "
+                        f"{what} (a LoRA for another model family?)")
+    return dataclasses.replace(handle, patches=(*handle.patches, Patch(lora, strength)))
+
+
+@node("LoraLoader")
+def lora_loader(ctx: NodeContext, model: ModelHandle, clip: ClipHandle, lora_name: str, strength_model: float = 1.0,
+                strength_clip: float = 1.0) -> NodeResult:
+    lora = _lora(ctx, lora_name)
+    unet_keys = any(k.startswith("unet:") for k in lora.pairs)
+    clip_keys = any(k.startswith("te") for k in lora.pairs)
+    new_model = _with_patch(model, {"unet": model.unet}, lora, strength_model, "model") if unet_keys else model
+    new_clip = _with_patch(clip, clip.parts(), lora, strength_clip, "CLIP") if clip_keys else clip
+    return NodeResult((new_model, new_clip))
+
+
+@node("LoraLoaderModelOnly")
+def lora_loader_model_only(ctx: NodeContext, model: ModelHandle, lora_name: str,
+                           strength_model: float = 1.0) -> NodeResult:
+    lora = _lora(ctx, lora_name)
+    return NodeResult((_with_patch(model, {"unet": model.unet}, lora, strength_model, "model"),))
 
 
 # -- images ------------------------------------------------------------------------------------------------------
