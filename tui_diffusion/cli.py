@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo-checkpoint", help="write a small random-weight checkpoint to try the program with")
-    demo.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    demo.add_argument("--family", choices=["sd15", "sd2", "sd2-v", "sdxl"], default="sd15")
     demo.add_argument("--name", default=None, help="file name (default demo-<family>-tiny.safetensors)")
     _add_folders(demo, output=False)
     return parser
@@ -295,12 +295,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
-    from tui_diffusion.pipeline.checkpoint_writer import write_sd1_checkpoint, write_sdxl_checkpoint
+    from tui_diffusion.pipeline import checkpoint_writer as w
 
     models = ModelPaths(args.models_dir or default_models_dir())
     name = args.name or f"demo-{args.family}-tiny.safetensors"
-    writer = write_sdxl_checkpoint if args.family == "sdxl" else write_sd1_checkpoint
-    path = writer(models.folder("checkpoints") / name)
+    target = models.folder("checkpoints") / name
+    if args.family == "sdxl":
+        path = w.write_sdxl_checkpoint(target)
+    elif args.family.startswith("sd2"):
+        path = w.write_sd2_checkpoint(target, v_prediction=args.family == "sd2-v")
+    else:
+        path = w.write_sd1_checkpoint(target)
     workflow = "sdxl.json" if args.family == "sdxl" else "txt2img.json"
     print(f"wrote {path} (random weights: its images are noise)")
     print(f"try: tui-diffusion run workflows/{workflow} --set 4.ckpt_name={name} "

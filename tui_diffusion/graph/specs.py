@@ -232,6 +232,16 @@ _SPECS: tuple[NodeSpec, ...] = (
         description="Applies a LoRA to the model only.",
     ),
     NodeSpec(
+        "ModelSamplingDiscrete", "ModelSamplingDiscrete", "advanced/model",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("sampling", COMBO, default="eps", choices=("eps", "v_prediction")),
+            InputSpec("zsnr", BOOLEAN, default=False),
+        ),
+        outputs=(OutputSpec(MODEL, "MODEL"),),
+        description="Overrides what the model predicts (eps or v), for files where it cannot be detected.",
+    ),
+    NodeSpec(
         "VAELoader", "Load VAE", "loaders",
         inputs=(InputSpec("vae_name", COMBO, choices_from="vae"),),
         outputs=(OutputSpec(VAE, "VAE"),),

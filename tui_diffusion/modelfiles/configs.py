@@ -16,11 +16,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tui_diffusion.modelfiles.family import SD1_TEXT, SDXL_TEXT_G, SDXL_TEXT_L, UNET, VAE, Family
+from tui_diffusion.modelfiles.family import SD1_TEXT, SD2_TEXT, SDXL_TEXT_G, SDXL_TEXT_L, UNET, VAE, Family
 from tui_diffusion.modelfiles.header import CheckpointError, TensorInfo
 
 CONFIG_PACKAGE = "tui_diffusion.configs"
-FAMILY_TEMPLATE = {"sd1": "sd15", "sdxl": "sdxl-base"}
+FAMILY_TEMPLATE = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base"}
 #: Scale of the latents (not stored in the files): SD1.x/SD2.x, and SDXL.
 SD_VAE_SCALING = 0.18215
 SDXL_VAE_SCALING = 0.13025
@@ -181,9 +181,39 @@ def sdxl_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[st
     return files
 
 
-def family_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:
+def sd2_configs(h: dict[str, TensorInfo], family: Family, file: str, prediction: str) -> dict[str, dict[str, Any]]:
+    """SD2.x: OpenCLIP ViT-H text tower with all of its layers (the penultimate is read, as ComfyUI does)."""
+    base = package_config_dir(FAMILY_TEMPLATE["sd2"])
+    text = openclip_config(h, SD2_TEXT, _load_json(base / "text_encoder" / "config.json"), file)
+    text["projection_dim"] = text["hidden_size"]
+    tok = _load_json(base / "tokenizer" / "tokenizer_config.json")
+    tok["model_max_length"] = text["max_position_embeddings"]
+    scheduler = _load_json(base / "scheduler" / "scheduler_config.json")
+    scheduler["prediction_type"] = prediction
+    return {
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline",
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file),
+        "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file),
+        "text_encoder/config.json": text,
+        "tokenizer/tokenizer_config.json": tok,
+        "tokenizer/special_tokens_map.json": _load_json(base / "tokenizer" / "special_tokens_map.json"),
+        "scheduler/scheduler_config.json": scheduler,
+    }
+
+
+def family_configs(h: dict[str, TensorInfo], family: Family, file: str,
+                   prediction: str = "epsilon") -> dict[str, dict[str, Any]]:
     if family.id == "sdxl":
         return sdxl_configs(h, family, file)
+    if family.id == "sd2":
+        return sd2_configs(h, family, file, prediction)
     return sd1_configs(h, family, file)
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tui_diffusion.modelfiles.family import detect_family
+from tui_diffusion.modelfiles.family import V_PRED_PROBE, detect_family
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
 from tui_diffusion.paths import PICKLE_SUFFIXES
 
@@ -15,6 +15,22 @@ _PIPELINE_FAMILY = {
     "StableDiffusionXLPipeline": "SDXL base (diffusers folder)",
     "StableDiffusionXLImg2ImgPipeline": "SDXL refiner (diffusers folder)",
 }
+
+
+def _sd2_prediction(path: Path, header: dict) -> str:
+    """The same test the loader makes (a marker, else a norm's spread), read with numpy: no torch here."""
+    if "v_pred" in header:
+        return "v_prediction"
+    if V_PRED_PROBE not in header:
+        return "epsilon"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            bias = f.get_tensor(V_PRED_PROBE).astype("float32")
+    except Exception:  # e.g. bf16, which numpy cannot hold: the loader still decides
+        return "unknown"
+    return "v_prediction" if float(bias.std()) > 0.09 else "epsilon"
 
 
 def describe_checkpoint(path: Path, name: str) -> dict[str, Any]:
@@ -39,5 +55,8 @@ def describe_checkpoint(path: Path, name: str) -> dict[str, Any]:
     conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight")
     fam = detect_family(header, conv_in.shape[1] if conv_in else None)
     row.update(family=fam.label, supported=fam.supported, error=None if fam.supported else fam.reason)
+    if fam.id == "sd2":
+        row["prediction"] = _sd2_prediction(path, header)
+        row["family"] += " (v-prediction)" if row["prediction"] == "v_prediction" else " (epsilon)"
     row["size_bytes"] = path.stat().st_size
     return row

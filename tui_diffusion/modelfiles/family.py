@@ -25,13 +25,17 @@ class Family:
 
 SD1 = Family("sd1", "SD1.x", True)
 SD1_INPAINT = Family("sd1-inpaint", "SD1.x inpainting", False, "SD1.x inpainting checkpoints are not supported yet")
-SD2 = Family("sd2", "SD2.x", False, "SD2.x checkpoints are not supported yet")
+SD2 = Family("sd2", "SD2.x", True)
+SD2_INPAINT = Family("sd2-inpaint", "SD2.x inpainting", False, "SD2.x inpainting checkpoints are not supported yet")
 SDXL = Family("sdxl", "SDXL base", True)
 SDXL_REFINER = Family("sdxl-refiner", "SDXL refiner", False, "SDXL refiner checkpoints are not supported yet")
 
 
 def _any(keys: Iterable[str], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
+
+
+V_PRED_PROBE = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
 def detect_family(keys: Iterable[str], in_channels: int | None = None) -> Family:
@@ -49,7 +53,7 @@ def detect_family(keys: Iterable[str], in_channels: int | None = None) -> Family
     if _any(keys, SDXL_REFINER_TEXT_G):
         return SDXL_REFINER
     if _any(keys, SD2_TEXT):
-        return SD2
+        return SD2_INPAINT if in_channels == 9 else SD2
     if _any(keys, SD1_TEXT):
         return SD1_INPAINT if in_channels == 9 else SD1
     return Family("unknown", "unknown", False, "a UNet without a known text encoder layout")

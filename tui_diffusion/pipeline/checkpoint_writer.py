@@ -332,6 +332,56 @@ def write_sdxl_checkpoint(path: str | os.PathLike[str], sizes: TinySDXL = TinySD
     return _save(sdxl_state_dict(unet, vae, text, text_2, sizes.layers_per_block), Path(path), dtype)
 
 
+@dataclass(frozen=True)
+class TinySD2:
+    """Sizes of a small SD2.x-architecture model: four levels of two layers, as SD2's UNet has, so the
+    norm ComfyUI inspects to tell v-prediction apart exists."""
+
+    unet_channels: tuple[int, ...] = (64, 64, 64, 64)
+    unet_attention: tuple[bool, ...] = (True, True, True, False)
+    layers_per_block: int = 2
+    text_width: int = 64
+    text_layers: int = 3
+    vae_channels: tuple[int, ...] = (32, 32, 32, 32)
+    vae_layers: int = 1
+
+
+def build_sd2_models(sizes: TinySD2, seed: int = 0, v_prediction: bool = False):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    _, vae, _ = build_sd1_models(TinySD1(vae_channels=sizes.vae_channels, vae_layers=sizes.vae_layers), seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=96, in_channels=4, out_channels=4, block_out_channels=sizes.unet_channels,
+        layers_per_block=sizes.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in sizes.unet_attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(sizes.unet_attention)),
+        cross_attention_dim=sizes.text_width, attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
+        use_linear_projection=True, upcast_attention=True, norm_num_groups=32,
+    )
+    if v_prediction:  # what v-objective training does to the norm ComfyUI's detection reads
+        with torch.no_grad():
+            unet.up_blocks[3].attentions[2].transformer_blocks[0].norm1.bias.normal_(0, 0.3)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=sizes.text_width, intermediate_size=sizes.text_width * 4,
+        num_hidden_layers=sizes.text_layers, num_attention_heads=max(1, sizes.text_width // 64),
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=sizes.text_width))
+    return unet.eval(), vae.eval(), text.eval()
+
+
+def write_sd2_checkpoint(path: str | os.PathLike[str], sizes: TinySD2 = TinySD2(), seed: int = 0,
+                         v_prediction: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+    """A random-weight SD2.x checkpoint in the original layout (OpenCLIP text tower)."""
+    unet, vae, text = build_sd2_models(sizes, seed, v_prediction)
+    sd: dict[str, torch.Tensor] = {}
+    sd.update(unet_to_original(unet.state_dict(), sizes.layers_per_block))
+    sd.update(vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)))
+    sd.update(openclip_from_hf(text, "cond_stage_model.model."))
+    sd.update(ddpm_schedule_tensors())
+    return _save(sd, Path(path), dtype)
+
+
 def write_kohya_lora(path: str | os.PathLike[str], unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
                      rank: int = 4, seed: int = 0, original_names: bool = False, scale: float = 0.05) -> Path:
     """A random LoRA in the kohya/A1111 layout for the attention projections of a UNet and its text encoders.

@@ -153,6 +153,7 @@ def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, see
         extra["generator"] = step_generator(seed)
     vp = prepared.space in ("vp", "own")
     sdxl = model.family == "sdxl"
+    v_pred = model.scheduler_config.get("prediction_type") == "v_prediction"
     _check_fits(model, [c for c, _, _ in pos.entries + neg.entries], sdxl)
 
     timesteps = sched.timesteps[: prepared.evaluations]
@@ -184,8 +185,12 @@ def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, see
             eps = eps_uncond + cfg * (eps_cond - eps_uncond)
         else:
             eps = eps_cond
-        if mask is not None:
-            eps = eps * mask + noise_dev * (1 - mask)
+        if mask is not None:  # outside the mask the prediction is the one that keeps the input latent
+            if v_pred:
+                target = (noise_dev - sigma * keep) / math.sqrt(1 + sigma * sigma)
+            else:
+                target = noise_dev
+            eps = eps * mask + target * (1 - mask)
         step = sched.step(eps, t, x, **extra)
         x = step[0]
         preview = None

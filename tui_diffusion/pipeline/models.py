@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tui_diffusion.modelfiles.configs import family_configs, standalone_vae_configs, write_config_folder
-from tui_diffusion.modelfiles.family import detect_family
+from tui_diffusion.modelfiles.family import V_PRED_PROBE, detect_family
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
 from tui_diffusion.paths import PICKLE_SUFFIXES, is_diffusers_folder
 from tui_diffusion.pipeline.device import Device
@@ -133,7 +133,8 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         if not fam.supported:
             raise CheckpointError(f"{path}: {fam.reason}")
         family = fam.id
-        folder = write_config_folder(family_configs(header, fam, str(path)), config_cache)
+        prediction = detect_prediction(path, header) if family == "sd2" else "epsilon"
+        folder = write_config_folder(family_configs(header, fam, str(path), prediction), config_cache)
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         try:
             pipe = cls.from_single_file(str(path), config=str(folder), **_pipeline_kwargs(family, common))
@@ -145,6 +146,8 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         encoders = [TextEncoder(pipe.tokenizer, pipe.text_encoder, norm_hidden=False),
                     TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, norm_hidden=False, pooled=True)]
         clip = ClipHandle(encoders, device, layer=-2)
+    elif family == "sd2":  # the penultimate layer, through the final norm (ComfyUI's SD2 CLIP)
+        clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device, layer=-2)
     else:
         clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device)
     for module in [pipe.unet, pipe.vae] + [e.model for e in clip.encoders]:
@@ -155,6 +158,24 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         clip=clip,
         vae=VaeHandle(pipe.vae, device),
     )
+
+
+def detect_prediction(path: Path, header: dict[str, Any]) -> str:
+    """epsilon or v_prediction for an SD2.x file, the way ComfyUI tells them apart.
+
+    A ``v_pred`` marker tensor decides; otherwise the spread of one norm bias deep in the UNet, which
+    training with the v objective leaves much wider (ComfyUI's heuristic). Files where neither tells can
+    be overridden in the workflow with a ModelSamplingDiscrete node.
+    """
+    if "v_pred" in header:
+        return "v_prediction"
+    if V_PRED_PROBE not in header:
+        return "epsilon"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        bias = f.get_tensor(V_PRED_PROBE).float()
+    return "v_prediction" if float(bias.std(unbiased=False)) > 0.09 else "epsilon"
 
 
 def _pipeline_kwargs(family: str, common: dict[str, Any]) -> dict[str, Any]:

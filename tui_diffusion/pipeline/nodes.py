@@ -144,6 +144,16 @@ def ksampler_advanced(ctx: NodeContext, **inputs: Any) -> NodeResult:
     return NodeResult((sampling_nodes.ksampler_advanced(ctx, **inputs),))
 
 
+@node("ModelSamplingDiscrete")
+def model_sampling_discrete(ctx: NodeContext, model: ModelHandle, sampling: str = "eps",
+                            zsnr: bool = False) -> NodeResult:
+    if zsnr:
+        raise NodeError("zsnr (zero terminal SNR) is not supported yet")
+    prediction = {"eps": "epsilon", "v_prediction": "v_prediction"}[sampling]
+    config = {**model.scheduler_config, "prediction_type": prediction}
+    return NodeResult((dataclasses.replace(model, scheduler_config=config),))
+
+
 # -- LoRA ----------------------------------------------------------------------------------------------------------
 def _lora(ctx: NodeContext, lora_name: str) -> LoraWeights:
     eng = ctx.engine
