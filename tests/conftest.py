@@ -20,6 +20,7 @@ TXT2IMG = ROOT / "workflows" / "txt2img.json"
 TINY = "tiny-sd15.safetensors"
 TINY_XL = "tiny-sdxl.safetensors"
 TINY_SD2 = "tiny-sd2.safetensors"
+TINY_XL_REFINER = "tiny-sdxl-refiner.safetensors"
 TINY_SD2_V = "tiny-sd2-v.safetensors"
 
 
@@ -31,11 +32,13 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_sd1_diffusers_folder,
         write_sd2_checkpoint,
         write_sdxl_checkpoint,
+        write_sdxl_refiner_checkpoint,
     )
 
     root = tmp_path_factory.mktemp("models")
     write_sd1_checkpoint(root / "checkpoints" / TINY, seed=0)
     write_sdxl_checkpoint(root / "checkpoints" / TINY_XL, seed=0)
+    write_sdxl_refiner_checkpoint(root / "checkpoints" / TINY_XL_REFINER, seed=0)
     write_sd2_checkpoint(root / "checkpoints" / TINY_SD2, seed=0)
     write_sd2_checkpoint(root / "checkpoints" / TINY_SD2_V, seed=0, v_prediction=True)
     write_sd1_diffusers_folder(root / "checkpoints" / "tiny-sd15-diffusers", seed=0)

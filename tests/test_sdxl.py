@@ -113,3 +113,38 @@ def test_sd1_conditioning_into_an_sdxl_model_is_a_clear_error(engine: EngineStat
     data["3"]["inputs"]["model"] = ["10", 0]
     with pytest.raises(JobError, match="node 3 'KSampler'.*encode the prompts with this checkpoint's CLIP"):
         Executor(engine).run(data, Hooks(), lambda: False)
+
+
+def test_refiner_file_loads_back_tensor_for_tensor(models_dir: Path, tmp_path: Path) -> None:
+    from tests.conftest import TINY_XL_REFINER
+
+    loaded = load_checkpoint(models_dir / "checkpoints" / TINY_XL_REFINER, CPU, tmp_path)
+    _, _, _, text_2 = build_sdxl_models(TinySDXL(), seed=0)
+    a = _state(text_2)
+    b = _state(loaded.clip.encoders[0].model)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.model.family == "sdxl-refiner" and len(loaded.clip.encoders) == 1
+    assert loaded.model.unet.config.projection_class_embeddings_input_dim == 5 * 8 + 128
+
+
+def test_base_and_refiner_workflow_runs_and_the_aesthetic_score_matters(engine: EngineState) -> None:
+    from tests.conftest import TINY_XL_REFINER
+
+    data = json.loads((ROOT / "workflows" / "sdxl-refiner.json").read_text())
+    data["4"]["inputs"]["ckpt_name"] = TINY_XL
+    data["12"]["inputs"]["ckpt_name"] = TINY_XL_REFINER
+    data["5"]["inputs"].update(width=64, height=64)
+    for node_id in ("10", "11"):
+        data[node_id]["inputs"]["steps"] = 6
+    data["10"]["inputs"]["end_at_step"] = 4
+    data["11"]["inputs"]["start_at_step"] = 4
+    ex = Executor(engine)
+    report = ex.run(data, Hooks(), lambda: False)
+    assert len(report.outputs) == 1 and "11" in report.executed
+    wf = Workflow.from_data(data)
+    first = ex.cache[ex.cache_keys(wf, execution_order(wf))["11"]].outputs[0]["samples"]
+    data["15"]["inputs"]["ascore"] = 9.0
+    report = ex.run(data, Hooks(), lambda: False)
+    assert report.executed[0] == "15" and "10" in report.cached  # the base stage is reused
+    wf = Workflow.from_data(data)
+    assert not torch.allclose(ex.cache[ex.cache_keys(wf, execution_order(wf))["11"]].outputs[0]["samples"], first)

@@ -131,6 +131,18 @@ _SPECS: tuple[NodeSpec, ...] = (
         description="SDXL prompt with a text per encoder and explicit size conditioning.",
     ),
     NodeSpec(
+        "CLIPTextEncodeSDXLRefiner", "CLIPTextEncodeSDXLRefiner", "advanced/conditioning",
+        inputs=(
+            InputSpec("ascore", FLOAT, default=6.0, min=0.0, max=1000.0, step=0.01),
+            InputSpec("width", INT, default=1024, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("height", INT, default=1024, min=0, max=MAX_RESOLUTION, step=1),
+            InputSpec("text", STRING, default="", multiline=True),
+            InputSpec("clip", CLIP),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="SDXL refiner prompt with an aesthetic score (high for positive, low for negative).",
+    ),
+    NodeSpec(
         "CLIPSetLastLayer", "CLIP Set Last Layer", "conditioning",
         inputs=(
             InputSpec("clip", CLIP),

@@ -16,11 +16,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tui_diffusion.modelfiles.family import SD1_TEXT, SD2_TEXT, SDXL_TEXT_G, SDXL_TEXT_L, UNET, VAE, Family
+from tui_diffusion.modelfiles.family import (
+    SD1_TEXT,
+    SD2_TEXT,
+    SDXL_REFINER_TEXT_G,
+    SDXL_TEXT_G,
+    SDXL_TEXT_L,
+    UNET,
+    VAE,
+    Family,
+)
 from tui_diffusion.modelfiles.header import CheckpointError, TensorInfo
 
 CONFIG_PACKAGE = "tui_diffusion.configs"
-FAMILY_TEMPLATE = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base"}
+FAMILY_TEMPLATE = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base", "sdxl-refiner": "sdxl-refiner"}
 #: Scale of the latents (not stored in the files): SD1.x/SD2.x, and SDXL.
 SD_VAE_SCALING = 0.18215
 SDXL_VAE_SCALING = 0.13025
@@ -90,11 +99,12 @@ def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Fami
     else:
         cfg["attention_head_dim"] = [max(1, c // 64) for c in channels]  # 64 channels per head
     label = h.get(p + "label_emb.0.0.weight")
-    if label is not None:  # SDXL: pooled text + six size numbers, each embedded in addition_time_embed_dim
+    if label is not None:  # SDXL: pooled text + size numbers (6; the refiner 5), each embedded alike
         if pooled_width is None:
             raise CheckpointError(f"{file}: a size-conditioned UNet without a pooled text projection")
+        numbers = 5 if family.id == "sdxl-refiner" else 6
         cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=label.shape[1],
-                   addition_time_embed_dim=(label.shape[1] - pooled_width) // 6)
+                   addition_time_embed_dim=(label.shape[1] - pooled_width) // numbers)
     return cfg
 
 
@@ -208,10 +218,27 @@ def sd2_configs(h: dict[str, TensorInfo], family: Family, file: str, prediction:
     }
 
 
+def sdxl_refiner_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:
+    base = package_config_dir(FAMILY_TEMPLATE["sdxl-refiner"])
+    text_2 = openclip_config(h, SDXL_REFINER_TEXT_G, _load_json(base / "text_encoder_2" / "config.json"), file)
+    return {
+        "model_index.json": _load_json(base / "model_index.json"),
+        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file,
+                                        pooled_width=text_2["projection_dim"]),
+        "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file, scaling=SDXL_VAE_SCALING),
+        "text_encoder_2/config.json": text_2,
+        "tokenizer_2/tokenizer_config.json": _load_json(base / "tokenizer_2" / "tokenizer_config.json"),
+        "tokenizer_2/special_tokens_map.json": _load_json(base / "tokenizer_2" / "special_tokens_map.json"),
+        "scheduler/scheduler_config.json": _load_json(base / "scheduler" / "scheduler_config.json"),
+    }
+
+
 def family_configs(h: dict[str, TensorInfo], family: Family, file: str,
                    prediction: str = "epsilon") -> dict[str, dict[str, Any]]:
     if family.id == "sdxl":
         return sdxl_configs(h, family, file)
+    if family.id == "sdxl-refiner":
+        return sdxl_refiner_configs(h, family, file)
     if family.id == "sd2":
         return sd2_configs(h, family, file, prediction)
     return sd1_configs(h, family, file)

@@ -28,7 +28,7 @@ SD1_INPAINT = Family("sd1-inpaint", "SD1.x inpainting", False, "SD1.x inpainting
 SD2 = Family("sd2", "SD2.x", True)
 SD2_INPAINT = Family("sd2-inpaint", "SD2.x inpainting", False, "SD2.x inpainting checkpoints are not supported yet")
 SDXL = Family("sdxl", "SDXL base", True)
-SDXL_REFINER = Family("sdxl-refiner", "SDXL refiner", False, "SDXL refiner checkpoints are not supported yet")
+SDXL_REFINER = Family("sdxl-refiner", "SDXL refiner", True)
 
 
 def _any(keys: Iterable[str], prefix: str) -> bool:

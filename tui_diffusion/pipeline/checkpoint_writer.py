@@ -325,6 +325,30 @@ def _save(sd: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> Path:
     return path
 
 
+def write_sdxl_refiner_checkpoint(path: str | os.PathLike[str], sizes: TinySDXL = TinySDXL(), seed: int = 0,
+                                  dtype: torch.dtype = torch.float32) -> Path:
+    """A random-weight SDXL refiner: bigG text encoder only, five size/score numbers."""
+    from diffusers import UNet2DConditionModel
+
+    _, vae, _, text_2 = build_sdxl_models(sizes, seed)
+    torch.manual_seed(seed + 7)
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=sizes.unet_channels,
+        layers_per_block=sizes.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in sizes.unet_attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(sizes.unet_attention)),
+        cross_attention_dim=sizes.clip_g_width, attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
+        transformer_layers_per_block=sizes.transformer_depth, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=sizes.time_embed_dim,
+        projection_class_embeddings_input_dim=5 * sizes.time_embed_dim + sizes.clip_g_width, norm_num_groups=32,
+    ).eval()
+    sd: dict[str, torch.Tensor] = {}
+    sd.update(unet_to_original(unet.state_dict(), sizes.layers_per_block))
+    sd.update(vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)))
+    sd.update(openclip_from_hf(text_2, "conditioner.embedders.0.model."))
+    return _save(sd, Path(path), dtype)
+
+
 def write_sdxl_checkpoint(path: str | os.PathLike[str], sizes: TinySDXL = TinySDXL(), seed: int = 0,
                           dtype: torch.dtype = torch.float32) -> Path:
     """Write a random-weight SDXL base checkpoint in the original (SGM) single-file layout."""

@@ -41,7 +41,7 @@ _LATENT_RGB = {
 
 
 def latent_preview(latent: torch.Tensor, family: str = "sd1") -> np.ndarray:
-    factors, bias = _LATENT_RGB.get(family, _LATENT_RGB["sd1"])
+    factors, bias = _LATENT_RGB["sdxl" if family.startswith("sdxl") else "sd1"]
     rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), factors) + bias
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
 
@@ -94,15 +94,20 @@ def _check_fits(model: ModelHandle, entries: list[tuple[torch.Tensor, dict]], sd
                             f"{config.cross_attention_dim}: encode the prompts with this checkpoint's CLIP")
         if sdxl:
             pooled = extras.get("pooled_output")
-            want = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            numbers = 5 if model.family == "sdxl-refiner" else 6
+            want = config.projection_class_embeddings_input_dim - numbers * config.addition_time_embed_dim
             if pooled is None or pooled.shape[-1] != want:
                 raise NodeError("an SDXL model needs conditioning from an SDXL CLIP (pooled output of width "
                                 f"{want})")
 
 
-def _size_conditioning(extras: dict, latent: torch.Tensor) -> list[float]:
-    """SDXL's size numbers; by default the image size, as ComfyUI derives it from the latent."""
+def _size_conditioning(extras: dict, latent: torch.Tensor, refiner: bool, negative: bool) -> list[float]:
+    """SDXL's size numbers; by default the image size, as ComfyUI derives it from the latent. The refiner
+    takes an aesthetic score instead of the target size (ComfyUI's defaults: 6, and 2.5 for negatives)."""
     height, width = extras.get("height", latent.shape[-2] * 8), extras.get("width", latent.shape[-1] * 8)
+    if refiner:
+        score = extras.get("aesthetic_score", 2.5 if negative else 6.0)
+        return [height, width, extras.get("crop_h", 0), extras.get("crop_w", 0), score]
     return [height, width, extras.get("crop_h", 0), extras.get("crop_w", 0),
             extras.get("target_height", height), extras.get("target_width", width)]
 
@@ -152,7 +157,8 @@ def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, see
     if "generator" in inspect.signature(sched.step).parameters:
         extra["generator"] = step_generator(seed)
     vp = prepared.space in ("vp", "own")
-    sdxl = model.family == "sdxl"
+    sdxl = model.family.startswith("sdxl")
+    refiner = model.family == "sdxl-refiner"
     v_pred = model.scheduler_config.get("prediction_type") == "v_prediction"
     _check_fits(model, [c for c, _, _ in pos.entries + neg.entries], sdxl)
 
@@ -172,7 +178,8 @@ def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, see
         kwargs: dict[str, Any] = {}
         if sdxl:
             pooled = [extras["pooled_output"].expand(batch, -1) for _, extras in entries]
-            sizes = [torch.tensor([_size_conditioning(extras, latent)]).expand(batch, -1) for _, extras in entries]
+            sizes = [torch.tensor([_size_conditioning(extras, latent, refiner, i < len(unconds))]).expand(batch, -1)
+                     for i, (_, extras) in enumerate(entries)]
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled).to(dev.torch_device, dev.dtype),
                                            "time_ids": torch.cat(sizes).to(dev.torch_device, dev.dtype)}
         x_in = sched.scale_model_input(torch.cat([x] * len(contexts)), t).to(dev.dtype)

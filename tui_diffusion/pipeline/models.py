@@ -104,7 +104,7 @@ def _quiet_libraries() -> None:
 
 def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedCheckpoint:
     """Load a checkpoint file or diffusers folder; CheckpointError names the file on failure."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     _quiet_libraries()
     common: dict[str, Any] = dict(
@@ -135,7 +135,8 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         family = fam.id
         prediction = detect_prediction(path, header) if family == "sd2" else "epsilon"
         folder = write_config_folder(family_configs(header, fam, str(path), prediction), config_cache)
-        cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        cls = {"sdxl": StableDiffusionXLPipeline,
+               "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(family, StableDiffusionPipeline)
         try:
             pipe = cls.from_single_file(str(path), config=str(folder), **_pipeline_kwargs(family, common))
         except Exception as exc:
@@ -145,6 +146,9 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
     if family == "sdxl":
         encoders = [TextEncoder(pipe.tokenizer, pipe.text_encoder, norm_hidden=False),
                     TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, norm_hidden=False, pooled=True)]
+        clip = ClipHandle(encoders, device, layer=-2)
+    elif family == "sdxl-refiner":  # the bigG encoder alone
+        encoders = [TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, norm_hidden=False, pooled=True)]
         clip = ClipHandle(encoders, device, layer=-2)
     elif family == "sd2":  # the penultimate layer, through the final norm (ComfyUI's SD2 CLIP)
         clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device, layer=-2)
@@ -179,7 +183,7 @@ def detect_prediction(path: Path, header: dict[str, Any]) -> str:
 
 
 def _pipeline_kwargs(family: str, common: dict[str, Any]) -> dict[str, Any]:
-    if family == "sdxl":
+    if family.startswith("sdxl"):
         return {k: v for k, v in common.items() if k not in ("safety_checker", "feature_extractor",
                                                                  "requires_safety_checker")} | {
             "add_watermarker": False}

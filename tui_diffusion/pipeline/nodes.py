@@ -120,6 +120,16 @@ def clip_text_encode_sdxl(ctx: NodeContext, clip: ClipHandle, width: int, height
     return NodeResult(([[torch.cat([hidden_l, hidden_g], dim=-1), extras]],))
 
 
+@node("CLIPTextEncodeSDXLRefiner")
+def clip_text_encode_sdxl_refiner(ctx: NodeContext, ascore: float, width: int, height: int, text: str,
+                                  clip: ClipHandle) -> NodeResult:
+    if not any(e.pooled for e in clip.encoders):
+        raise NodeError("this CLIP has no pooled output (not an SDXL one)")
+    embeddings, pooled = encode_text(clip, text)
+    extras = {"pooled_output": pooled, "aesthetic_score": ascore, "width": width, "height": height}
+    return NodeResult(([[embeddings, extras]],))
+
+
 @node("CLIPSetLastLayer")
 def clip_set_last_layer(ctx: NodeContext, clip: ClipHandle, stop_at_clip_layer: int = -1) -> NodeResult:
     layers = min(e.model.config.num_hidden_layers for e in clip.encoders)
