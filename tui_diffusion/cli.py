@@ -22,6 +22,7 @@ from tui_diffusion.graph.validate import validate_workflow
 from tui_diffusion.graph.values import parse_value
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.paths import ModelPaths, default_input_dir, default_models_dir, default_output_dir
+from tui_diffusion.settings import PRECISIONS, DevicePolicy
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -46,6 +47,25 @@ def _add_folders(p: argparse.ArgumentParser, output: bool = True) -> None:
                        help="where SaveImage writes; default ./output or $TUI_DIFFUSION_OUTPUT_DIR")
 
 
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument("--highvram", dest="memory", action="store_const", const="highvram",
+                        help="keep every model on the GPU (the default does too)")
+    memory.add_argument("--lowvram", dest="memory", action="store_const", const="lowvram",
+                        help="GPUs under 3 GB: each model on the GPU only while it runs; VAE in tiles")
+    memory.add_argument("--novram", dest="memory", action="store_const", const="novram",
+                        help="layer-by-layer offload: slowest, least GPU memory")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="UNet and text encoder precision (default: fp16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--vae-precision", choices=PRECISIONS, default=None, help="VAE precision (default: fp32)")
+
+
+def device_policy(args: argparse.Namespace) -> DevicePolicy:
+    return DevicePolicy("cpu" if args.cpu else "auto", memory=args.memory or "normal", precision=args.precision,
+                        vae_precision=args.vae_precision)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tui-diffusion", description="Stable Diffusion node graphs in the terminal.")
     parser.add_argument("--version", action="version", version=f"tui-diffusion {__version__}")
@@ -58,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="NODE.INPUT=V1,V2,...",
                      help="queue one job per value, in order (repeatable: all combinations)")
     _add_folders(run)
-    run.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    _add_device_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object per job on stdout, nothing else")
 
     val = sub.add_parser("validate", help="check a workflow without running it")
@@ -167,7 +187,7 @@ def _bar(step: int, total: int, width: int = 24) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tui_diffusion.client import WorkerClient, WorkerDied
-    from tui_diffusion.settings import DevicePolicy, WorkerConfig
+    from tui_diffusion.settings import WorkerConfig
 
     wf, models = _load(args)
     jobs = expand_sweeps(wf, args.sweeps)
@@ -186,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         models_dir=models.root,
         input_dir=models.folder("input"),
         output_dir=args.output_dir or default_output_dir(),
-        device=DevicePolicy("cpu" if args.cpu else "auto"),
+        device=device_policy(args),
     )
     progress = _Progress(enabled=not args.json)
     client = WorkerClient(config)
@@ -323,19 +343,19 @@ def build_tui_parser() -> argparse.ArgumentParser:
     parser.add_argument("workflow", type=Path, nargs="?", default=None,
                         help="workflow to open (default: the last one used, else workflows/txt2img.json)")
     _add_folders(parser)
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    _add_device_options(parser)
     return parser
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
     from tui_diffusion.app import run_tui
-    from tui_diffusion.settings import DevicePolicy, WorkerConfig
+    from tui_diffusion.settings import WorkerConfig
 
     config = WorkerConfig(
         models_dir=args.models_dir or default_models_dir(),
         input_dir=args.input_dir or default_input_dir(),
         output_dir=args.output_dir or default_output_dir(),
-        device=DevicePolicy("cpu" if args.cpu else "auto"),
+        device=device_policy(args),
     )
     return run_tui(args.workflow, config)
 

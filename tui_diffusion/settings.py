@@ -10,11 +10,21 @@ from pathlib import Path
 
 from tui_diffusion.paths import default_input_dir, default_models_dir, default_output_dir, default_temp_dir
 
+MEMORY_MODES = ("normal", "highvram", "lowvram", "novram")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 
 @dataclass(frozen=True)
 class DevicePolicy:
     #: "auto" (CUDA, then MPS, then CPU), "cpu", or an explicit torch device string such as "cuda:1"
     device: str = "auto"
+    #: normal/highvram: models live on the GPU; lowvram: each model moves to the GPU only while it runs and
+    #: the VAE decodes in tiles; novram: layer by layer
+    memory: str = "normal"
+    #: UNet and text encoders; None: fp16 on a GPU, fp32 on the CPU
+    precision: str | None = None
+    #: the VAE; None: fp32 (SD's VAE overflows in fp16)
+    vae_precision: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,22 @@ import torch
 
 from tui_diffusion.settings import DevicePolicy
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class Device:
     torch_device: torch.device
     #: dtype of the UNet and text encoder
     dtype: torch.dtype
-    #: the VAE stays in float32: SD's VAE overflows in fp16
+    #: the VAE stays in float32 unless asked: SD's VAE overflows in fp16
     vae_dtype: torch.dtype
     name: str
+    #: "none": models live on the device; "model": each model moves there while it runs (lowvram);
+    #: "sequential": layer by layer (novram)
+    offload: str = "none"
+    #: decode (and encode) with the VAE in tiles
+    vae_tiling: bool = False
 
 
 def resolve_device(policy: DevicePolicy) -> Device:
@@ -35,5 +42,9 @@ def resolve_device(policy: DevicePolicy) -> Device:
         name = "Apple MPS"
     else:
         name = "CPU"
-    dtype = torch.float32 if dev.type == "cpu" else torch.float16
-    return Device(dev, dtype, torch.float32, name)
+    dtype = _DTYPES[policy.precision] if policy.precision else (torch.float32 if dev.type == "cpu" else torch.float16)
+    vae_dtype = _DTYPES[policy.vae_precision] if policy.vae_precision else torch.float32
+    offload = {"lowvram": "model", "novram": "sequential"}.get(policy.memory, "none")
+    if dev.type == "cpu":
+        offload = "none"  # nothing to offload to: the CPU is where the models are
+    return Device(dev, dtype, vae_dtype, name, offload, vae_tiling=policy.memory in ("lowvram", "novram"))

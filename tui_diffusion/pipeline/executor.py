@@ -153,7 +153,7 @@ class Executor:
                 except Exception as exc:
                     if type(exc).__name__ == "OutOfMemoryError":
                         raise JobError(node_id, f"{wf.describe(node_id)}: out of GPU memory; try a smaller "
-                                                "image or batch") from None
+                                                "image or batch, or --lowvram") from None
                     log.exception("node %s failed", node_id)
                     raise JobError(node_id, f"{wf.describe(node_id)}: {type(exc).__name__}: {exc}") from None
                 seconds = time.perf_counter() - start

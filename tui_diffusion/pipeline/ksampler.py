@@ -21,6 +21,7 @@ from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.lora import patched
 from tui_diffusion.pipeline.models import ModelHandle
+from tui_diffusion.pipeline.placement import in_use
 from tui_diffusion.pipeline.sampling import (
     ModelSampling,
     PreparedSampler,
@@ -132,7 +133,7 @@ def _mask_for(latent: dict, shape: torch.Size) -> torch.Tensor | None:
 
 def sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, seed: int, add_noise: bool, cfg: float,
            positive: list, negative: list, latent_image: dict) -> dict:
-    with patched({"unet": model.unet}, list(model.patches)):
+    with in_use(model.unet), patched({"unet": model.unet}, list(model.patches)):
         return _sample(ctx, model, prepared, seed, add_noise, cfg, positive, negative, latent_image)
 
 

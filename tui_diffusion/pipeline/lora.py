@@ -19,6 +19,7 @@ import torch
 
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
 from tui_diffusion.pipeline.checkpoint_writer import unet_original_key
+from tui_diffusion.pipeline.errors import NodeError
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
                     mod = tables.get(part, {}).get(key)
                     if mod is None or not _fits(mod, down, up):
                         continue
+                    if mod.weight.device.type == "meta":
+                        raise NodeError("LoRAs cannot be applied with --novram (layer-by-layer offload) yet; "
+                                        "use --lowvram")
                     if id(mod) not in backups:
                         backups[id(mod)] = (mod, mod.weight.detach().clone())
                     delta = _delta(down, up, alpha, mod.weight) * patch.strength

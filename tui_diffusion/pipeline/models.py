@@ -21,6 +21,7 @@ from tui_diffusion.modelfiles.family import V_PRED_PROBE, detect_family
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
 from tui_diffusion.paths import PICKLE_SUFFIXES, is_diffusers_folder
 from tui_diffusion.pipeline.device import Device
+from tui_diffusion.pipeline.placement import in_use, place
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class VaeHandle:
     def encode(self, pixels: Any) -> Any:
         """IMAGE [B,H,W,3] in 0..1 -> scaled latent (the distribution's mean, as ComfyUI takes)."""
         x = pixels.movedim(-1, 1).to(self.device.torch_device, self.device.vae_dtype) * 2 - 1
-        return self.vae.encode(x).latent_dist.mean.float().cpu() * self.scaling_factor
+        with in_use(self.vae):
+            return self.vae.encode(x).latent_dist.mean.float().cpu() * self.scaling_factor
 
 
 @dataclass
@@ -141,8 +143,6 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
             pipe = cls.from_single_file(str(path), config=str(folder), **_pipeline_kwargs(family, common))
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot load this checkpoint: {exc}") from None
-    pipe.unet.to(device.torch_device).eval()
-    pipe.vae.to(device.torch_device, dtype=device.vae_dtype).eval()
     if family == "sdxl":
         encoders = [TextEncoder(pipe.tokenizer, pipe.text_encoder, norm_hidden=False),
                     TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, norm_hidden=False, pooled=True)]
@@ -154,9 +154,9 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device, layer=-2)
     else:
         clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device)
-    for module in [pipe.unet, pipe.vae] + [e.model for e in clip.encoders]:
-        module.to(device.torch_device).eval().requires_grad_(False)
-    pipe.vae.to(dtype=device.vae_dtype)
+    for module in [pipe.unet] + [e.model for e in clip.encoders]:
+        place(module, device, device.dtype)
+    _place_vae(pipe.vae, device)
     return LoadedCheckpoint(
         model=ModelHandle(pipe.unet, dict(pipe.scheduler.config), family, device, str(path)),
         clip=clip,
@@ -221,8 +221,14 @@ def load_vae(path: Path, device: Device, config_cache: Path) -> VaeHandle:
         raise
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot load this VAE: {exc}") from None
-    vae.to(device.torch_device, dtype=device.vae_dtype).eval().requires_grad_(False)
+    _place_vae(vae, device)
     return VaeHandle(vae, device)
+
+
+def _place_vae(vae: Any, device: Device) -> None:
+    place(vae, device, device.vae_dtype)
+    if device.vae_tiling:
+        vae.enable_tiling()
 
 
 class ModelCache:

@@ -22,6 +22,7 @@ from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.lora import LoraWeights, Patch, load_lora, matched_modules, patched
 from tui_diffusion.pipeline.models import ClipHandle, ModelHandle, TextEncoder, VaeHandle, load_checkpoint
+from tui_diffusion.pipeline.placement import in_use
 from tui_diffusion.pipeline.prompt_weights import weighted_chunks
 from tui_diffusion.pipeline.registry import NodeResult, node
 from tui_diffusion.store.outputs import save_png
@@ -76,7 +77,7 @@ def _encode_one(enc: TextEncoder, text: str, layer: int, device: Any) -> tuple[t
 
 
 def encode_text(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    with patched(clip.parts(), list(clip.patches)):
+    with in_use(*clip.parts().values()), patched(clip.parts(), list(clip.patches)):
         return _encode_all(clip, text)
 
 
@@ -105,7 +106,7 @@ def clip_text_encode_sdxl(ctx: NodeContext, clip: ClipHandle, width: int, height
     if len(clip.encoders) != 2:
         raise NodeError("this CLIP is not an SDXL one (it has one text encoder); use CLIPTextEncode")
     dev = clip.device.torch_device
-    with patched(clip.parts(), list(clip.patches)):
+    with in_use(*clip.parts().values()), patched(clip.parts(), list(clip.patches)):
         hidden_l, _ = _encode_one(clip.encoders[0], text_l, clip.layer, dev)
         hidden_g, pooled = _encode_one(clip.encoders[1], text_g, clip.layer, dev)
         while hidden_l.shape[1] != hidden_g.shape[1]:  # pad the shorter prompt with empty windows, as ComfyUI
@@ -212,10 +213,11 @@ def lora_loader_model_only(ctx: NodeContext, model: ModelHandle, lora_name: str,
 def vae_decode(ctx: NodeContext, samples: dict, vae: VaeHandle) -> NodeResult:
     z = samples["samples"].to(vae.device.torch_device, vae.device.vae_dtype) / vae.scaling_factor
     images = []
-    for i in range(z.shape[0]):  # one at a time: decoding is the memory peak
-        ctx.check_interrupt()
-        img = vae.vae.decode(z[i:i + 1], return_dict=False)[0]
-        images.append((img.float() / 2 + 0.5).clamp(0, 1).cpu())
+    with in_use(vae.vae):
+        for i in range(z.shape[0]):  # one at a time: decoding is the memory peak
+            ctx.check_interrupt()
+            img = vae.vae.decode(z[i:i + 1], return_dict=False)[0]
+            images.append((img.float() / 2 + 0.5).clamp(0, 1).cpu())
     return NodeResult((torch.cat(images).permute(0, 2, 3, 1).contiguous(),))
 
 
