@@ -21,6 +21,7 @@ TINY = "tiny-sd15.safetensors"
 TINY_XL = "tiny-sdxl.safetensors"
 TINY_SD2 = "tiny-sd2.safetensors"
 TINY_XL_REFINER = "tiny-sdxl-refiner.safetensors"
+TINY_INPAINT = "tiny-sd15-inpainting.safetensors"
 TINY_SD2_V = "tiny-sd2-v.safetensors"
 
 
@@ -37,6 +38,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("models")
     write_sd1_checkpoint(root / "checkpoints" / TINY, seed=0)
+    from tui_diffusion.pipeline.checkpoint_writer import TinySD1
+
+    write_sd1_checkpoint(root / "checkpoints" / TINY_INPAINT, TinySD1(in_channels=9), seed=0)
     write_sdxl_checkpoint(root / "checkpoints" / TINY_XL, seed=0)
     write_sdxl_refiner_checkpoint(root / "checkpoints" / TINY_XL_REFINER, seed=0)
     write_sd2_checkpoint(root / "checkpoints" / TINY_SD2, seed=0)

@@ -195,3 +195,28 @@ def test_load_image_gives_the_alpha_as_mask(engine: EngineState) -> None:
                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
     with pytest.raises(Exception, match="node 1 'Load Image', input 'image': 'nope.png' not found"):
         run(ex, missing)
+
+
+def test_inpainting_checkpoint_takes_the_mask_and_masked_image(engine: EngineState, models_dir: Path,
+                                                                tmp_path: Path) -> None:
+    from tests.conftest import TINY_INPAINT
+    from tui_diffusion.modelfiles.describe import describe_checkpoint
+
+    row = describe_checkpoint(models_dir / "checkpoints" / TINY_INPAINT, TINY_INPAINT)
+    assert row["family"] == "SD1.x inpainting" and row["supported"]
+    loaded = load_checkpoint(models_dir / "checkpoints" / TINY_INPAINT, CPU, tmp_path)
+    assert loaded.model.unet.config.in_channels == 9
+    ex = Executor(engine)
+    data = shipped("inpaint.json", **{"4.ckpt_name": TINY_INPAINT, "3.steps": 3})
+    assert run(ex, data).outputs
+    first = output(ex, data, "3")["samples"]
+    # another picture under the same mask: the model sees it through its extra input channels
+    Image.new("RGBA", (64, 64), (250, 250, 250, 255)).save(engine.paths.folder("input") / "white.png")
+    data["1"]["inputs"]["image"] = "white.png"
+    data["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["13", 0], "mask": ["14", 0]}}
+    data["13"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["4", 2]}}
+    data["14"] = {"class_type": "LoadImageMask", "inputs": {"image": "example.png", "channel": "alpha"}}
+    run(ex, data)
+    assert not torch.allclose(output(ex, data, "3")["samples"], first, atol=1e-3)
+    txt = txt2img(**{"4.ckpt_name": TINY_INPAINT})  # no mask: the blank image, as ComfyUI does
+    assert run(ex, txt).outputs

@@ -94,7 +94,7 @@ def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Fami
     if mid_depth != depth[-1]:
         # diffusers' mid block takes the last level's depth; say so instead of loading wrong weights
         raise CheckpointError(f"{file}: unsupported UNet: middle block depth {mid_depth} differs from the last level's")
-    if family.id == "sd1":
+    if family.id.startswith("sd1"):
         cfg["attention_head_dim"] = 8  # SD1.x convention: 8 heads at every level
     else:
         cfg["attention_head_dim"] = [max(1, c // 64) for c in channels]  # 64 channels per head
@@ -239,7 +239,7 @@ def family_configs(h: dict[str, TensorInfo], family: Family, file: str,
         return sdxl_configs(h, family, file)
     if family.id == "sdxl-refiner":
         return sdxl_refiner_configs(h, family, file)
-    if family.id == "sd2":
+    if family.id.startswith("sd2"):
         return sd2_configs(h, family, file, prediction)
     return sd1_configs(h, family, file)
 

@@ -24,9 +24,9 @@ class Family:
 
 
 SD1 = Family("sd1", "SD1.x", True)
-SD1_INPAINT = Family("sd1-inpaint", "SD1.x inpainting", False, "SD1.x inpainting checkpoints are not supported yet")
+SD1_INPAINT = Family("sd1-inpaint", "SD1.x inpainting", True)
 SD2 = Family("sd2", "SD2.x", True)
-SD2_INPAINT = Family("sd2-inpaint", "SD2.x inpainting", False, "SD2.x inpainting checkpoints are not supported yet")
+SD2_INPAINT = Family("sd2-inpaint", "SD2.x inpainting", True)
 SDXL = Family("sdxl", "SDXL base", True)
 SDXL_REFINER = Family("sdxl-refiner", "SDXL refiner", True)
 

@@ -29,6 +29,8 @@ class TinySD1:
     text_layers: int = 2
     vae_channels: tuple[int, ...] = (32, 32, 32, 32)
     vae_layers: int = 1
+    #: 9 for an inpainting UNet (latent + mask + masked-image latent)
+    in_channels: int = 4
 
 
 FULL_SD15 = TinySD1(
@@ -45,7 +47,7 @@ def build_sd1_models(sizes: TinySD1, seed: int = 0):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=64,
-        in_channels=4,
+        in_channels=sizes.in_channels,
         out_channels=4,
         block_out_channels=sizes.unet_channels,
         layers_per_block=sizes.layers_per_block,

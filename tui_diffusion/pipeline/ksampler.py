@@ -86,6 +86,25 @@ class _Conds:
         return [c for c, low, high in self.entries if low <= sigma <= high] or [c for c, _, _ in self.entries]
 
 
+# The latent of a mid-grey image ("nothing here") per channel, as ComfyUI fills an inpainting model's
+# masked-image input when the latent carries no mask.
+_BLANK_INPAINT = torch.tensor([0.8223, -0.6876, 0.6364, 0.1380]).reshape(1, 4, 1, 1)
+
+
+def _inpaint_concat(model: ModelHandle, latent_image: dict, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An inpainting UNet's extra input channels: the mask, then the masked image's latent."""
+    latent = latent_image["samples"].float()
+    extra = model.unet.config.in_channels - latent.shape[1]
+    if extra <= 0:
+        return None
+    if extra != 5:
+        raise NodeError(f"a UNet with {model.unet.config.in_channels} input channels is not an inpainting model "
+                        "this sampler knows")
+    if mask is None:
+        return torch.cat([torch.ones_like(latent[:, :1]), _BLANK_INPAINT.expand_as(latent)], dim=1)
+    return torch.cat([mask[:, :1].cpu(), latent], dim=1)
+
+
 def _check_fits(model: ModelHandle, entries: list[tuple[torch.Tensor, dict]], sdxl: bool) -> None:
     """Conditioning from another model family fails here, with a message, not deep inside the UNet."""
     config = model.unet.config
@@ -151,6 +170,9 @@ def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, see
     if mask is not None:
         mask, keep, noise_dev = mask.to(dev.torch_device), latent.to(dev.torch_device), noise.to(dev.torch_device)
 
+    concat = _inpaint_concat(model, latent_image, mask)
+    if concat is not None:
+        concat = concat.to(dev.torch_device, dev.dtype)
     pos, neg = _Conds(positive, ms, "positive"), _Conds(negative, ms, "negative")
     use_cfg = not math.isclose(cfg, 1.0)
     batch = latent.shape[0]
@@ -184,6 +206,8 @@ def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, see
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled).to(dev.torch_device, dev.dtype),
                                            "time_ids": torch.cat(sizes).to(dev.torch_device, dev.dtype)}
         x_in = sched.scale_model_input(torch.cat([x] * len(contexts)), t).to(dev.dtype)
+        if concat is not None:
+            x_in = torch.cat([x_in, concat.repeat(len(contexts), 1, 1, 1)], dim=1)
         out = model.unet(x_in, t.to(dev.torch_device), encoder_hidden_states=context, return_dict=False,
                          **kwargs)[0].float()
         parts = out.chunk(len(contexts))

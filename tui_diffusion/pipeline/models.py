@@ -135,7 +135,7 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         if not fam.supported:
             raise CheckpointError(f"{path}: {fam.reason}")
         family = fam.id
-        prediction = detect_prediction(path, header) if family == "sd2" else "epsilon"
+        prediction = detect_prediction(path, header) if family == "sd2" else "epsilon"  # as ComfyUI: 4-channel only
         folder = write_config_folder(family_configs(header, fam, str(path), prediction), config_cache)
         cls = {"sdxl": StableDiffusionXLPipeline,
                "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(family, StableDiffusionPipeline)
@@ -150,7 +150,7 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
     elif family == "sdxl-refiner":  # the bigG encoder alone
         encoders = [TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, norm_hidden=False, pooled=True)]
         clip = ClipHandle(encoders, device, layer=-2)
-    elif family == "sd2":  # the penultimate layer, through the final norm (ComfyUI's SD2 CLIP)
+    elif family.startswith("sd2"):  # the penultimate layer, through the final norm (ComfyUI's SD2 CLIP)
         clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device, layer=-2)
     else:
         clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device)
