@@ -67,3 +67,31 @@ def test_clip_skip_reads_the_penultimate_layer_through_the_final_norm(clip: Clip
     z, _ = encode_text(skipped, "a photo of a cat")
     torch.testing.assert_close(z[0], run_encoder(clip, padded(clip, "a photo of a cat"), layer=-2))
     assert not torch.allclose(z, encode_text(clip, "a photo of a cat")[0])
+
+
+def test_embedding_vectors_take_the_place_of_tokens(clip: ClipHandle, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    enc = clip.encoders[0]
+    ids = enc.tokenizer("red cat", add_special_tokens=False).input_ids
+    table = enc.model.get_input_embeddings().weight.detach()
+    save_file({"emb_params": table[ids].clone()}, str(tmp_path / "redcat.safetensors"))
+    with_folder = dataclasses.replace(clip, embeddings_dir=tmp_path)
+    via_embedding, _ = encode_text(with_folder, "a photo of embedding:redcat")
+    as_text, _ = encode_text(clip, "a photo of red cat")
+    torch.testing.assert_close(via_embedding, as_text)
+    weighted, _ = encode_text(with_folder, "a photo of (embedding:redcat:1.3)")
+    torch.testing.assert_close(weighted, encode_text(clip, "a photo of (red cat:1.3)")[0])
+
+
+def test_missing_or_foreign_embeddings_are_named(clip: ClipHandle, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from tui_diffusion.pipeline.errors import NodeError
+
+    with_folder = dataclasses.replace(clip, embeddings_dir=tmp_path)
+    with pytest.raises(NodeError, match="embedding 'nothere' not found"):
+        encode_text(with_folder, "embedding:nothere")
+    save_file({"emb_params": torch.zeros(2, 1280)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(NodeError, match=r"wide.safetensors: its vectors are \[1280\] wide"):
+        encode_text(with_folder, "embedding:wide")

@@ -61,6 +61,8 @@ class ClipHandle:
     layer: int = -1
     #: LoRA patches added while encoding
     patches: tuple = ()
+    #: where ``embedding:name`` in a prompt looks for textual-inversion files
+    embeddings_dir: Path | None = None
 
     def parts(self) -> dict[str, Any]:
         """The encoders by the names LoRA files use for them."""

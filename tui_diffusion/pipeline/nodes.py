@@ -8,8 +8,10 @@ tensor ``[B,H,W,3]`` in 0..1, CONDITIONING is ``[[embeddings, {extras}], ...]``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from PIL import Image
 from tui_diffusion.paths import PathError
 from tui_diffusion.pipeline import ksampler as sampling_nodes
 from tui_diffusion.pipeline.context import NodeContext
+from tui_diffusion.pipeline.embeddings import PREFIX as EMBEDDING_PREFIX
+from tui_diffusion.pipeline.embeddings import find_embedding, load_vectors
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.lora import LoraWeights, Patch, load_lora, matched_modules, patched
 from tui_diffusion.pipeline.models import ClipHandle, ModelHandle, TextEncoder, VaeHandle, load_checkpoint
@@ -38,7 +42,8 @@ def checkpoint_loader(ctx: NodeContext, ckpt_name: str) -> NodeResult:
         raise NodeError(str(exc)) from None
     key = repr((eng.paths.fingerprint("checkpoints", ckpt_name), str(eng.device.torch_device), str(eng.device.dtype)))
     loaded = eng.models.get(key, lambda: load_checkpoint(path, eng.device, eng.config_cache))
-    return NodeResult((loaded.model, loaded.clip, loaded.vae))
+    clip = dataclasses.replace(loaded.clip, embeddings_dir=eng.paths.folder("embeddings"))
+    return NodeResult((loaded.model, clip, loaded.vae))
 
 
 # -- conditioning -------------------------------------------------------------------------------------------
@@ -48,19 +53,30 @@ def _text_transformer(encoder: Any) -> Any:
 
 
 @torch.inference_mode()
-def _encode_one(enc: TextEncoder, text: str, layer: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_one(enc: TextEncoder, text: str, layer: int, device: Any, embeddings_dir: Path | None = None,
+                index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     tok = enc.tokenizer
     context = enc.model.config.max_position_embeddings
+    width = enc.model.config.hidden_size
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    chunks = weighted_chunks(text, lambda word: tok(word, add_special_tokens=False).input_ids,
-                             tok.bos_token_id, tok.eos_token_id, pad, context)
+
+    def tokenize(word: str) -> list[Any]:
+        if word.startswith(EMBEDDING_PREFIX):
+            name = word[len(EMBEDDING_PREFIX):].rstrip(",")
+            return list(load_vectors(find_embedding(embeddings_dir, name), width, index))
+        return tok(word, add_special_tokens=False).input_ids
+
+    chunks = weighted_chunks(text, tokenize, tok.bos_token_id, tok.eos_token_id, pad, context)
     weights = torch.tensor([[w for _, w in c] for c in chunks], dtype=torch.float32)
-    rows = [[t for t, _ in c] for c in chunks]
+    # embedding vectors take a placeholder id; a hook on the token embedding puts the vectors in its place
+    rows = [[t if isinstance(t, int) else pad for t, _ in c] for c in chunks]
+    vectors = [(r, i, t) for r, c in enumerate(chunks) for i, (t, _) in enumerate(c) if not isinstance(t, int)]
     weighted = bool((weights != 1.0).any())
     if weighted:
         rows.append([tok.bos_token_id, tok.eos_token_id] + [pad] * (context - 2))
     ids = torch.tensor(rows, dtype=torch.long, device=device)
-    out = enc.model(ids, output_hidden_states=layer != -1)
+    with _embedding_vectors(enc.model, vectors):
+        out = enc.model(ids, output_hidden_states=layer != -1)
     if layer == -1:
         hidden = out.last_hidden_state
     else:
@@ -76,6 +92,25 @@ def _encode_one(enc: TextEncoder, text: str, layer: int, device: Any) -> tuple[t
     return hidden.reshape(1, -1, hidden.shape[-1]), pooled
 
 
+@contextlib.contextmanager
+def _embedding_vectors(model: Any, vectors: list[tuple[int, int, torch.Tensor]]) -> Iterator[None]:
+    if not vectors:
+        yield
+        return
+
+    def replace(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        for row, col, vector in vectors:
+            output[row, col] = vector.to(output.device, output.dtype)
+        return output
+
+    handle = _text_transformer(model).embeddings.token_embedding.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def encode_text(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     with in_use(*clip.parts().values()), patched(clip.parts(), list(clip.patches)):
         return _encode_all(clip, text)
@@ -88,7 +123,8 @@ def _encode_all(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor
     With two encoders (SDXL) their outputs are concatenated along the features. Returns the embeddings
     [1, tokens, width] and the pooled output (SDXL: the bigG encoder's projection; else the first's).
     """
-    results = [_encode_one(enc, text, clip.layer, clip.device.torch_device) for enc in clip.encoders]
+    results = [_encode_one(enc, text, clip.layer, clip.device.torch_device, clip.embeddings_dir, i)
+               for i, enc in enumerate(clip.encoders)]
     embeddings = torch.cat([r[0] for r in results], dim=-1)
     pooled_index = next((i for i, e in enumerate(clip.encoders) if e.pooled), 0)
     return embeddings, results[pooled_index][1]
@@ -107,8 +143,8 @@ def clip_text_encode_sdxl(ctx: NodeContext, clip: ClipHandle, width: int, height
         raise NodeError("this CLIP is not an SDXL one (it has one text encoder); use CLIPTextEncode")
     dev = clip.device.torch_device
     with in_use(*clip.parts().values()), patched(clip.parts(), list(clip.patches)):
-        hidden_l, _ = _encode_one(clip.encoders[0], text_l, clip.layer, dev)
-        hidden_g, pooled = _encode_one(clip.encoders[1], text_g, clip.layer, dev)
+        hidden_l, _ = _encode_one(clip.encoders[0], text_l, clip.layer, dev, clip.embeddings_dir, 0)
+        hidden_g, pooled = _encode_one(clip.encoders[1], text_g, clip.layer, dev, clip.embeddings_dir, 1)
         while hidden_l.shape[1] != hidden_g.shape[1]:  # pad the shorter prompt with empty windows, as ComfyUI
             short = 0 if hidden_l.shape[1] < hidden_g.shape[1] else 1
             empty, _ = _encode_one(clip.encoders[short], "", clip.layer, dev)

@@ -7,6 +7,7 @@ prompts into windows of the text encoder's length. Torch-free: works on token id
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 _ESCAPED_CLOSE, _ESCAPED_OPEN = "\0\1", "\0\2"
 MAX_WORD_LENGTH = 8  # a word of at least this many tokens may be split across chunks
@@ -71,14 +72,15 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     return [(_unescape(t), w) for t, w in _weights(_escape(text), 1.0)]
 
 
-def weighted_chunks(text: str, tokenize: Callable[[str], list[int]], bos: int, eos: int, pad: int,
-                    length: int = 77) -> list[list[tuple[int, float]]]:
+def weighted_chunks(text: str, tokenize: Callable[[str], list[Any]], bos: int, eos: int, pad: int,
+                    length: int = 77) -> list[list[tuple[Any, float]]]:
     """Token windows of ``length`` (BOS ... EOS pad...), each token with its weight, as ComfyUI builds them.
 
     Words are kept whole within a window unless they are very long; the first window exists even for an
-    empty prompt.
+    empty prompt. ``tokenize`` maps a word to token ids, or to other items (embedding vectors) that take a
+    token's place.
     """
-    words: list[list[tuple[int, float]]] = []
+    words: list[list[tuple[Any, float]]] = []
     for segment, weight in parse_weights(text):
         for word in segment.replace("\n", " ").split(" "):
             if word:
