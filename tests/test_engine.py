@@ -214,3 +214,18 @@ def test_clip_set_last_layer_in_a_workflow(engine: EngineState) -> None:
     bad["6"]["inputs"]["clip"] = ["10", 0]
     with pytest.raises(JobError, match="node 10 'CLIP Set Last Layer': stop_at_clip_layer -9: this text encoder has 2"):
         run(ex, bad)
+
+
+def test_out_of_memory_names_the_node_and_suggests_lowvram(engine: EngineState, monkeypatch) -> None:
+    from tui_diffusion.pipeline import registry
+
+    def exhausted(ctx, **inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setitem(registry.implementations(), "VAEDecode", exhausted)
+    ex = Executor(engine)
+    with pytest.raises(JobError) as err:
+        run(ex, txt2img())
+    assert err.value.node_id == "8" and "out of GPU memory" in err.value.message and "--lowvram" in err.value.message
+    monkeypatch.undo()
+    assert run(ex, txt2img()).outputs  # the executor carries on; the cached loader is reused

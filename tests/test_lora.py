@@ -188,3 +188,24 @@ def test_patches_restore_the_exact_weights(engine: EngineState) -> None:
     ex.run(lora_workflow(**{"3.seed": 10}), Hooks(), lambda: False)
     after = loaded.model.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_diffusers_peft_layout_gives_the_same_result(engine: EngineState, lora_models: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    kohya = load_file(str(lora_models / "loras" / "unet-only.safetensors"))
+    loaded = load_checkpoint(lora_models / "checkpoints" / TINY, CPU, lora_models / "cfg-peft")
+    names = {n.replace(".", "_"): n for n, _ in loaded.model.unet.named_modules()}
+    peft = {}
+    for key, tensor in kohya.items():
+        stem, _, kind = key.partition(".")
+        module = names[stem.removeprefix("lora_unet_")]
+        if kind == "alpha":
+            peft[f"unet.{module}.alpha"] = tensor
+        else:
+            peft[f"unet.{module}.{'lora_A' if 'down' in kind else 'lora_B'}.weight"] = tensor
+    save_file(peft, str(lora_models / "loras" / "peft.safetensors"))
+    ex = Executor(engine)
+    a = image(ex, lora_workflow(**{"10.lora_name": "unet-only.safetensors"}))
+    b = image(ex, lora_workflow(**{"10.lora_name": "peft.safetensors"}))
+    np.testing.assert_allclose(a, b, atol=1e-6)
