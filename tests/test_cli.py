@@ -178,3 +178,15 @@ def test_sdxl_demo_checkpoint_runs_the_shipped_sdxl_workflow(tmp_path: Path) -> 
               "--set", "3.steps=2", "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert Image.open(json.loads(out.stdout)["outputs"][0]).size == (64, 64)
+
+
+def test_import_and_export_commands_and_ui_files_run_directly(workdir: Path) -> None:
+    ui_file = Path(__file__).parent / "data" / "comfyui-default-graph.ui.json"
+    done = cli("import", str(ui_file), "-o", "api.json", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((workdir / "api.json").read_text())["3"]["class_type"] == "KSampler"
+    done = cli("export", "api.json", "-o", "ui.json", cwd=workdir)
+    assert done.returncode == 0 and "nodes" in json.loads((workdir / "ui.json").read_text())
+    out = cli("run", str(ui_file), *SMALL, "--json", cwd=workdir)  # a UI file runs as it is
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == "ok"

@@ -114,3 +114,16 @@ def json_text() -> str:
     import json
 
     return json.loads(TXT2IMG.read_text())["6"]["inputs"]["text"]
+
+
+def test_a_ui_format_file_is_saved_back_in_ui_format(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    path = tmp_path / "graph.json"
+    shutil.copy(Path(__file__).parent / "data" / "comfyui-default-graph.ui.json", path)
+    d = WorkflowDocument.open(path)
+    d.set_value("3", "steps", 12)
+    d.save()
+    saved = json.loads(path.read_text())
+    assert "nodes" in saved and next(n for n in saved["nodes"] if n["id"] == 3)["widgets_values"][2] == 12

@@ -63,7 +63,7 @@ def test_edit_in_memory() -> None:
         ("{not json", "malformed JSON at line 1"),
         ("[1, 2, 3]", "not a workflow"),
         ('{"3": {"inputs": {}}}', "node '3' has no 'class_type'"),
-        ('{"nodes": [], "links": []}', "ComfyUI's UI format"),
+        ('{"nodes": [], "links": []}', "not a workflow"),
     ],
 )
 def test_bad_files_name_the_file(tmp_path: Path, content: str, expected: str) -> None:

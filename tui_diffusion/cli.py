@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE")
     _add_folders(val, output=False)
 
+    imp = sub.add_parser("import", help="convert a ComfyUI UI-format workflow (or PNG) to API format")
+    imp.add_argument("source", type=Path)
+    imp.add_argument("-o", "--output", type=Path, required=True)
+    exp = sub.add_parser("export", help="write a workflow as a ComfyUI UI-format file ComfyUI opens")
+    exp.add_argument("source", type=Path)
+    exp.add_argument("-o", "--output", type=Path, required=True)
+
     mod = sub.add_parser("models", help="list the checkpoints and their families")
     _add_folders(mod, output=False)
     mod.add_argument("--json", action="store_true")
@@ -360,7 +367,22 @@ def cmd_tui(args: argparse.Namespace) -> int:
     return run_tui(args.workflow, config)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint}
+def cmd_import(args: argparse.Namespace) -> int:
+    wf = Workflow.load(args.source)
+    wf.save(args.output, "api")
+    print(f"wrote {args.output} (API format, {len(wf.nodes)} nodes)")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    wf = Workflow.load(args.source)
+    wf.save(args.output, "ui")
+    print(f"wrote {args.output} (ComfyUI UI format, {len(wf.nodes)} nodes)")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "import": cmd_import, "export": cmd_export, "validate": cmd_validate,
+            "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tui_diffusion.graph.specs import get_spec
+from tui_diffusion.graph.ui_format import UIFormatError, api_to_ui, is_ui_format, ui_to_api
 
 
 class WorkflowError(Exception):
@@ -48,20 +49,27 @@ def _node_sort_key(node_id: str) -> tuple[int, int | str]:
 class Workflow:
     """A mutable API-format workflow."""
 
-    def __init__(self, nodes: dict[str, dict[str, Any]], source: str | None = None) -> None:
+    def __init__(self, nodes: dict[str, dict[str, Any]], source: str | None = None, source_format: str = "api") -> None:
         self.nodes = nodes
         self.source = source
+        #: "api" or "ui": the format of the file it came from, which saving keeps
+        self.source_format = source_format
 
     # -- reading -----------------------------------------------------------------------------
     @classmethod
     def from_data(cls, data: Any, source: str = "<workflow>") -> Workflow:
         if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "class_type" not in data:
             data = data["prompt"]  # the body ComfyUI's /prompt endpoint takes
-        if isinstance(data, dict) and "nodes" in data and "links" in data:
-            raise WorkflowError(
-                f"{source}: this is ComfyUI's UI format (the file 'Save' writes); export the workflow "
-                "with 'Save (API Format)' in ComfyUI and open that file"
-            )
+        source_format = "api"
+        if is_ui_format(data):
+            source_format = "ui"
+            try:
+                data = ui_to_api(data, source)
+            except UIFormatError as exc:
+                raise WorkflowError(str(exc)) from None
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise WorkflowError(f"{source}: a malformed ComfyUI UI-format file ({type(exc).__name__}: {exc})") \
+                    from None
         if not isinstance(data, dict) or not data:
             raise WorkflowError(f"{source}: not a workflow: expected a JSON object of nodes keyed by id")
         nodes: dict[str, dict[str, Any]] = {}
@@ -72,7 +80,7 @@ class Workflow:
             if not isinstance(inputs, dict):
                 raise WorkflowError(f"{source}: node {node_id!r}: 'inputs' must be an object")
             nodes[str(node_id)] = {**copy.deepcopy(node), "inputs": copy.deepcopy(inputs)}
-        return cls(nodes, source)
+        return cls(nodes, source, source_format)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Workflow:
@@ -100,15 +108,17 @@ class Workflow:
             out[node_id] = ordered
         return copy.deepcopy(out)
 
-    def dumps(self) -> str:
-        return json.dumps(self.to_data(), indent=2, ensure_ascii=False) + "\n"
+    def dumps(self, fmt: str = "api") -> str:
+        data: Any = self.to_data() if fmt == "api" else api_to_ui(self.to_data())
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temporary file in the same folder, then rename."""
+    def save(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
+        """Write atomically (a temporary file in the same folder, then rename), in ``fmt`` ("api" or "ui";
+        default: the format the workflow was read from)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(self.dumps(), encoding="utf-8")
+            tmp.write_text(self.dumps(fmt or self.source_format), encoding="utf-8")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -142,7 +152,7 @@ class Workflow:
         self.nodes[node_id]["inputs"][name] = value
 
     def copy(self) -> Workflow:
-        return Workflow(copy.deepcopy(self.nodes), self.source)
+        return Workflow(copy.deepcopy(self.nodes), self.source, self.source_format)
 
     def describe(self, node_id: str) -> str:
         """How messages name a node: ``node 3 'KSampler'``."""
