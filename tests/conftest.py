@@ -53,6 +53,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _isolated_user_folders(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     os.environ["TUI_DIFFUSION_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    os.environ["TUI_DIFFUSION_DB"] = str(tmp_path_factory.mktemp("db") / "history.sqlite3")
 
 
 def txt2img(**overrides: object) -> dict:

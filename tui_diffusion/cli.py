@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a workflow as a ComfyUI UI-format file ComfyUI opens")
     exp.add_argument("source", type=Path)
     exp.add_argument("-o", "--output", type=Path, required=True)
+
+    hist = sub.add_parser("history", help="past jobs, newest first")
+    hist.add_argument("--json", action="store_true", help="one JSON object per job")
+    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument("--search", default=None, help="only jobs whose prompts contain this text")
 
     mod = sub.add_parser("models", help="list the checkpoints and their families")
     _add_folders(mod, output=False)
@@ -381,8 +387,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "import": cmd_import, "export": cmd_export, "validate": cmd_validate,
-            "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint}
+def cmd_history(args: argparse.Namespace) -> int:
+    from tui_diffusion.store.history import History, StoreError
+
+    try:
+        history = History()
+    except StoreError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    if history.notice:
+        _err(history.notice)
+    rows = history.jobs(limit=args.limit, text=args.search)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict()))
+        return EXIT_OK
+    if not rows:
+        print(f"no jobs recorded yet ({history.path})")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.created))
+        prompt = row.prompt.split("\n", 1)[0][:60]
+        outputs = ", ".join(Path(o["path"]).name for o in row.outputs)
+        detail = row.error or outputs
+        changed = ", ".join(row.changes)[:40]
+        print(f"{when}  {row.status:<11} {row.seconds or 0:6.1f}s  {prompt!r}  {changed}  {detail}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "import": cmd_import, "export": cmd_export,
+            "history": cmd_history, "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

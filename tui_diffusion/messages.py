@@ -48,6 +48,8 @@ class WorkerReady:
     torch_version: str
     diffusers_version: str
     pid: int
+    #: something the user should know (e.g. the history database was damaged and moved aside)
+    notice: str | None = None
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,6 @@ class WorkerConfig:
     max_checkpoints: int = 2
     #: send the worker's stdout and stderr to its log file (the TUI owns the terminal)
     log_to_file_only: bool = False
+    #: the run-history database (None: the default in the user data folder, or $TUI_DIFFUSION_DB)
+    db_path: Path | None = None
+    record_history: bool = True

@@ -47,7 +47,7 @@ SCHEDULERS: tuple[str, ...] = (
     "kl_optimal",
 )
 
-#: A1111-style display names with the scheduler folded in, used for metadata other tools read.
+#: A1111-style sampler names fold the scheduler in ("DPM++ 2M Karras"), as metadata other tools read has it.
 SCHEDULER_SUFFIX = {"karras": " Karras", "exponential": " Exponential"}
 
 

@@ -84,18 +84,52 @@ class Workflow:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Workflow:
+        """A workflow file (API or UI format), or the workflow inside a PNG's metadata."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise WorkflowError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise WorkflowError(f"{path}: cannot read: {exc}") from None
+        except OSError as exc:
+            raise WorkflowError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        if raw.startswith(b"\x89PNG"):
+            return cls.from_png(path)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WorkflowError(f"{path}: neither a JSON workflow nor a PNG image") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise WorkflowError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         return cls.from_data(data, str(path))
+
+    @classmethod
+    def from_png(cls, path: Path) -> Workflow:
+        """The workflow a PNG carries: ours or ComfyUI's chunks, else rebuilt from A1111 parameters."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+                chunks = dict(getattr(image, "text", {}) or {})
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise WorkflowError(f"{path}: a damaged PNG ({exc})") from None
+        problems = []
+        for key in ("prompt", "workflow"):
+            if key in chunks:
+                try:
+                    wf = cls.from_data(json.loads(chunks[key]), str(path))
+                    wf.source_format = "api"  # saving writes a workflow file, never into the image
+                    return wf
+                except (json.JSONDecodeError, WorkflowError) as exc:
+                    problems.append(f"its '{key}' chunk is unreadable ({exc})")
+        if "parameters" in chunks:
+            from tui_diffusion.graph.a1111 import txt2img_from_parameters
+
+            return cls.from_data(txt2img_from_parameters(chunks["parameters"]), str(path))
+        detail = "; ".join(problems) if problems else "no 'prompt', 'workflow' or 'parameters' chunk"
+        raise WorkflowError(f"{path}: this PNG holds no workflow ({detail})")
 
     # -- writing -----------------------------------------------------------------------------
     def to_data(self) -> dict[str, dict[str, Any]]:

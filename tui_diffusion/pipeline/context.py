@@ -25,6 +25,27 @@ class EngineState:
     config_cache: Path
     #: loaded LoRA files (small; kept apart so they never push a checkpoint out)
     loras: ModelCache = field(default_factory=lambda: ModelCache(8))
+    #: run history and the model-hash cache (None: not recorded)
+    history: Any = None
+    _hashes: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def model_hash(self, kind: str, name: str) -> str | None:
+        """sha256 of a model file: once per process, and once per file version when there is a history."""
+        try:
+            path = self.paths.resolve(kind, name)
+            if path.is_dir():
+                return None
+            key = repr(self.paths.fingerprint(kind, name))
+            if key not in self._hashes:
+                if self.history is not None:
+                    self._hashes[key] = self.history.model_hash(path)
+                else:
+                    from tui_diffusion.store.history import sha256_file
+
+                    self._hashes[key] = sha256_file(path)
+            return self._hashes[key]
+        except (OSError, ValueError):
+            return None
 
 
 @dataclass

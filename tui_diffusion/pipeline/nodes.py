@@ -262,12 +262,59 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def _reproducibility(ctx: NodeContext) -> dict[str, Any]:
+    """What re-making the image needs that other tools leave out."""
+    import diffusers
+
+    from tui_diffusion import __version__
+    from tui_diffusion.pipeline.sampling import RECIPES, ModelSampling, ksampler_sigmas
+
+    dev = ctx.engine.device
+    samplers = {}
+    for node_id, entry_node in ctx.workflow.items():
+        inputs = entry_node.get("inputs", {})
+        name, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
+        if entry_node.get("class_type") in ("KSampler", "KSamplerAdvanced") and name in RECIPES:
+            recipe = RECIPES[name]
+            entry: dict[str, Any] = {"sampler_name": name, "scheduler": scheduler,
+                                     "diffusers_scheduler": recipe.class_name, "options": recipe.options}
+            if recipe.space != "own" and isinstance(inputs.get("steps"), int):
+                sigmas = ksampler_sigmas(ModelSampling(), name, scheduler, inputs["steps"],
+                                         float(inputs.get("denoise", 1.0)))
+                entry["sigmas"] = [round(float(x), 6) for x in sigmas]
+            samplers[node_id] = entry
+    return {
+        "generator": f"tui-diffusion {__version__}",
+        "device": f"{dev.torch_device} ({dev.name})", "dtype": str(dev.dtype).replace("torch.", ""),
+        "vae_dtype": str(dev.vae_dtype).replace("torch.", ""),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "noise": "torch.randn of the whole batch on a CPU torch.Generator seeded with the seed; ancestral and "
+                 "SDE samplers draw per-step noise from a CPU generator seeded with seed + 1",
+        "samplers": samplers,
+    }
+
+
+def _metadata(ctx: NodeContext, width: int, height: int) -> dict[str, Any]:
+    from tui_diffusion import __version__
+    from tui_diffusion.graph.a1111 import parameters_text, summary
+    from tui_diffusion.graph.ui_format import api_to_ui
+
+    chunks: dict[str, Any] = {"prompt": ctx.workflow, "workflow": api_to_ui(ctx.workflow)}
+    info = summary(ctx.workflow, ctx.node_id)
+    if info is not None:
+        digest = ctx.engine.model_hash("checkpoints", info["model"]) if info.get("model") else None
+        chunks["parameters"] = parameters_text(info, width, height, digest, f"tui-diffusion {__version__}")
+    chunks["tui-diffusion"] = _reproducibility(ctx)
+    return chunks
+
+
 @node("SaveImage")
 def save_image(ctx: NodeContext, images: torch.Tensor, filename_prefix: str = "ComfyUI") -> NodeResult:
     files = []
+    metadata = _metadata(ctx, images.shape[2], images.shape[1])
     for img in to_pil(images):
         try:
-            path = save_png(img, ctx.engine.output_dir, filename_prefix, {"prompt": ctx.workflow})
+            path = save_png(img, ctx.engine.output_dir, filename_prefix, metadata)
         except PathError as exc:
             raise NodeError(str(exc)) from None
         files.append(str(path))
@@ -277,6 +324,7 @@ def save_image(ctx: NodeContext, images: torch.Tensor, filename_prefix: str = "C
 @node("PreviewImage")
 def preview_image(ctx: NodeContext, images: torch.Tensor) -> NodeResult:
     prefix = "ComfyUI_temp_" + secrets.token_hex(3)
-    files = [str(save_png(img, ctx.engine.temp_dir, prefix, {"prompt": ctx.workflow})) for img in to_pil(images)]
+    metadata = _metadata(ctx, images.shape[2], images.shape[1])
+    files = [str(save_png(img, ctx.engine.temp_dir, prefix, metadata)) for img in to_pil(images)]
     return NodeResult((), files)
 

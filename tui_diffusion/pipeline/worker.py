@@ -100,6 +100,76 @@ def _png(rgb: Any) -> bytes:
     return buf.getvalue()
 
 
+def _open_history(engine: Any, config: WorkerConfig) -> str | None:
+    """Attach the run history to the engine; a history that cannot be opened never stops the worker."""
+    if not config.record_history:
+        return None
+    from tui_diffusion.store.history import History, StoreError
+
+    try:
+        engine.history = History(config.db_path)
+        return engine.history.notice
+    except (StoreError, OSError, Exception) as exc:  # sqlite3 errors included
+        log.error("run history unavailable: %s", exc)
+        return f"run history is not recorded: {exc}"
+
+
+def workflow_changes(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """What a job changed relative to the previous one: ``{"3.seed": [old, new], "+10": "LoraLoader"}``."""
+    if before is None:
+        return {}
+    changes: dict[str, Any] = {}
+    for node_id in sorted(set(before) | set(after)):
+        if node_id not in before:
+            changes[f"+{node_id}"] = after[node_id].get("class_type")
+        elif node_id not in after:
+            changes[f"-{node_id}"] = before[node_id].get("class_type")
+        else:
+            old, new = before[node_id].get("inputs", {}), after[node_id].get("inputs", {})
+            for name in sorted(set(old) | set(new)):
+                if old.get(name) != new.get(name):
+                    changes[f"{node_id}.{name}"] = [old.get(name), new.get(name)]
+    return changes
+
+
+class _Recorder:
+    """Writes the run history; a failure to write is logged, never fatal to a job."""
+
+    def __init__(self, history: Any, device: str, hasher: Any = None) -> None:
+        self.history = history
+        self.device = device
+        self.hasher = hasher
+        self.previous: dict[str, Any] | None = None
+
+    def started(self, job: m.SubmitJob) -> None:
+        if self.history is None:
+            return
+        from tui_diffusion.graph.a1111 import summary
+
+        outputs = [n for n, node in job.workflow.items() if node.get("class_type") in ("SaveImage", "PreviewImage")]
+        info = summary(job.workflow, outputs[0]) if outputs else None
+        prompt = f"{info['prompt']}\n{info['negative']}" if info else ""
+        try:
+            self.history.job_started(job.job_id, job.workflow, workflow_changes(self.previous, job.workflow),
+                                     prompt, self.device)
+        except Exception:
+            log.exception("could not record job %s", job.job_id)
+        self.previous = job.workflow
+
+    def finished(self, job: m.SubmitJob, status: str, **fields: Any) -> None:
+        if self.history is None:
+            return
+        models = {}
+        for node in job.workflow.values():
+            name = node.get("inputs", {}).get("ckpt_name")
+            if node.get("class_type") == "CheckpointLoaderSimple" and isinstance(name, str) and status == "ok":
+                models[name] = (self.hasher("checkpoints", name) if self.hasher else None) or ""
+        try:
+            self.history.job_finished(job.job_id, status, models=models, **fields)
+        except Exception:
+            log.exception("could not record the end of job %s", job.job_id)
+
+
 def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
     _isolate_output(str(config.temp_dir), config.log_to_file_only)
@@ -129,6 +199,7 @@ def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
             config_cache=platformdirs.user_cache_path("tui-diffusion") / "configs",
         )
         executor = Executor(engine)
+        notice = _open_history(engine, config)
     except Exception as exc:  # a broken install: tell the client instead of dying silently
         log.exception("worker start failed")
         evt_q.put(m.WorkerFailed(f"the worker could not start: {type(exc).__name__}: {exc}"))
@@ -137,7 +208,8 @@ def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
     jobs = _Jobs()
     threading.Thread(target=_reader, args=(cmd_q, evt_q, jobs), daemon=True, name="commands").start()
     evt_q.put(m.WorkerReady(str(device.torch_device), device.name, str(device.dtype).replace("torch.", ""),
-                            torch.__version__, diffusers.__version__, os.getpid()))
+                            torch.__version__, diffusers.__version__, os.getpid(), notice))
+    recorder = _Recorder(engine.history, f"{device.torch_device} ({device.name})", engine.model_hash)
 
     class _Hooks(Hooks):
         def __init__(self, job: m.SubmitJob) -> None:
@@ -170,18 +242,25 @@ def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
             jobs.running = job.job_id
             jobs.interrupt.clear()
         evt_q.put(m.JobStarted(job.job_id))
+        recorder.started(job)
         start = time.perf_counter()
         try:
             report = executor.run(job.workflow, _Hooks(job), jobs.interrupt.is_set, previews=job.previews)
+            seconds = time.perf_counter() - start
+            recorder.finished(job, "ok", outputs=report.outputs, timings=report.timings, seconds=seconds)
             evt_q.put(m.JobFinished(job.job_id, report.outputs, report.executed, report.cached, report.timings,
-                                    time.perf_counter() - start))
+                                    seconds))
         except Interrupted:
+            recorder.finished(job, "interrupted", seconds=time.perf_counter() - start)
             evt_q.put(m.JobFinished(job.job_id, [], [], [], {}, time.perf_counter() - start, status="interrupted"))
         except JobError as exc:
+            recorder.finished(job, "error", error=exc.message, error_node=exc.node_id)
             evt_q.put(m.JobFailed(job.job_id, exc.node_id, exc.message))
         except Exception as exc:  # never let one job take the worker down
             log.error("job %s failed:\n%s", job.job_id, traceback.format_exc())
-            evt_q.put(m.JobFailed(job.job_id, None, f"internal error: {type(exc).__name__}: {exc}"))
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            recorder.finished(job, "error", error=message)
+            evt_q.put(m.JobFailed(job.job_id, None, message))
         finally:
             with jobs.cond:
                 jobs.running = None

@@ -1,0 +1,204 @@
+"""Run history and model hashes in SQLite (WAL, a schema version, migrations). Torch-free.
+
+The worker writes a row per job; the CLI and the TUI read them. Several processes may use the database
+at once. A corrupt database is moved aside (never deleted) and a new one started; one from a newer
+version of the program is refused with a message rather than touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+DB_ENV = "TUI_DIFFUSION_DB"
+SCHEMA_VERSION = 1
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        finished REAL,
+        status TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        changes TEXT NOT NULL DEFAULT '{}',
+        prompt TEXT NOT NULL DEFAULT '',
+        error TEXT,
+        error_node TEXT,
+        timings TEXT NOT NULL DEFAULT '{}',
+        device TEXT NOT NULL DEFAULT '',
+        outputs TEXT NOT NULL DEFAULT '[]',
+        models TEXT NOT NULL DEFAULT '{}',
+        seconds REAL
+    );
+    CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
+    CREATE TABLE IF NOT EXISTS model_hashes (
+        path TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        sha256 TEXT NOT NULL
+    );
+    """,
+}
+
+
+class StoreError(Exception):
+    """The history database cannot be used; the message says which file and why."""
+
+
+def default_db_path() -> Path:
+    return Path(os.environ.get(DB_ENV) or platformdirs.user_data_path("tui-diffusion") / "history.sqlite3")
+
+
+@dataclass
+class JobRow:
+    id: str
+    created: float
+    finished: float | None
+    status: str
+    workflow: dict[str, Any]
+    changes: dict[str, Any]
+    prompt: str
+    error: str | None
+    error_node: str | None
+    timings: dict[str, float]
+    device: str
+    outputs: list[dict[str, str]]
+    models: dict[str, str]
+    seconds: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class History:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path or default_db_path())
+        self.notice: str | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if "newer" in str(exc):
+                raise
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self.notice = f"{self.path} was damaged ({exc}); it was moved to {aside} and a new one started"
+            self._open()
+
+    def _open(self) -> None:
+        self.db = sqlite3.connect(self.path, timeout=15, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA busy_timeout = 15000")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            self.db.close()
+            raise StoreError(f"{self.path}: written by a newer tui-diffusion (schema {version}, this one knows "
+                             f"{SCHEMA_VERSION}); upgrade, or point {DB_ENV} at another file")
+        for target in range(version + 1, SCHEMA_VERSION + 1):  # each migration is one transaction
+            self.db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target]} PRAGMA user_version = {target}; COMMIT;")
+        self.db.execute("SELECT count(*) FROM jobs").fetchone()  # a damaged file fails here, not later
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- jobs ---------------------------------------------------------------------------------------------
+    def job_started(self, job_id: str, workflow: dict[str, Any], changes: dict[str, Any], prompt: str,
+                    device: str) -> None:
+        with self._transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO jobs (id, created, status, workflow, changes, prompt, device) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                (job_id, time.time(), json.dumps(workflow), json.dumps(changes), prompt, device))
+
+    def job_finished(self, job_id: str, status: str, *, outputs: list[str] = (),
+                     timings: dict[str, float] | None = None, error: str | None = None,
+                     error_node: str | None = None, models: dict[str, str] | None = None,
+                     seconds: float | None = None) -> None:
+        files = []
+        for out in outputs:
+            p = Path(out)
+            files.append({"path": str(p), "sha256": sha256_file(p) if p.is_file() else ""})
+        with self._transaction():
+            self.db.execute(
+                "UPDATE jobs SET finished = ?, status = ?, outputs = ?, timings = ?, error = ?, error_node = ?, "
+                "models = ?, seconds = ? WHERE id = ?",
+                (time.time(), status, json.dumps(files), json.dumps(timings or {}), error, error_node,
+                 json.dumps(models or {}), seconds, job_id))
+
+    def jobs(self, limit: int = 50, text: str | None = None) -> list[JobRow]:
+        sql = "SELECT * FROM jobs"
+        args: list[Any] = []
+        if text:
+            sql += " WHERE prompt LIKE ? ESCAPE '!'"
+            args.append("%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%")
+        sql += " ORDER BY created DESC LIMIT ?"
+        args.append(limit)
+        cursor = self.db.execute(sql, args)
+        names = [d[0] for d in cursor.description]
+        rows = []
+        for values in cursor.fetchall():
+            raw = dict(zip(names, values, strict=True))
+            for key in ("workflow", "changes", "timings", "outputs", "models"):
+                raw[key] = json.loads(raw[key])
+            rows.append(JobRow(**raw))
+        return rows
+
+    def delete_job(self, job_id: str, delete_files: bool = False) -> list[str]:
+        """Remove a job's row (and, if asked, its output files); returns the files removed."""
+        row = self.db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        removed: list[str] = []
+        if row and delete_files:
+            for out in json.loads(row[0]):
+                p = Path(out["path"])
+                if p.is_file():
+                    p.unlink()
+                    removed.append(str(p))
+        with self._transaction():
+            self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return removed
+
+    # -- model hashes ---------------------------------------------------------------------------------------
+    def model_hash(self, path: Path) -> str:
+        """sha256 of a model file, computed once per (path, size, mtime)."""
+        path = path.resolve()
+        st = path.stat()
+        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM model_hashes WHERE path = ?",
+                              (str(path),)).fetchone()
+        if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+            return row[2]
+        digest = sha256_file(path)
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO model_hashes VALUES (?, ?, ?, ?)",
+                            (str(path), st.st_size, st.st_mtime_ns, digest))
+        return digest
