@@ -32,7 +32,8 @@ class TuiDiffusionApp(App):
 
     def __init__(self, workflow_path: Path | None, config: WorkerConfig,
                  client_factory: Callable[[WorkerConfig], Any] | None = None,
-                 exit_after_first_frame: bool = False) -> None:
+                 exit_after_first_frame: bool = False, workflows_dir: Path | None = None,
+                 theme: str | None = None) -> None:
         from multiprocessing import resource_tracker
 
         # Start multiprocessing's helper while stderr is still the terminal's: once Textual runs it
@@ -40,8 +41,10 @@ class TuiDiffusionApp(App):
         resource_tracker.ensure_running()
         super().__init__()
         self.config = config
-        self.models = ModelPaths(config.models_dir, config.input_dir)
-        self.workflows_dir = Path("workflows")
+        self.models = ModelPaths(config.models_dir, config.input_dir, tuple(config.extra_model_paths))
+        self.workflows_dir = workflows_dir or Path("workflows")
+        if theme:
+            self.theme = theme
         self.default_workflow = self._default_workflow()
         self.document, self.open_error = self._open_initial(workflow_path)
         kwargs = {"factory": client_factory} if client_factory else {}
@@ -161,10 +164,12 @@ def _tree_request(main: Any, action: str) -> Any:
     return NodeTree.Requested(action, main.selected_node)
 
 
-def run_tui(workflow: Path | None, config: WorkerConfig) -> int:
+def run_tui(workflow: Path | None, config: WorkerConfig, settings: dict[str, Any] | None = None) -> int:
     exit_after = os.environ.get("TUI_DIFFUSION_EXIT_AFTER_FIRST_FRAME") == "1"
     config = dataclasses.replace(config, log_to_file_only=True)
-    app = TuiDiffusionApp(workflow, config, exit_after_first_frame=exit_after)
+    settings = settings or {}
+    app = TuiDiffusionApp(workflow, config, exit_after_first_frame=exit_after,
+                          workflows_dir=settings.get("workflows_dir"), theme=settings.get("theme"))
     result = app.run()
     if exit_after and isinstance(result, float):
         print(f"first frame at {result:.6f}")

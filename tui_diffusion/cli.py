@@ -18,12 +18,13 @@ from typing import Any
 
 from tui_diffusion import __version__
 from tui_diffusion import messages as m
+from tui_diffusion.config import BY_NAME, ConfigError, Settings, config_path, resolve
 from tui_diffusion.graph.specs import get_spec
 from tui_diffusion.graph.validate import validate_workflow
 from tui_diffusion.graph.values import parse_value
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
-from tui_diffusion.paths import ModelPaths, default_input_dir, default_models_dir, default_output_dir
-from tui_diffusion.settings import PRECISIONS, DevicePolicy
+from tui_diffusion.paths import ModelPaths
+from tui_diffusion.settings import PRECISIONS
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -41,6 +42,8 @@ def _add_folders(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--models-dir", type=Path, default=None,
                    help="models folder in ComfyUI's layout (checkpoints/, loras/, vae/, embeddings/); "
                         "default ./models or $TUI_DIFFUSION_MODELS_DIR")
+    p.add_argument("--extra-model-paths", type=Path, default=None, metavar="YAML",
+                   help="a ComfyUI extra_model_paths.yaml: use another install's model folders too")
     p.add_argument("--input-dir", type=Path, default=None,
                    help="where LoadImage reads images; default ./input or $TUI_DIFFUSION_INPUT_DIR")
     if output:
@@ -62,9 +65,12 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-precision", choices=PRECISIONS, default=None, help="VAE precision (default: fp32)")
 
 
-def device_policy(args: argparse.Namespace) -> DevicePolicy:
-    return DevicePolicy("cpu" if args.cpu else "auto", memory=args.memory or "normal", precision=args.precision,
-                        vae_precision=args.vae_precision)
+def settings(args: argparse.Namespace) -> Settings:
+    """Options given on the command line, over the environment, the config file and the defaults."""
+    options = {name: getattr(args, name, None) for name in BY_NAME}
+    if getattr(args, "cpu", False):
+        options["device"] = "cpu"
+    return resolve(options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--json", action="store_true", help="one JSON object per job")
     hist.add_argument("--limit", type=int, default=20)
     hist.add_argument("--search", default=None, help="only jobs whose prompts contain this text")
+
+    conf = sub.add_parser("config", help="the effective settings and where each came from")
+    conf.add_argument("--json", action="store_true")
 
     mod = sub.add_parser("models", help="list the checkpoints and their families")
     _add_folders(mod, output=False)
@@ -156,7 +165,7 @@ def expand_sweeps(wf: Workflow, sweeps: list[str]) -> list[Workflow]:
 def _load(args: argparse.Namespace) -> tuple[Workflow, ModelPaths]:
     wf = Workflow.load(args.workflow)
     apply_sets(wf, args.sets)
-    return wf, ModelPaths(args.models_dir or default_models_dir(), args.input_dir or default_input_dir())
+    return wf, settings(args).model_paths()
 
 
 def _report_issues(source: Path, issues: list) -> None:
@@ -200,7 +209,6 @@ def _bar(step: int, total: int, width: int = 24) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tui_diffusion.client import WorkerClient, WorkerDied
-    from tui_diffusion.settings import WorkerConfig
 
     wf, models = _load(args)
     jobs = expand_sweeps(wf, args.sweeps)
@@ -215,12 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if invalid:
         return EXIT_INVALID
 
-    config = WorkerConfig(
-        models_dir=models.root,
-        input_dir=models.folder("input"),
-        output_dir=args.output_dir or default_output_dir(),
-        device=device_policy(args),
-    )
+    config = settings(args).worker_config()
     progress = _Progress(enabled=not args.json)
     client = WorkerClient(config)
     titles = {n: job.title(n) for job in jobs for n in job}
@@ -310,7 +313,7 @@ def _print_result(number: int, event: Any, as_json: bool, progress: _Progress) -
 def cmd_models(args: argparse.Namespace) -> int:
     from tui_diffusion.modelfiles.describe import describe_checkpoint
 
-    models = ModelPaths(args.models_dir or default_models_dir())
+    models = settings(args).model_paths()
     names = models.list("checkpoints")
     rows = [describe_checkpoint(models.folder("checkpoints") / n, n) for n in names]
     if args.json:
@@ -330,7 +333,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
     from tui_diffusion.pipeline import checkpoint_writer as w
 
-    models = ModelPaths(args.models_dir or default_models_dir())
+    models = settings(args).model_paths()
     name = args.name or f"demo-{args.family}-tiny.safetensors"
     target = models.folder("checkpoints") / name
     if args.family == "sdxl":
@@ -362,15 +365,9 @@ def build_tui_parser() -> argparse.ArgumentParser:
 
 def cmd_tui(args: argparse.Namespace) -> int:
     from tui_diffusion.app import run_tui
-    from tui_diffusion.settings import WorkerConfig
 
-    config = WorkerConfig(
-        models_dir=args.models_dir or default_models_dir(),
-        input_dir=args.input_dir or default_input_dir(),
-        output_dir=args.output_dir or default_output_dir(),
-        device=device_policy(args),
-    )
-    return run_tui(args.workflow, config)
+    resolved = settings(args)
+    return run_tui(args.workflow, resolved.worker_config(), resolved.values)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -414,7 +411,20 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "import": cmd_import, "export": cmd_export,
+def cmd_config(args: argparse.Namespace) -> int:
+    resolved = resolve()
+    if args.json:
+        print(json.dumps({k: {"value": str(v) if isinstance(v, Path) else v, "from": resolved.sources[k]}
+                          for k, v in resolved.values.items()}, indent=2))
+        return EXIT_OK
+    print(f"# config file: {config_path()}{'' if config_path().is_file() else ' (not present)'}")
+    width = max(len(k) for k in resolved.values)
+    for key, value in resolved.values.items():
+        print(f"{key:<{width}} = {value!s:<30}  # from {resolved.sources[key]}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "import": cmd_import, "export": cmd_export,
             "history": cmd_history, "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint}
 
 
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         command = cmd_tui
     try:
         return command(args)
-    except (WorkflowError, UsageError) as exc:
+    except (WorkflowError, UsageError, ConfigError) as exc:
         _err(str(exc))
         return EXIT_INVALID
     except OSError as exc:

@@ -64,19 +64,30 @@ def inside(folder: Path, name: str) -> Path:
 
 @dataclass(frozen=True)
 class ModelPaths:
-    """The models folder of one run (and the input folder that LoadImage reads)."""
+    """The models folder of one run (and the input folder that LoadImage reads), plus the folders of other
+    installs (ComfyUI's extra_model_paths.yaml) searched after it."""
 
     root: Path
     input_dir: Path | None = None
+    #: (kind, folder) pairs searched after root/kind
+    extra: tuple[tuple[str, Path], ...] = ()
 
     def folder(self, kind: str) -> Path:
         if kind == "input":
             return self.input_dir if self.input_dir is not None else default_input_dir()
         return self.root / kind
 
+    def folders(self, kind: str) -> list[Path]:
+        return [self.folder(kind)] + [folder for k, folder in self.extra if k == kind]
+
     def list(self, kind: str) -> list[str]:
-        """File names (relative, with sub-folders) in a model folder; diffusers folders for checkpoints."""
-        folder = self.folder(kind)
+        """File names (relative, with sub-folders) in the model folders; diffusers folders for checkpoints."""
+        names: list[str] = []
+        for folder in self.folders(kind):
+            names.extend(n for n in self._list_one(kind, folder) if n not in names)
+        return sorted(names, key=str.lower)
+
+    def _list_one(self, kind: str, folder: Path) -> list[str]:
         if not folder.is_dir():
             return []
         suffixes = MODEL_FOLDERS.get(kind, (".safetensors",))
@@ -94,15 +105,17 @@ class ModelPaths:
                 for f in filenames
                 if f.lower().endswith(suffixes) and not f.startswith(".")
             )
-        return sorted(names, key=str.lower)
+        return names
 
     def resolve(self, kind: str, name: str) -> Path:
-        """The path of ``name`` in folder ``kind``; PathError when it is not there."""
-        folder = self.folder(kind)
-        path = inside(folder, name)
-        if not path.exists():
-            raise PathError(f"{name!r} not found in {folder}")
-        return path
+        """The path of ``name`` in the folders of ``kind``; PathError when it is in none of them."""
+        folders = self.folders(kind)
+        for folder in folders:
+            path = inside(folder, name)
+            if path.exists():
+                return path
+        where = " or ".join(str(f) for f in folders)
+        raise PathError(f"{name!r} not found in {where}")
 
     def fingerprint(self, kind: str, name: str) -> list[object]:
         """Size and mtime of a model file (or of a diffusers folder's files): part of cache keys."""
@@ -113,3 +126,38 @@ class ModelPaths:
             st = f.stat()
             out += [f.name, st.st_size, st.st_mtime_ns]
         return out
+
+
+# ComfyUI's folder names in extra_model_paths.yaml, mapped to ours.
+_EXTRA_KINDS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vae", "embeddings": "embeddings"}
+
+
+def read_extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:
+    """The folders of a ComfyUI ``extra_model_paths.yaml`` (its ``comfyui:`` and ``a111:`` sections alike).
+
+    Raises PathError naming the file when it cannot be read.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PathError(f"{path}: cannot read it as ComfyUI's extra_model_paths.yaml: {exc}") from None
+    if not isinstance(data, dict):
+        raise PathError(f"{path}: not an extra_model_paths.yaml (expected sections such as 'comfyui:')")
+    out: list[tuple[str, Path]] = []
+    for section in data.values():
+        if not isinstance(section, dict):
+            continue
+        base = Path(os.path.expanduser(str(section.get("base_path", ""))))
+        if not base.is_absolute():
+            base = path.parent / base
+        for key, value in section.items():
+            kind = _EXTRA_KINDS.get(key)
+            if kind is None or not isinstance(value, str):
+                continue
+            for line in value.splitlines():
+                if line.strip():
+                    folder = Path(os.path.expanduser(line.strip()))
+                    out.append((kind, folder if folder.is_absolute() else base / folder))
+    return tuple(out)

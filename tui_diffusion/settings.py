@@ -32,6 +32,8 @@ class WorkerConfig:
     models_dir: Path = field(default_factory=default_models_dir)
     output_dir: Path = field(default_factory=default_output_dir)
     input_dir: Path = field(default_factory=default_input_dir)
+    #: (kind, folder) pairs from ComfyUI's extra_model_paths.yaml
+    extra_model_paths: tuple = ()
     temp_dir: Path = field(default_factory=default_temp_dir)
     device: DevicePolicy = field(default_factory=DevicePolicy)
     #: loaded checkpoints kept in memory between jobs (least recently used is dropped first)

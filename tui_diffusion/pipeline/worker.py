@@ -193,7 +193,7 @@ def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
         engine = EngineState(
             device=device,
             models=ModelCache(config.max_checkpoints),
-            paths=ModelPaths(config.models_dir, config.input_dir),
+            paths=ModelPaths(config.models_dir, config.input_dir, tuple(config.extra_model_paths)),
             output_dir=config.output_dir,
             temp_dir=config.temp_dir,
             config_cache=platformdirs.user_cache_path("tui-diffusion") / "configs",
