@@ -313,3 +313,48 @@ async def test_command_palette_lists_the_actions(home: Path) -> None:
         names = [c.title for c in app.get_system_commands(app.screen)]
         for expected in ("Queue", "Interrupt", "Save", "Open", "Undo", "Help", "Add node"):
             assert expected in names, names
+
+
+async def test_history_screen_reopens_and_deletes_jobs(home: Path) -> None:
+    from PIL import Image
+
+    from tui_diffusion.store.history import History
+
+    db = home / "h.sqlite3"
+    history = History(db)
+    image = home / "output" / "old_00001_.png"
+    image.parent.mkdir()
+    Image.new("RGB", (32, 32), (0, 120, 200)).save(image)
+    old = json.loads((home / "workflows" / "mine.json").read_text())
+    old["3"]["inputs"]["seed"] = 4242
+    history.job_started("a", old, {}, "a blue square", "cpu (CPU)")
+    history.job_finished("a", "ok", outputs=[str(image)], seconds=1.0)
+    history.job_started("b", old, {}, "a red circle", "cpu (CPU)")
+    history.job_finished("b", "error", error="node 4: broken")
+    config = WorkerConfig(models_dir=home / "models", output_dir=home / "output", device=DevicePolicy("cpu"),
+                          db_path=db)
+    app = TuiDiffusionApp(Path("workflows/mine.json"), config, client_factory=FakeClient)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await pilot.press("f4")
+        await settle(pilot)
+        screen = app.screen
+        assert type(screen).__name__ == "HistoryScreen" and len(screen.rows) == 2
+        screen.query_one("#filter").value = "blue"
+        await settle(pilot)
+        assert list(screen.rows) == ["a"]
+        screen.query_one("#jobs").focus()
+        await settle(pilot)
+        assert screen.query_one(ImagePane).path == image
+        await pilot.press("delete")
+        await settle(pilot)
+        await pilot.press("enter")  # "Delete" is the first button
+        await settle(pilot)
+        assert not image.exists() and [r.id for r in History(db).jobs()] == ["b"]
+        screen.query_one("#filter").value = ""
+        await settle(pilot)
+        screen.query_one("#jobs").focus()
+        await pilot.press("enter")
+        await settle(pilot, 6)
+        assert type(app.screen).__name__ == "MainScreen"
+        assert app.screen.document.workflow.inputs("3")["seed"] == 4242

@@ -23,6 +23,7 @@ Everything works from the keyboard; the footer shows the keys of the focused pan
 | `ctrl+z` / `ctrl+y` | undo / redo any edit |
 | `ctrl+o` / `ctrl+s` / `f3` | open / save / save as |
 | `ctrl+n` | new workflow from the default text-to-image graph |
+| `f4` | history: past jobs with their images; `enter` reopens a job's workflow, `delete` removes it and its files |
 | `escape` | back to the node tree (from the form) |
 | `ctrl+t` | go to the queue |
 | `f2` | on a small terminal: switch between the editor and the images/queue |

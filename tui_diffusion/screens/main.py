@@ -59,6 +59,7 @@ class MainScreen(Screen):
         Binding("f3", "save_as", "Save as", priority=True, tooltip="Save the workflow under a new name"),
         Binding("ctrl+o", "open", "Open", priority=True, tooltip="Open a workflow"),
         Binding("ctrl+n", "new", "New", priority=True, show=False, tooltip="New workflow from the default graph"),
+        Binding("f4", "history", "History", priority=True, tooltip="Past jobs with their images"),
         Binding("escape", "focus_tree", "Tree", show=False, tooltip="Back to the node tree"),
         Binding("ctrl+t", "focus_queue", "Queue panel", show=False, tooltip="Go to the queue"),
     ]
@@ -450,6 +451,32 @@ class MainScreen(Screen):
 
     def action_switch_panels(self) -> None:
         self.query_one("#panels").toggle_class("outputs")
+
+    def action_history(self) -> None:
+        from tui_diffusion.screens.history import HistoryScreen
+        from tui_diffusion.store.history import History, StoreError
+
+        try:
+            history = History(self.app.config.db_path)
+        except (StoreError, OSError) as exc:
+            self.notify(f"no history: {exc}", severity="error")
+            return
+        if history.notice:
+            self.notify(history.notice, severity="warning", timeout=10)
+
+        async def reopened(workflow: Any) -> None:
+            if workflow:
+                self._confirm_discard(lambda: self.call_later(self._open_data, workflow))
+
+        self.app.push_screen(HistoryScreen(history), reopened)
+
+    async def _open_data(self, data: dict[str, Any]) -> None:
+        self.document = WorkflowDocument(Workflow.from_data(data, "history"), None)
+        self.node_status = {}
+        self.selected_node = next((n for n in self.document.workflow
+                                   if self.document.workflow.class_type(n) == "KSampler"), None)
+        await self.refresh_all()
+        self.notify("opened the job's workflow (unsaved)")
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen())
