@@ -186,3 +186,26 @@ def test_history_command_lists_jobs_recorded_by_the_worker(tmp_path: Path, model
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["changes"] == {"3.seed": [1, 2]} and rows[1]["changes"] == {}
     assert rows[0]["models"][TINY] and "beautiful scenery" in rows[0]["prompt"]
+
+
+def test_a_locked_database_is_reported_not_moved(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    History(path).close()
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("PRAGMA locking_mode = EXCLUSIVE")
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        import tui_diffusion.store.history as module
+
+        original = module.sqlite3.connect
+        module.sqlite3.connect = lambda *a, **k: original(*a, **{**k, "timeout": 0.2})
+        try:
+            with pytest.raises(StoreError, match="locked"):
+                h = History(path)
+                h.job_started("x", {}, {}, "", "cpu")
+        finally:
+            module.sqlite3.connect = original
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]

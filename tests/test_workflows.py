@@ -70,3 +70,27 @@ def test_shipped_workflow_validates_and_runs(home: Path, name: str) -> None:
     record = json.loads(out.stdout)
     assert record["status"] == "ok" and record["outputs"]
     assert all(Path(p).is_file() for p in record["outputs"])
+
+
+@pytest.mark.slow
+def test_a_comfyui_ui_file_with_primitive_and_reroutes_runs_and_its_png_carries_the_graph(home: Path) -> None:
+    from tui_diffusion.graph.a1111 import parse_parameters
+
+    ui_file = Path(__file__).parent / "data" / "sdxl-primitive-reroute.ui.json"
+    sets = ["--set", f"4.ckpt_name={TINY_XL}", "--set", f"12.ckpt_name={TINY_XL_REFINER}",
+            "--set", "5.width=64", "--set", "5.height=64"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "tui_diffusion"]
+    valid = subprocess.run([*base, "validate", str(ui_file), *sets], cwd=home, env=env, capture_output=True, text=True)
+    assert valid.returncode == 0, valid.stderr
+    out = subprocess.run([*base, "run", str(ui_file), *sets, "--json"], cwd=home, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    png = Image.open(json.loads(out.stdout)["outputs"][0])
+    ui = json.loads(png.text["workflow"])
+    assert {n["type"] for n in ui["nodes"]} >= {"KSamplerAdvanced", "CLIPTextEncodeSDXLRefiner", "SaveImage"}
+    assert all(len(link) == 6 for link in ui["links"])
+    fields = parse_parameters(png.text["parameters"])
+    assert fields["prompt"] == "a cabin in the woods, (snow:1.2)" and fields["negative"] == "blurry"
+    assert fields["fields"]["Seed"] == "42" and fields["fields"]["Steps"] == "25"
+    assert fields["fields"]["Model"] == "tiny-sdxl" and len(fields["fields"]["Model hash"]) == 10

@@ -385,16 +385,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from tui_diffusion.store.history import History, StoreError
 
     try:
         history = History()
-    except StoreError as exc:
-        _err(str(exc))
+        rows = history.jobs(limit=args.limit, text=args.search)
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        _err(f"cannot read the run history: {exc}")
         return EXIT_FAILED
     if history.notice:
         _err(history.notice)
-    rows = history.jobs(limit=args.limit, text=args.search)
     if args.json:
         for row in rows:
             print(json.dumps(row.as_dict()))

@@ -97,8 +97,8 @@ class History:
         try:
             self._open()
         except sqlite3.DatabaseError as exc:
-            if "newer" in str(exc):
-                raise
+            if not any(word in str(exc).lower() for word in ("not a database", "malformed", "corrupt")):
+                raise StoreError(f"{self.path}: {exc}") from None  # e.g. locked by another program: leave it be
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(self.path, aside)
             for suffix in ("-wal", "-shm"):
@@ -108,7 +108,6 @@ class History:
 
     def _open(self) -> None:
         self.db = sqlite3.connect(self.path, timeout=15, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA busy_timeout = 15000")
         self.db.execute("PRAGMA journal_mode = WAL")
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
