@@ -22,3 +22,14 @@ def test_startup_benchmark_runs(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["tui_first_frame"]["n"] == 1 and data["tui_first_frame"]["median_s"] > 0
     assert "| tui_first_frame |" in done.stdout
+
+
+def test_benchmark_suite_runs_at_its_smallest(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smallest", "--repeat", "1", "--out",
+                           str(tmp_path / "out"), "--models", str(tmp_path / "models")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(data["figures"]) == {"1_sampling_64px", "2_engine_overhead", "3_reruns", "4_startup"}
+    assert data["figures"]["3_reruns"]["seed_changed_executed"] == ["3", "8", "9"]
+    assert "| 2_engine_overhead |" in (tmp_path / "out" / "results.md").read_text()

@@ -133,41 +133,63 @@ def workflow_changes(before: dict[str, Any] | None, after: dict[str, Any]) -> di
 
 
 class _Recorder:
-    """Writes the run history; a failure to write is logged, never fatal to a job."""
+    """Writes the run history on a thread of its own, so no job waits for the database or for hashing
+    its files; a failure to write is logged, never fatal to a job."""
 
     def __init__(self, history: Any, device: str, hasher: Any = None) -> None:
+        import queue
+
         self.history = history
         self.device = device
         self.hasher = hasher
         self.previous: dict[str, Any] | None = None
+        self.tasks: queue.Queue = queue.Queue()
+        #: set while no job runs: recording waits for it, so it never competes with a job for the CPU
+        self.idle = threading.Event()
+        self.idle.set()
+        if history is not None:
+            threading.Thread(target=self._drain, daemon=True, name="history").start()
+
+    def _drain(self) -> None:
+        while True:
+            task = self.tasks.get()
+            self.idle.wait(timeout=30)  # a long queue of jobs still gets recorded now and then
+            try:
+                task()
+            except Exception:
+                log.exception("could not record a job in the history")
+            finally:
+                self.tasks.task_done()
+
+    def flush(self) -> None:
+        if self.history is not None:
+            self.tasks.join()
 
     def started(self, job: m.SubmitJob) -> None:
-        if self.history is None:
-            return
+        if self.history is not None:
+            previous, self.previous = self.previous, job.workflow
+            self.tasks.put(lambda: self._started(job, previous))
+
+    def finished(self, job: m.SubmitJob, status: str, **fields: Any) -> None:
+        if self.history is not None:
+            self.tasks.put(lambda: self._finished(job, status, **fields))
+
+    def _started(self, job: m.SubmitJob, previous: dict[str, Any] | None) -> None:
         from tui_diffusion.graph.a1111 import summary
 
         outputs = [n for n, node in job.workflow.items() if node.get("class_type") in ("SaveImage", "PreviewImage")]
         info = summary(job.workflow, outputs[0]) if outputs else None
         prompt = f"{info['prompt']}\n{info['negative']}" if info else ""
-        try:
-            self.history.job_started(job.job_id, job.workflow, workflow_changes(self.previous, job.workflow),
-                                     prompt, self.device)
-        except Exception:
-            log.exception("could not record job %s", job.job_id)
-        self.previous = job.workflow
+        self.history.job_started(job.job_id, job.workflow, workflow_changes(previous, job.workflow), prompt,
+                                 self.device)
 
-    def finished(self, job: m.SubmitJob, status: str, **fields: Any) -> None:
-        if self.history is None:
-            return
+    def _finished(self, job: m.SubmitJob, status: str, **fields: Any) -> None:
         models = {}
         for node in job.workflow.values():
             name = node.get("inputs", {}).get("ckpt_name")
             if node.get("class_type") == "CheckpointLoaderSimple" and isinstance(name, str) and status == "ok":
                 models[name] = (self.hasher("checkpoints", name) if self.hasher else None) or ""
-        try:
-            self.history.job_finished(job.job_id, status, models=models, **fields)
-        except Exception:
-            log.exception("could not record the end of job %s", job.job_id)
+        self.history.job_finished(job.job_id, status, models=models, **fields)
 
 
 def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
@@ -237,11 +259,13 @@ def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
             while not jobs.pending and not jobs.stop:
                 jobs.cond.wait()
             if jobs.stop:
+                recorder.flush()  # what was recorded reaches the database before the worker ends
                 break
             job = jobs.pending.popleft()
             jobs.running = job.job_id
             jobs.interrupt.clear()
         evt_q.put(m.JobStarted(job.job_id))
+        recorder.idle.clear()
         recorder.started(job)
         start = time.perf_counter()
         try:
@@ -264,5 +288,7 @@ def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
         finally:
             with jobs.cond:
                 jobs.running = None
+                if not jobs.pending:
+                    recorder.idle.set()
             if device.torch_device.type == "cuda":
                 torch.cuda.empty_cache()

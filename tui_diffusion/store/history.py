@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +94,7 @@ class History:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path or default_db_path())
         self.notice: str | None = None
+        self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._open()
@@ -109,6 +111,7 @@ class History:
     def _open(self) -> None:
         self.db = sqlite3.connect(self.path, timeout=15, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a commit need not wait for the disk
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             self.db.close()
@@ -120,13 +123,14 @@ class History:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:  # one connection, several threads (the worker's job loop and its recorder)
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -163,10 +167,12 @@ class History:
             args.append("%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%")
         sql += " ORDER BY created DESC LIMIT ?"
         args.append(limit)
-        cursor = self.db.execute(sql, args)
-        names = [d[0] for d in cursor.description]
+        with self._lock:
+            cursor = self.db.execute(sql, args)
+            names = [d[0] for d in cursor.description]
+            fetched = cursor.fetchall()
         rows = []
-        for values in cursor.fetchall():
+        for values in fetched:
             raw = dict(zip(names, values, strict=True))
             for key in ("workflow", "changes", "timings", "outputs", "models"):
                 raw[key] = json.loads(raw[key])
@@ -175,7 +181,8 @@ class History:
 
     def delete_job(self, job_id: str, delete_files: bool = False) -> list[str]:
         """Remove a job's row (and, if asked, its output files); returns the files removed."""
-        row = self.db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._lock:
+            row = self.db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()
         removed: list[str] = []
         if row and delete_files:
             for out in json.loads(row[0]):
@@ -192,8 +199,9 @@ class History:
         """sha256 of a model file, computed once per (path, size, mtime)."""
         path = path.resolve()
         st = path.stat()
-        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM model_hashes WHERE path = ?",
-                              (str(path),)).fetchone()
+        with self._lock:
+            row = self.db.execute("SELECT size, mtime_ns, sha256 FROM model_hashes WHERE path = ?",
+                                  (str(path),)).fetchone()
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2]
         digest = sha256_file(path)

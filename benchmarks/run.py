@@ -1,0 +1,273 @@
+"""The benchmark suite: each figure a ratio against a reference measured in the same run.
+
+    python -m benchmarks.run [--smallest] [--repeat N] [--out benchmarks/results]
+
+Writes results.md and results.json (machine, versions, each figure's median and spread). Asserts nothing.
+``--smallest`` runs every figure at its smallest size (tiny models), as the test suite's smoke test does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _txt2img(ckpt: str, size: int, steps: int, seed: int = 1, prompt: str | None = None) -> dict[str, Any]:
+    data = json.loads((ROOT / "workflows" / "txt2img.json").read_text())
+    data["4"]["inputs"]["ckpt_name"] = ckpt
+    data["5"]["inputs"].update(width=size, height=size)
+    data["3"]["inputs"].update(steps=steps, seed=seed, cfg=7.0)
+    if prompt is not None:
+        data["6"]["inputs"]["text"] = prompt
+    return data
+
+
+# -- figure 1: sampling speed against the diffusers pipeline loop ---------------------------------------------
+def sampling_speed(models: Path, ckpt: str, size: int, steps: int, repeat: int) -> dict[str, Any]:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from tui_diffusion.pipeline import ksampler as ks
+    from tui_diffusion.pipeline.context import NodeContext
+    from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.pipeline.models import load_checkpoint
+    from tui_diffusion.pipeline.nodes import encode_text
+    from tui_diffusion.pipeline.sampling import noise_for
+    from tui_diffusion.settings import DevicePolicy
+
+    device = resolve_device(DevicePolicy("cpu"))
+    loaded = load_checkpoint(models / "checkpoints" / ckpt, device, Path(tempfile.mkdtemp()))
+    cond, _ = encode_text(loaded.clip, "a photo of a lighthouse")
+    uncond, _ = encode_text(loaded.clip, "blurry")
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+    ctx = NodeContext(None, "3", {}, report=lambda *a: None, interrupted=lambda: False)  # type: ignore[arg-type]
+
+    def ours() -> None:
+        ks.ksampler(ctx, loaded.model, 1, steps, 7.0, "euler", "normal", [[cond, {}]], [[uncond, {}]], latent)
+
+    enc = loaded.clip.encoders[0]
+    sched = EulerDiscreteScheduler.from_config(loaded.model.scheduler_config, timestep_spacing="linspace")
+    pipe = StableDiffusionPipeline(vae=loaded.vae.vae, text_encoder=enc.model, tokenizer=enc.tokenizer,
+                                   unet=loaded.model.unet, scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise = noise_for(1, (1, 4, size // 8, size // 8))
+
+    def reference() -> None:
+        pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=size, width=size, num_inference_steps=steps,
+             guidance_scale=7.0, latents=noise.clone(), output_type="latent")
+
+    ours()
+    reference()  # warm-up: allocator, kernels
+    a, b = [], []
+    for _ in range(repeat):  # alternate, so drift hits both alike
+        a.append(_timed(ours))
+        b.append(_timed(reference))
+    return {"ours_s": _stats(a), "reference_s": _stats(b), "ratio": statistics.median(a) / statistics.median(b)}
+
+
+# -- figures 2 and 3: the engine through the worker ---------------------------------------------------------------
+def _client(models: Path, out: Path) -> Any:
+    from tui_diffusion.client import WorkerClient
+    from tui_diffusion.settings import DevicePolicy, WorkerConfig
+
+    config = WorkerConfig(models_dir=models, output_dir=out, temp_dir=out / "tmp", device=DevicePolicy("cpu"),
+                          db_path=out / "history.sqlite3")
+    client = WorkerClient(config)
+    client.start()
+    client.wait_ready(timeout=120)
+    return client
+
+
+def _through(client: Any, workflow: dict[str, Any]) -> tuple[float, Any]:
+    from tui_diffusion import messages as m
+
+    start = time.perf_counter()
+    job = client.submit(workflow)
+    while True:
+        event = client.next_event(timeout=60)
+        if isinstance(event, (m.JobFinished, m.JobFailed)) and event.job_id == job:
+            return time.perf_counter() - start, event
+
+
+def engine_overhead(models: Path, ckpt: str, repeat: int, out: Path) -> dict[str, Any]:
+    """A seed change through the worker (sampler, decode, save) against the same three nodes called directly."""
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState, NodeContext
+    from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+    from tui_diffusion.pipeline.registry import implementations
+    from tui_diffusion.settings import DevicePolicy
+
+    client = _client(models, out / "worker")
+    try:
+        _through(client, _txt2img(ckpt, 64, 4, seed=0))
+        via_worker = [_through(client, _txt2img(ckpt, 64, 4, seed=s))[0] for s in range(1, repeat + 1)]
+    finally:
+        client.close()
+    engine = EngineState(resolve_device(DevicePolicy("cpu")), ModelCache(1), ModelPaths(models), out / "direct",
+                         out / "direct-tmp", out / "cfg")
+    ex = Executor(engine)
+    warm = _txt2img(ckpt, 64, 4, seed=0)
+    ex.run(warm, Hooks(), lambda: False)
+    from tui_diffusion.graph.workflow import Workflow
+    from tui_diffusion.pipeline.executor import execution_order
+
+    wf = Workflow.from_data(warm)
+    keys = ex.cache_keys(wf, execution_order(wf))
+    model = ex.cache[keys["4"]].outputs
+    pos, neg, latent = (ex.cache[keys[n]].outputs[0] for n in ("6", "7", "5"))
+    fns = implementations()
+    direct = []
+    for seed in range(1, repeat + 1):
+        data = _txt2img(ckpt, 64, 4, seed=seed)
+
+        def nodes(data: dict[str, Any] = data, seed: int = seed) -> None:
+            ctx = NodeContext(engine, "3", data, report=lambda *a: None, interrupted=lambda: False)
+            sampled = fns["KSampler"](ctx, model=model[0], seed=seed, steps=4, cfg=7.0, sampler_name="euler",
+                                      scheduler="normal", positive=pos, negative=neg, latent_image=latent)
+            ctx.node_id = "8"
+            image = fns["VAEDecode"](ctx, samples=sampled.outputs[0], vae=model[2])
+            ctx.node_id = "9"
+            fns["SaveImage"](ctx, images=image.outputs[0], filename_prefix="ComfyUI")
+
+        direct.append(_timed(nodes))
+    return {"worker_s": _stats(via_worker), "direct_s": _stats(direct),
+            "ratio": statistics.median(via_worker) / statistics.median(direct)}
+
+
+def reruns(models: Path, ckpt: str, repeat: int, out: Path) -> dict[str, Any]:
+    client = _client(models, out / "reruns")
+    try:
+        base = _txt2img(ckpt, 64, 4, seed=7)
+        _through(client, base)
+        unchanged, executed = [], set()
+        for _ in range(repeat):
+            seconds, event = _through(client, base)
+            unchanged.append(seconds)
+            executed.update(event.executed)
+        _, seed_event = _through(client, _txt2img(ckpt, 64, 4, seed=8))
+        _, prompt_event = _through(client, _txt2img(ckpt, 64, 4, seed=8, prompt="another prompt"))
+    finally:
+        client.close()
+    return {"unchanged_s": _stats(unchanged), "unchanged_executed": sorted(executed),
+            "seed_changed_executed": seed_event.executed, "prompt_changed_executed": prompt_event.executed}
+
+
+def startup(repeat: int) -> dict[str, Any]:
+    from benchmarks.startup import first_frame_seconds, summary, worker_ready_seconds
+
+    frames = [first_frame_seconds(ROOT / "workflows" / "txt2img.json") for _ in range(repeat)]
+    ready = [worker_ready_seconds() for _ in range(repeat)]
+    return {"tui_first_frame_s": summary(frames), "worker_ready_s": summary(ready)}
+
+
+# -- driver ---------------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
+            "device": "cpu"}
+
+
+def prepare_models(root: Path, smallest: bool) -> tuple[str, str]:
+    import torch
+
+    from tui_diffusion.pipeline.checkpoint_writer import FULL_SD15, write_sd1_checkpoint
+
+    tiny = root / "checkpoints" / "tiny.safetensors"
+    if not tiny.exists():
+        write_sd1_checkpoint(tiny)
+    if smallest:
+        return "tiny.safetensors", "tiny.safetensors"
+    full = root / "checkpoints" / "full-sd15-fp16.safetensors"
+    if not full.exists():
+        write_sd1_checkpoint(full, FULL_SD15, dtype=torch.float16)
+    return "tiny.safetensors", "full-sd15-fp16.safetensors"
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| figure | ours | reference | ratio | target |", "|---|---|---|---|---|"]
+    for key, fig in results["figures"].items():
+        if "ratio" in fig:
+            a, b = (fig[k] for k in fig if k.endswith("_s"))
+            rows.append(f"| {key} | {a['median']:.4f} s ({a['min']:.4f}-{a['max']:.4f}) | "
+                        f"{b['median']:.4f} s ({b['min']:.4f}-{b['max']:.4f}) | {fig['ratio']:.3f}x | "
+                        f"{fig.get('target', '')} |")
+    rr = results["figures"].get("3_reruns")
+    if rr:
+        u = rr["unchanged_s"]
+        rows.append(f"| 3_reruns: nothing changed, submit to done | {u['median'] * 1000:.1f} ms "
+                    f"({u['min'] * 1000:.1f}-{u['max'] * 1000:.1f}) | | | "
+                    f"< 20 ms; executed {rr['unchanged_executed']} |")
+        rows.append(f"| 3_reruns: seed changed | executed {rr['seed_changed_executed']} | | | 3, 8, 9 |")
+        rows.append(f"| 3_reruns: prompt changed | executed {rr['prompt_changed_executed']} | | | 6, 3, 8, 9 |")
+    st = results["figures"].get("4_startup")
+    if st:
+        f, w = st["tui_first_frame_s"], st["worker_ready_s"]
+        rows.append(f"| 4_startup: TUI first frame | {f['median_s']:.3f} s ({f['min_s']:.3f}-{f['max_s']:.3f}) | | "
+                    "| < 0.5 s |")
+        rows.append(f"| 4_startup: worker ready | {w['median_s']:.3f} s ({w['min_s']:.3f}-{w['max_s']:.3f}) | | "
+                    "| < 5 s |")
+    m = results["machine"]
+    head = (f"Machine: {m['platform']}, {m['cpus']} CPUs ({m['threads']} torch threads), Python {m['python']}, "
+            f"torch {m['torch']}, diffusers {m['diffusers']}, device {m['device']}.")
+    return head + "\n\n" + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smallest", action="store_true", help="every figure at its smallest size (a smoke run)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--models", type=Path, default=ROOT / "benchmarks" / ".models",
+                        help="where the benchmark's random-weight checkpoints are written (kept between runs)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tiny, full = prepare_models(args.models, args.smallest)
+    figures: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="tui-diffusion-bench-"))
+    sizes = [64] if args.smallest else [64, 128]
+    for size in sizes:
+        fig = sampling_speed(args.models, full, size, steps=2 if args.smallest else 4, repeat=args.repeat)
+        fig["target"] = "<= 0.88x (never above 1.01x)"
+        figures[f"1_sampling_{size}px"] = fig
+        print(f"1_sampling_{size}px: {fig['ratio']:.3f}x", file=sys.stderr)
+    figures["2_engine_overhead"] = {**engine_overhead(args.models, tiny, args.repeat, work), "target": "<= 1.03x"}
+    print(f"2_engine_overhead: {figures['2_engine_overhead']['ratio']:.3f}x", file=sys.stderr)
+    figures["3_reruns"] = reruns(args.models, tiny, args.repeat, work)
+    figures["4_startup"] = startup(max(1, min(args.repeat, 5)))
+    results = {"machine": machine(), "figures": figures, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(table(results))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
