@@ -190,3 +190,31 @@ def test_import_and_export_commands_and_ui_files_run_directly(workdir: Path) -> 
     out = cli("run", str(ui_file), *SMALL, "--json", cwd=workdir)  # a UI file runs as it is
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "ok"
+
+
+def test_killed_worker_fails_its_job_and_a_new_one_runs_the_rest(workdir: Path) -> None:
+    import psutil
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tui_diffusion", "run", "workflows/txt2img.json", *SMALL,
+                             "--sweep", "3.steps=3000,2,2", "--json"], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while line and "job 1: started" not in line:
+            line = proc.stderr.readline()
+        time.sleep(1.5)  # the first (long) job is sampling
+        workers = [c for c in psutil.Process(proc.pid).children()
+                   if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(workers) == 1
+        workers[0].kill()  # SIGKILL, as the out-of-memory killer would
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = {r["job"]: r for r in (json.loads(line) for line in out.splitlines())}
+    assert records[1]["status"] == "error" and "killed by SIGKILL" in records[1]["error"]["message"]
+    assert records[2]["status"] == records[3]["status"] == "ok"
+    assert "restarting it for the 2 job(s) still queued" in err and "Traceback" not in err
+    assert proc.returncode == 1

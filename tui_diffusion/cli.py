@@ -242,6 +242,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 client.cancel(job_id)
 
     ids: list[str] = []
+    running: str | None = None
+    restarts = 0
     try:
         client.start()
         signal.signal(signal.SIGINT, on_sigint)
@@ -251,13 +253,40 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"worker ready: {ready.device_name} ({ready.dtype}), torch {ready.torch_version}, "
                       f"diffusers {ready.diffusers_version}")
         ids = [client.submit(job) for job in jobs]
+        by_id = dict(zip(ids, jobs, strict=True))
         index = {job_id: n for n, job_id in enumerate(ids, 1)}
         if interrupted:
             for job_id in ids:
                 client.cancel(job_id)
         while len(results) < len(ids):
-            event = client.next_event()
-            if isinstance(event, m.Progress):
+            try:
+                event = client.next_event()
+            except WorkerDied as exc:
+                # the running job failed with the cause; a new worker takes the pending ones
+                restarts += 1
+                if running is not None and running not in results:
+                    failed = m.JobFailed(running, None, f"the worker died while running it: {exc}")
+                    results[running] = failed
+                    _print_result(index[running], failed, args.json, progress)
+                running = None
+                pending = [j for j in ids if j not in results]
+                if not pending:
+                    break
+                if restarts > 3:
+                    raise
+                _err(f"{exc}; restarting it for the {len(pending)} job(s) still queued")
+                client.close()
+                client = WorkerClient(config)
+                client.start()
+                client.wait_ready()
+                for job_id in pending:
+                    client.submit(by_id[job_id], job_id=job_id)
+                continue
+            if isinstance(event, m.JobStarted):
+                running = event.job_id
+                if args.json:  # stdout carries only the result lines; progress goes to stderr
+                    print(f"job {index[event.job_id]}: started", file=sys.stderr, flush=True)
+            elif isinstance(event, m.Progress):
                 progress.show(f"job {index[event.job_id]}/{len(ids)} {titles.get(event.node_id, event.node_id)} "
                               f"[{_bar(event.step, event.total)}] {event.step}/{event.total}")
             elif isinstance(event, m.NodeStarted):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import queue
+import signal
 from typing import Any
 
 from tui_diffusion import messages as m
@@ -17,6 +18,20 @@ from tui_diffusion.settings import WorkerConfig
 
 class WorkerDied(RuntimeError):
     """The worker process ended unexpectedly."""
+
+
+def describe_exit(code: int | None) -> str:
+    """'killed by SIGKILL (the out-of-memory killer, or kill -9)', 'exit code 1', ..."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"
 
 
 class WorkerClient:
@@ -69,7 +84,7 @@ class WorkerClient:
                 event = self.events.get(timeout=step)
             except queue.Empty:
                 if self.process is not None and not self.process.is_alive():
-                    raise WorkerDied(f"the worker process ended (exit code {self.process.exitcode})") from None
+                    raise WorkerDied(f"the worker process ended ({describe_exit(self.process.exitcode)})") from None
                 waited += step
                 if timeout is not None and waited >= timeout:
                     return None
