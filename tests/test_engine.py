@@ -229,3 +229,38 @@ def test_out_of_memory_names_the_node_and_suggests_lowvram(engine: EngineState, 
     assert err.value.node_id == "8" and "out of GPU memory" in err.value.message and "--lowvram" in err.value.message
     monkeypatch.undo()
     assert run(ex, txt2img()).outputs  # the executor carries on; the cached loader is reused
+
+
+def test_a_full_disk_fails_the_job_leaves_no_partial_file_and_the_next_job_runs(engine: EngineState,
+                                                                                  monkeypatch) -> None:
+    import errno
+
+    from PIL import Image
+
+    ex = Executor(engine)
+    run(ex, txt2img())  # models loaded; one image written
+    before = sorted(p.name for p in engine.output_dir.iterdir())
+    original = Image.Image.save
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"partial")  # what a write cut short leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(JobError) as err:
+        run(ex, txt2img(**{"3.seed": 99}))
+    assert err.value.node_id == "9" and "No space left on device" in err.value.message
+    assert sorted(p.name for p in engine.output_dir.iterdir()) == before  # no temporary or partial file
+    monkeypatch.setattr(Image.Image, "save", original)
+    assert run(ex, txt2img(**{"3.seed": 99})).outputs
+
+
+def test_memory_error_names_the_node(engine: EngineState, monkeypatch) -> None:
+    from tui_diffusion.pipeline import registry
+
+    def exhausted(ctx, **inputs):
+        raise MemoryError()
+
+    monkeypatch.setitem(registry.implementations(), "KSampler", exhausted)
+    with pytest.raises(JobError, match="node 3 'KSampler': out of memory"):
+        run(Executor(engine), txt2img())

@@ -149,7 +149,8 @@ class Executor:
                 except (NodeError, CheckpointError, PathError) as exc:
                     raise JobError(node_id, f"{wf.describe(node_id)}: {exc}") from None
                 except MemoryError:
-                    raise JobError(node_id, f"{wf.describe(node_id)}: out of memory") from None
+                    raise JobError(node_id, f"{wf.describe(node_id)}: out of memory; try a smaller image or "
+                                            "batch, or --lowvram on a GPU") from None
                 except Exception as exc:
                     if type(exc).__name__ == "OutOfMemoryError":
                         raise JobError(node_id, f"{wf.describe(node_id)}: out of GPU memory; try a smaller "

@@ -317,6 +317,9 @@ def save_image(ctx: NodeContext, images: torch.Tensor, filename_prefix: str = "C
             path = save_png(img, ctx.engine.output_dir, filename_prefix, metadata)
         except PathError as exc:
             raise NodeError(str(exc)) from None
+        except OSError as exc:  # a full disk, a folder that became read-only: the job fails, not the worker
+            raise NodeError(f"cannot write the image into {ctx.engine.output_dir}: {exc.strerror or exc} "
+                            f"({len(files)} of {images.shape[0]} written)") from None
         files.append(str(path))
     return NodeResult((), files)
 
