@@ -33,6 +33,15 @@ FAMILY_TEMPLATE = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base", "sdxl-re
 #: Scale of the latents (not stored in the files): SD1.x/SD2.x, and SDXL.
 SD_VAE_SCALING = 0.18215
 SDXL_VAE_SCALING = 0.13025
+#: SD1.x/SD2.x pipelines without a safety checker or feature extractor (never loaded here)
+SD_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 
 
 def package_config_dir(name: str) -> Path:
@@ -201,14 +210,7 @@ def sd2_configs(h: dict[str, TensorInfo], family: Family, file: str, prediction:
     scheduler = _load_json(base / "scheduler" / "scheduler_config.json")
     scheduler["prediction_type"] = prediction
     return {
-        "model_index.json": {
-            "_class_name": "StableDiffusionPipeline",
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
+        "model_index.json": SD_MODEL_INDEX,
         "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file),
         "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file),
         "text_encoder/config.json": text,
@@ -251,14 +253,7 @@ def sd1_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str
     tok = _load_json(base / "tokenizer" / "tokenizer_config.json")
     tok["model_max_length"] = text["max_position_embeddings"]
     return {
-        "model_index.json": {
-            "_class_name": "StableDiffusionPipeline",
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
+        "model_index.json": SD_MODEL_INDEX,
         "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file),
         "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file),
         "text_encoder/config.json": text,

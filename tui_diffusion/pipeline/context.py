@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tui_diffusion.paths import ModelPaths
+from tui_diffusion.paths import ModelPaths, PathError
 from tui_diffusion.pipeline.device import Device
-from tui_diffusion.pipeline.errors import Interrupted
+from tui_diffusion.pipeline.errors import Interrupted, NodeError
 from tui_diffusion.pipeline.models import ModelCache
 
 
@@ -63,3 +63,13 @@ class NodeContext:
     def check_interrupt(self) -> None:
         if self.interrupted():
             raise Interrupted()
+
+    def model_file(self, kind: str, name: str) -> tuple[Path, str]:
+        """A model file's path, and the cache key of what is loaded from it on this device."""
+        eng = self.engine
+        try:
+            path = eng.paths.resolve(kind, name)
+            fingerprint = eng.paths.fingerprint(kind, name)
+        except PathError as exc:
+            raise NodeError(str(exc)) from None
+        return path, repr((kind, fingerprint, str(eng.device.torch_device), str(eng.device.dtype)))

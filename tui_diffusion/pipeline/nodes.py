@@ -36,11 +36,7 @@ from tui_diffusion.store.outputs import save_png
 @node("CheckpointLoaderSimple")
 def checkpoint_loader(ctx: NodeContext, ckpt_name: str) -> NodeResult:
     eng = ctx.engine
-    try:
-        path = eng.paths.resolve("checkpoints", ckpt_name)
-    except PathError as exc:
-        raise NodeError(str(exc)) from None
-    key = repr((eng.paths.fingerprint("checkpoints", ckpt_name), str(eng.device.torch_device), str(eng.device.dtype)))
+    path, key = ctx.model_file("checkpoints", ckpt_name)
     loaded = eng.models.get(key, lambda: load_checkpoint(path, eng.device, eng.config_cache))
     clip = dataclasses.replace(loaded.clip, embeddings_dir=eng.paths.folder("embeddings"))
     return NodeResult((loaded.model, clip, loaded.vae))
@@ -203,12 +199,8 @@ def model_sampling_discrete(ctx: NodeContext, model: ModelHandle, sampling: str 
 
 # -- LoRA ----------------------------------------------------------------------------------------------------------
 def _lora(ctx: NodeContext, lora_name: str) -> LoraWeights:
-    eng = ctx.engine
-    try:
-        path = eng.paths.resolve("loras", lora_name)
-    except PathError as exc:
-        raise NodeError(str(exc)) from None
-    return eng.loras.get(repr(eng.paths.fingerprint("loras", lora_name)), lambda: load_lora(path))
+    path, key = ctx.model_file("loras", lora_name)
+    return ctx.engine.loras.get(key, lambda: load_lora(path))
 
 
 def _with_patch(handle: Any, parts: dict[str, Any], lora: LoraWeights, strength: float, what: str) -> Any:

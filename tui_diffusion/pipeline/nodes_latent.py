@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tui_diffusion.paths import PathError
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.models import VaeHandle, load_vae
@@ -150,11 +149,7 @@ def vae_encode_for_inpaint(ctx: NodeContext, pixels: torch.Tensor, vae: VaeHandl
 @node("VAELoader")
 def vae_loader(ctx: NodeContext, vae_name: str) -> NodeResult:
     eng = ctx.engine
-    try:
-        path = eng.paths.resolve("vae", vae_name)
-    except PathError as exc:
-        raise NodeError(str(exc)) from None
-    key = repr(("vae", eng.paths.fingerprint("vae", vae_name), str(eng.device.torch_device)))
+    path, key = ctx.model_file("vae", vae_name)
     return NodeResult((eng.models.get(key, lambda: load_vae(path, eng.device, eng.config_cache)),))
 
 
