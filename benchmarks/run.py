@@ -177,6 +177,120 @@ def reruns(models: Path, ckpt: str, repeat: int, out: Path) -> dict[str, Any]:
             "seed_changed_executed": seed_event.executed, "prompt_changed_executed": prompt_event.executed}
 
 
+def model_load(models: Path, ckpt: str, repeat: int) -> dict[str, Any]:
+    """Checkpoint file to ready models: our loader against diffusers' from_single_file with a local config."""
+    import gc
+
+    from diffusers import StableDiffusionPipeline
+
+    from tui_diffusion.modelfiles.configs import family_configs, write_config_folder
+    from tui_diffusion.modelfiles.family import detect_family
+    from tui_diffusion.modelfiles.header import read_header
+    from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.pipeline.models import ModelCache, load_checkpoint
+    from tui_diffusion.settings import DevicePolicy
+
+    path = models / "checkpoints" / ckpt
+    device = resolve_device(DevicePolicy("cpu"))
+    cache = Path(tempfile.mkdtemp())
+    header = read_header(path)
+    folder = write_config_folder(family_configs(header, detect_family(header), str(path)), cache)
+
+    def ours() -> None:
+        load_checkpoint(path, device, cache)
+        gc.collect()
+
+    def reference() -> None:
+        import torch
+
+        StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                 torch_dtype=torch.float32, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)
+        gc.collect()
+
+    a, b = [], []
+    for _ in range(repeat):
+        a.append(_timed(ours))
+        b.append(_timed(reference))
+    models_cache = ModelCache(1)
+    models_cache.get("k", lambda: load_checkpoint(path, device, cache))
+    reload = _timed(lambda: models_cache.get("k", lambda: load_checkpoint(path, device, cache)))
+    return {"ours_s": _stats(a), "reference_s": _stats(b), "ratio": statistics.median(a) / statistics.median(b),
+            "reload_loaded_s": reload}
+
+
+def preview_cost(models: Path, ckpt: str, repeat: int) -> dict[str, Any]:
+    """Latent-to-RGB preview plus its half-block render, against one sampling step (128x128)."""
+    import torch
+
+    from tui_diffusion.images import halfblock_ansi, open_image
+    from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.pipeline.ksampler import latent_preview
+    from tui_diffusion.pipeline.models import load_checkpoint
+    from tui_diffusion.pipeline.worker import _png
+    from tui_diffusion.settings import DevicePolicy
+
+    loaded = load_checkpoint(models / "checkpoints" / ckpt, resolve_device(DevicePolicy("cpu")),
+                             Path(tempfile.mkdtemp()))
+    latent = torch.randn(2, 4, 16, 16)
+    context = torch.randn(2, 77, loaded.model.unet.config.cross_attention_dim)
+
+    def step() -> None:
+        with torch.inference_mode():
+            loaded.model.unet(latent, torch.tensor(500.0), encoder_hidden_states=context)
+
+    def preview() -> None:
+        png = _png(latent_preview(latent[:1]))
+        halfblock_ansi(open_image(png), 40, 20)
+
+    step()
+    preview()
+    a = [_timed(preview) for _ in range(repeat * 5)]
+    b = [_timed(step) for _ in range(repeat)]
+    return {"preview_s": _stats(a), "step_s": _stats(b), "ratio": statistics.median(a) / statistics.median(b)}
+
+
+def queue_throughput(models: Path, ckpt: str, jobs: int, out: Path) -> dict[str, Any]:
+    """``jobs`` tiny jobs through the worker's queue (submitted at once) against the same jobs back to back in
+    one process; also the worker's memory before and after, which must stay flat."""
+    import psutil
+
+    from tui_diffusion import messages as m
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+    from tui_diffusion.settings import DevicePolicy
+
+    workflows = [_txt2img(ckpt, 64, 2, seed=s) for s in range(jobs)]
+    client = _client(models, out / "throughput")
+    try:
+        _through(client, _txt2img(ckpt, 64, 2, seed=10**6))
+        worker = psutil.Process(client.process.pid)
+        rss_before = worker.memory_info().rss
+        start = time.perf_counter()
+        ids = {client.submit(w) for w in workflows}
+        done = 0
+        while done < len(ids):
+            event = client.next_event(timeout=120)
+            done += isinstance(event, (m.JobFinished, m.JobFailed)) and event.job_id in ids
+        queued = time.perf_counter() - start
+        rss_after = worker.memory_info().rss
+    finally:
+        client.close()
+    engine = EngineState(resolve_device(DevicePolicy("cpu")), ModelCache(1), ModelPaths(models), out / "tp-direct",
+                         out / "tp-tmp", out / "cfg")
+    ex = Executor(engine)
+    ex.run(_txt2img(ckpt, 64, 2, seed=10**6), Hooks(), lambda: False)
+    start = time.perf_counter()
+    for w in workflows:
+        ex.run(w, Hooks(), lambda: False)
+    direct = time.perf_counter() - start
+    return {"jobs": jobs, "queued_s": queued, "direct_s": direct, "ratio": queued / direct,
+            "worker_rss_before_mb": rss_before / 2**20, "worker_rss_after_mb": rss_after / 2**20}
+
+
 def startup(repeat: int) -> dict[str, Any]:
     from benchmarks.startup import first_frame_seconds, summary, worker_ready_seconds
 
@@ -214,11 +328,25 @@ def prepare_models(root: Path, smallest: bool) -> tuple[str, str]:
 def table(results: dict[str, Any]) -> str:
     rows = ["| figure | ours | reference | ratio | target |", "|---|---|---|---|---|"]
     for key, fig in results["figures"].items():
-        if "ratio" in fig:
-            a, b = (fig[k] for k in fig if k.endswith("_s"))
+        if "ratio" in fig and key.startswith(("1_", "2_", "5_")):
+            a, b = [fig[k] for k in fig if k.endswith("_s") and isinstance(fig[k], dict)][:2]
             rows.append(f"| {key} | {a['median']:.4f} s ({a['min']:.4f}-{a['max']:.4f}) | "
                         f"{b['median']:.4f} s ({b['min']:.4f}-{b['max']:.4f}) | {fig['ratio']:.3f}x | "
                         f"{fig.get('target', '')} |")
+    load = results["figures"].get("5_model_load")
+    if load:
+        rows.append(f"| 5_model_load: reload of a loaded checkpoint | {load['reload_loaded_s'] * 1000:.2f} ms "
+                    "| | | free |")
+    pc = results["figures"].get("6_preview_cost")
+    if pc:
+        rows.append(f"| 6_preview_cost | {pc['preview_s']['median'] * 1000:.2f} ms | "
+                    f"{pc['step_s']['median'] * 1000:.1f} ms (one step) | {pc['ratio']:.4f}x | < 0.02x |")
+    tp = results["figures"].get("8_queue_throughput")
+    if tp:
+        rows.append(f"| 8_queue_throughput: {tp['jobs']} jobs | {tp['queued_s']:.2f} s | {tp['direct_s']:.2f} s "
+                    f"| {tp['ratio']:.3f}x | close to 1x |")
+        rows.append(f"| 8_queue_throughput: worker memory | {tp['worker_rss_before_mb']:.0f} MB before, "
+                    f"{tp['worker_rss_after_mb']:.0f} MB after | | | flat |")
     rr = results["figures"].get("3_reruns")
     if rr:
         u = rr["unchanged_s"]
@@ -261,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     figures["2_engine_overhead"] = {**engine_overhead(args.models, tiny, args.repeat, work), "target": "<= 1.03x"}
     print(f"2_engine_overhead: {figures['2_engine_overhead']['ratio']:.3f}x", file=sys.stderr)
     figures["3_reruns"] = reruns(args.models, tiny, args.repeat, work)
+    figures["5_model_load"] = {**model_load(args.models, full, max(1, min(args.repeat, 3))),
+                               "target": "<= 1.0x; reload free"}
+    figures["6_preview_cost"] = {**preview_cost(args.models, full, args.repeat), "target": "< 0.02x"}
+    figures["8_queue_throughput"] = {**queue_throughput(args.models, tiny, 20 if args.smallest else 200, work),
+                                     "target": "close to 1x; memory flat"}
     figures["4_startup"] = startup(max(1, min(args.repeat, 5)))
     results = {"machine": machine(), "figures": figures, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
