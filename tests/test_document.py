@@ -127,3 +127,20 @@ def test_a_ui_format_file_is_saved_back_in_ui_format(tmp_path: Path) -> None:
     d.save()
     saved = json.loads(path.read_text())
     assert "nodes" in saved and next(n for n in saved["nodes"] if n["id"] == 3)["widgets_values"][2] == 12
+
+
+def test_a_workflow_opened_from_a_png_is_untitled(tmp_path: Path) -> None:
+    import json
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", TXT2IMG.read_text())
+    png = tmp_path / "made.png"
+    Image.new("RGB", (4, 4)).save(png, pnginfo=info)
+    d = WorkflowDocument.open(png)
+    assert d.path is None and d.workflow.class_type("3") == "KSampler"
+    d.save(tmp_path / "made.json")
+    assert json.loads((tmp_path / "made.json").read_text())["3"]["class_type"] == "KSampler"
+    assert Image.open(png).size == (4, 4)  # the image is untouched

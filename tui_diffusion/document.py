@@ -43,7 +43,11 @@ class WorkflowDocument:
     # -- files -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path) -> WorkflowDocument:
-        return cls(Workflow.load(path), path)
+        """A workflow file, or the workflow inside a PNG (then untitled: saving must not overwrite the image)."""
+        workflow = Workflow.load(path)
+        with open(path, "rb") as f:
+            is_image = f.read(8).startswith(b"\x89PNG")
+        return cls(workflow, None if is_image else path)
 
     def save(self, path: Path | None = None) -> Path:
         target = path or self.path

@@ -392,8 +392,8 @@ class MainScreen(Screen):
 
     async def load(self, path: Path, as_new: bool = False) -> None:
         try:
-            doc = WorkflowDocument(Workflow.load(path), None if as_new else path)
-        except WorkflowError as exc:
+            doc = WorkflowDocument(Workflow.load(path), None) if as_new else WorkflowDocument.open(path)
+        except (WorkflowError, OSError) as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
         self.document = doc
