@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
-import queue
 import signal
 from typing import Any
 
@@ -39,7 +38,8 @@ class WorkerClient:
         self.config = config
         self._ctx = mp.get_context("spawn")
         self.commands = self._ctx.Queue()
-        self.events = self._ctx.Queue()
+        # events travel over a plain pipe: no feeder thread in the worker competing with sampling
+        self._events, self._events_sender = self._ctx.Pipe(duplex=False)
         self.process: Any = None
         self.ready: m.WorkerReady | None = None
         self._ids = itertools.count(1)
@@ -48,10 +48,11 @@ class WorkerClient:
         from tui_diffusion.pipeline.worker import worker_main  # torch-free module; torch loads in the child
 
         self.process = self._ctx.Process(
-            target=worker_main, args=(self.commands, self.events, self.config), name="tui-diffusion-worker",
+            target=worker_main, args=(self.commands, self._events_sender, self.config), name="tui-diffusion-worker",
             daemon=True,
         )
         self.process.start()
+        self._events_sender.close()  # the worker holds the only writing end: its death ends the pipe
 
     def wait_ready(self, timeout: float | None = None) -> m.WorkerReady:
         """Block until the worker reports ready; raises WorkerDied if it fails to start."""
@@ -81,8 +82,12 @@ class WorkerClient:
         step = 0.2 if timeout is None else min(0.2, timeout)
         while True:
             try:
-                event = self.events.get(timeout=step)
-            except queue.Empty:
+                event = self._events.recv() if self._events.poll(step) else None
+            except (EOFError, OSError):
+                event = None
+                if self.process is not None:
+                    self.process.join(1.0)
+            if event is None:
                 if self.process is not None and not self.process.is_alive():
                     raise WorkerDied(f"the worker process ended ({describe_exit(self.process.exitcode)})") from None
                 waited += step

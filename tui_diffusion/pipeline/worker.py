@@ -192,8 +192,24 @@ class _Recorder:
         self.history.job_finished(job.job_id, status, models=models, **fields)
 
 
-def worker_main(cmd_q: Any, evt_q: Any, config: WorkerConfig) -> None:
+class _Events:
+    """The worker's end of the event pipe; the job loop and the command reader both send on it."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def put(self, event: Any) -> None:
+        with self.lock:
+            try:
+                self.conn.send(event)
+            except (BrokenPipeError, OSError):
+                pass  # the client is gone; the command reader notices and shuts the worker down
+
+
+def worker_main(cmd_q: Any, evt_conn: Any, config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
+    evt_q = _Events(evt_conn)
     _isolate_output(str(config.temp_dir), config.log_to_file_only)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
