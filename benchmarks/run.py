@@ -291,6 +291,46 @@ def queue_throughput(models: Path, ckpt: str, jobs: int, out: Path) -> dict[str,
             "worker_rss_before_mb": rss_before / 2**20, "worker_rss_after_mb": rss_after / 2**20}
 
 
+def peak_memory(models: Path, ckpt: str, size: int, out: Path) -> dict[str, Any]:
+    """The worker's peak resident memory for one job, against the bytes of the model's weights in fp32."""
+    import threading
+
+    import psutil
+    from safetensors import safe_open
+
+    with safe_open(str(models / "checkpoints" / ckpt), framework="numpy") as f:
+        weights = 0
+        for key in f.keys():
+            if key.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")):
+                shape = f.get_slice(key).get_shape()
+                count = 1
+                for d in shape:
+                    count *= d
+                weights += count * 4  # run in fp32 on the CPU
+    client = _client(models, out / "memory")
+    peak = 0
+    stop = threading.Event()
+    try:
+        worker = psutil.Process(client.process.pid)
+        idle = worker.memory_info().rss
+
+        def watch() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, worker.memory_info().rss)
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        _through(client, _txt2img(ckpt, size, 2, seed=3))
+        stop.set()
+        watcher.join()
+    finally:
+        client.close()
+    return {"peak_rss_mb": peak / 2**20, "idle_rss_mb": idle / 2**20, "weights_mb": weights / 2**20,
+            "ratio": (peak - idle) / weights}
+
+
 def startup(repeat: int) -> dict[str, Any]:
     from benchmarks.startup import first_frame_seconds, summary, worker_ready_seconds
 
@@ -341,6 +381,10 @@ def table(results: dict[str, Any]) -> str:
     if pc:
         rows.append(f"| 6_preview_cost | {pc['preview_s']['median'] * 1000:.2f} ms | "
                     f"{pc['step_s']['median'] * 1000:.1f} ms (one step) | {pc['ratio']:.4f}x | < 0.02x |")
+    pm = results["figures"].get("7_peak_memory")
+    if pm:
+        rows.append(f"| 7_peak_memory: worker peak RSS over idle | {pm['peak_rss_mb'] - pm['idle_rss_mb']:.0f} MB | "
+                    f"{pm['weights_mb']:.0f} MB of fp32 weights | {pm['ratio']:.2f}x | close to 1x |")
     tp = results["figures"].get("8_queue_throughput")
     if tp:
         rows.append(f"| 8_queue_throughput: {tp['jobs']} jobs | {tp['queued_s']:.2f} s | {tp['direct_s']:.2f} s "
@@ -392,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["5_model_load"] = {**model_load(args.models, full, max(1, min(args.repeat, 3))),
                                "target": "<= 1.0x; reload free"}
     figures["6_preview_cost"] = {**preview_cost(args.models, full, args.repeat), "target": "< 0.02x"}
+    figures["7_peak_memory"] = {**peak_memory(args.models, full, 64 if args.smallest else 128, work),
+                                "target": "close to the weights"}
     figures["8_queue_throughput"] = {**queue_throughput(args.models, tiny, 20 if args.smallest else 200, work),
                                      "target": "close to 1x; memory flat"}
     figures["4_startup"] = startup(max(1, min(args.repeat, 5)))
