@@ -141,38 +141,38 @@ def vae_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str, pr
     return cfg
 
 
-def clip_config(h: dict[str, TensorInfo], prefix: str, template: dict[str, Any], file: str) -> dict[str, Any]:
-    keys = [k for k in h if k.startswith(prefix)]
-    p = prefix + "text_model."
-    vocab, hidden = _shape(h, p + "embeddings.token_embedding.weight", file)
+def _text_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str, tokens: str, positions: str,
+                 layer_pattern: str, first_fc: str) -> dict[str, Any]:
+    """An HF CLIP text config from the shapes of a text tower, whichever key layout it uses."""
+    vocab, hidden = _shape(h, tokens, file)
+    if vocab != 49408:
+        raise CheckpointError(f"{file}: text encoder has {vocab} tokens; CLIP's tokenizer needs 49408")
     cfg = dict(template)
     cfg.update(
         vocab_size=vocab,
         hidden_size=hidden,
-        num_hidden_layers=_count(keys, re.escape(p) + r"encoder\.layers\.(\d+)\."),
-        intermediate_size=_shape(h, p + "encoder.layers.0.mlp.fc1.weight", file)[0],
-        max_position_embeddings=_shape(h, p + "embeddings.position_embedding.weight", file)[0],
-        num_attention_heads=max(1, hidden // 64),
-        projection_dim=hidden,
+        num_hidden_layers=_count(list(h), layer_pattern),
+        intermediate_size=_shape(h, first_fc, file)[0],
+        max_position_embeddings=_shape(h, positions, file)[0],
+        num_attention_heads=max(1, hidden // 64),  # convention: 64 channels per head
     )
-    if vocab != 49408:
-        raise CheckpointError(f"{file}: text encoder has {vocab} tokens; CLIP's tokenizer needs 49408")
+    return cfg
+
+
+def clip_config(h: dict[str, TensorInfo], prefix: str, template: dict[str, Any], file: str) -> dict[str, Any]:
+    p = prefix + "text_model."
+    cfg = _text_config(h, template, file, p + "embeddings.token_embedding.weight",
+                       p + "embeddings.position_embedding.weight", re.escape(p) + r"encoder\.layers\.(\d+)\.",
+                       p + "encoder.layers.0.mlp.fc1.weight")
+    cfg["projection_dim"] = cfg["hidden_size"]
     return cfg
 
 
 def openclip_config(h: dict[str, TensorInfo], prefix: str, template: dict[str, Any], file: str) -> dict[str, Any]:
     """HF CLIPTextModel(WithProjection) config of an OpenCLIP text tower (SD2, SDXL bigG)."""
-    keys = [k for k in h if k.startswith(prefix)]
-    vocab, hidden = _shape(h, prefix + "token_embedding.weight", file)
-    cfg = dict(template)
-    cfg.update(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=_count(keys, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."),
-        intermediate_size=_shape(h, prefix + "transformer.resblocks.0.mlp.c_fc.weight", file)[0],
-        max_position_embeddings=_shape(h, prefix + "positional_embedding", file)[0],
-        num_attention_heads=max(1, hidden // 64),
-    )
+    cfg = _text_config(h, template, file, prefix + "token_embedding.weight", prefix + "positional_embedding",
+                       re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.",
+                       prefix + "transformer.resblocks.0.mlp.c_fc.weight")
     if prefix + "text_projection" in h:
         cfg["projection_dim"] = h[prefix + "text_projection"].shape[1]
     cfg.pop("torch_dtype", None)  # the shipped SDXL configs say float16; the caller chooses the dtype

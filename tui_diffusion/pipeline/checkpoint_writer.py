@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -39,25 +40,29 @@ FULL_SD15 = TinySD1(
 )
 
 
+def _unet(channels: tuple[int, ...], attention: tuple[bool, ...], layers: int, cross_attention_dim: int,
+          **options: Any) -> Any:
+    """A diffusers UNet whose levels have cross-attention where ``attention`` says (down and mirrored up)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        in_channels=options.pop("in_channels", 4), out_channels=4, block_out_channels=channels,
+        layers_per_block=layers,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        cross_attention_dim=cross_attention_dim, norm_num_groups=32, **options,
+    )
+
+
 def build_sd1_models(sizes: TinySD1, seed: int = 0):
     """Randomly initialised diffusers/transformers SD1.x components of the given sizes."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=sizes.in_channels,
-        out_channels=4,
-        block_out_channels=sizes.unet_channels,
-        layers_per_block=sizes.layers_per_block,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in sizes.unet_attention),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(sizes.unet_attention)),
-        cross_attention_dim=sizes.text_width,
-        attention_head_dim=8,
-        transformer_layers_per_block=sizes.transformer_depth,
-        norm_num_groups=32,
-    )
+    unet = _unet(sizes.unet_channels, sizes.unet_attention, sizes.layers_per_block, sizes.text_width,
+                 sample_size=64, in_channels=sizes.in_channels, attention_head_dim=8,
+                 transformer_layers_per_block=sizes.transformer_depth)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -233,23 +238,22 @@ class TinySDXL:
     vae_layers: int = 1
 
 
+def _sdxl_unet(sizes: TinySDXL, cross_attention_dim: int, size_numbers: int) -> Any:
+    """SDXL's UNet: pooled text plus ``size_numbers`` embedded numbers (6 for the base, 5 for the refiner)."""
+    return _unet(sizes.unet_channels, sizes.unet_attention, sizes.layers_per_block, cross_attention_dim,
+                 sample_size=128, attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
+                 transformer_layers_per_block=sizes.transformer_depth, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=sizes.time_embed_dim,
+                 projection_class_embeddings_input_dim=size_numbers * sizes.time_embed_dim + sizes.clip_g_width)
+
+
 def build_sdxl_models(sizes: TinySDXL, seed: int = 0):
     """Randomly initialised SDXL components: UNet, VAE, CLIP-L and OpenCLIP-bigG-style text encoders."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4,
-        block_out_channels=sizes.unet_channels, layers_per_block=sizes.layers_per_block,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in sizes.unet_attention),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(sizes.unet_attention)),
-        cross_attention_dim=sizes.clip_l_width + sizes.clip_g_width,
-        attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
-        transformer_layers_per_block=sizes.transformer_depth, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=sizes.time_embed_dim,
-        projection_class_embeddings_input_dim=6 * sizes.time_embed_dim + sizes.clip_g_width, norm_num_groups=32,
-    )
+    unet = _sdxl_unet(sizes, sizes.clip_l_width + sizes.clip_g_width, size_numbers=6)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels,
         layers_per_block=sizes.vae_layers, down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
@@ -330,20 +334,10 @@ def _save(sd: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> Path:
 def write_sdxl_refiner_checkpoint(path: str | os.PathLike[str], sizes: TinySDXL = TinySDXL(), seed: int = 0,
                                   dtype: torch.dtype = torch.float32) -> Path:
     """A random-weight SDXL refiner: bigG text encoder only, five size/score numbers."""
-    from diffusers import UNet2DConditionModel
 
     _, vae, _, text_2 = build_sdxl_models(sizes, seed)
     torch.manual_seed(seed + 7)
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, block_out_channels=sizes.unet_channels,
-        layers_per_block=sizes.layers_per_block,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in sizes.unet_attention),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(sizes.unet_attention)),
-        cross_attention_dim=sizes.clip_g_width, attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
-        transformer_layers_per_block=sizes.transformer_depth, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=sizes.time_embed_dim,
-        projection_class_embeddings_input_dim=5 * sizes.time_embed_dim + sizes.clip_g_width, norm_num_groups=32,
-    ).eval()
+    unet = _sdxl_unet(sizes, sizes.clip_g_width, size_numbers=5).eval()
     sd: dict[str, torch.Tensor] = {}
     sd.update(unet_to_original(unet.state_dict(), sizes.layers_per_block))
     sd.update(vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)))
@@ -373,19 +367,13 @@ class TinySD2:
 
 
 def build_sd2_models(sizes: TinySD2, seed: int = 0, v_prediction: bool = False):
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _, vae, _ = build_sd1_models(TinySD1(vae_channels=sizes.vae_channels, vae_layers=sizes.vae_layers), seed)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
-        sample_size=96, in_channels=4, out_channels=4, block_out_channels=sizes.unet_channels,
-        layers_per_block=sizes.layers_per_block,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in sizes.unet_attention),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(sizes.unet_attention)),
-        cross_attention_dim=sizes.text_width, attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
-        use_linear_projection=True, upcast_attention=True, norm_num_groups=32,
-    )
+    unet = _unet(sizes.unet_channels, sizes.unet_attention, sizes.layers_per_block, sizes.text_width,
+                 sample_size=96, attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
+                 use_linear_projection=True, upcast_attention=True)
     if v_prediction:  # what v-objective training does to the norm ComfyUI's detection reads
         with torch.no_grad():
             unet.up_blocks[3].attentions[2].transformer_blocks[0].norm1.bias.normal_(0, 0.3)
