@@ -216,5 +216,5 @@ def test_killed_worker_fails_its_job_and_a_new_one_runs_the_rest(workdir: Path) 
     records = {r["job"]: r for r in (json.loads(line) for line in out.splitlines())}
     assert records[1]["status"] == "error" and "killed by SIGKILL" in records[1]["error"]["message"]
     assert records[2]["status"] == records[3]["status"] == "ok"
-    assert "restarting it for the 2 job(s) still queued" in err and "Traceback" not in err
+    assert "a new worker took the 2 job(s) still queued" in err and "Traceback" not in err
     assert proc.returncode == 1

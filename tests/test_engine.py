@@ -154,6 +154,16 @@ def test_every_sampler_produces_a_finite_image(engine: EngineState, sampler: str
     assert report.outputs and np.isfinite(image).all() and image.std() > 0.01
 
 
+def test_interrupt_stops_the_sampler_within_one_step(engine: EngineState) -> None:
+    from tui_diffusion.pipeline.errors import Interrupted
+
+    ex = Executor(engine)
+    hooks = Recorder()
+    with pytest.raises(Interrupted):
+        ex.run(txt2img(**{"3.steps": 50}), hooks, lambda: bool(hooks.steps) and hooks.steps[-1][1] >= 3)
+    assert [step for node, step, _ in hooks.steps if node == "3"][-1] in (3, 4)  # the step in flight at most
+
+
 def test_batch_and_partial_denoise(engine: EngineState) -> None:
     ex = Executor(engine)
     report = run(ex, txt2img(**{"5.batch_size": 2, "3.denoise": 0.5}))

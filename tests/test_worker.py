@@ -73,10 +73,10 @@ def test_interrupt_stops_within_a_step_and_the_next_job_runs(client: WorkerClien
     cancelled_at = time.monotonic()
     end, seen = until_end(client, long)
     assert isinstance(end, m.JobFinished) and end.status == "interrupted"
-    assert time.monotonic() - cancelled_at < 5
+    # 5000 steps take half a minute; the sampler checks for the interrupt at every step (see test_engine)
+    assert time.monotonic() - cancelled_at < 1.5
     late = [e.step for e in seen if isinstance(e, m.Progress) and e.job_id == long]
-    # events already queued when the cancel arrived, plus at most the step in flight
-    assert len(late) <= 3, late
+    assert not late or max(late) < 1000, late
     nxt, _ = until_end(client, after)
     assert isinstance(nxt, m.JobFinished) and nxt.status == "ok"
     assert "4" in nxt.cached  # the models stayed loaded

@@ -52,6 +52,8 @@ class TuiDiffusionApp(App):
         self._exit_after_first_frame = exit_after_first_frame
         self.first_frame_at: float | None = None
         self.main_screen: Any = None
+        #: the pid of the background server this app is attached to, if it is
+        self.attached_to: int | None = None
 
     # -- start-up -------------------------------------------------------------------------------------------
     def _default_workflow(self) -> Path:
@@ -80,6 +82,31 @@ class TuiDiffusionApp(App):
         if self.open_error:
             self.notify(self.open_error, severity="error", timeout=10)
         self.call_after_refresh(self._first_frame)
+        import asyncio
+        import signal
+
+        try:  # a dropped SSH connection: keep the edits, leave the jobs to the worker or server, and go
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.hang_up)
+        except (NotImplementedError, RuntimeError, AttributeError):  # no SIGHUP here (Windows)
+            pass
+        recovered = load_state().pop("recovered", None)
+        if recovered:
+            state = load_state()
+            state.pop("recovered", None)
+            save_state(state)
+            self.notify(f"unsaved edits from a session whose terminal went away were kept in {recovered}",
+                        severity="warning", timeout=15)
+
+    def hang_up(self) -> None:
+        """SIGHUP: the terminal is gone. Unsaved edits go to a recovery file; queued jobs are in the store
+        (an embedded worker finishes nothing more, they are held for the next start) or on the server."""
+        from tui_diffusion.state import save_recovery
+
+        screen = self._main()
+        doc = screen.document if screen else self.document
+        if doc.dirty:
+            save_recovery(doc.name, doc.workflow.to_data())
+        self.exit(return_code=129)
 
     def _first_frame(self) -> None:
         self.first_frame_at = time.time()  # wall clock: the benchmark compares it with the launch time
@@ -165,11 +192,12 @@ def _tree_request(main: Any, action: str) -> Any:
     return NodeTree.Requested(action, main.selected_node)
 
 
-def run_tui(workflow: Path | None, config: WorkerConfig, settings: dict[str, Any] | None = None) -> int:
+def run_tui(workflow: Path | None, config: WorkerConfig, settings: dict[str, Any] | None = None,
+            client_factory: Callable[[WorkerConfig], Any] | None = None) -> int:
     exit_after = os.environ.get("TUI_DIFFUSION_EXIT_AFTER_FIRST_FRAME") == "1"
     config = dataclasses.replace(config, log_to_file_only=True)
     settings = settings or {}
-    app = TuiDiffusionApp(workflow, config, exit_after_first_frame=exit_after,
+    app = TuiDiffusionApp(workflow, config, client_factory, exit_after_first_frame=exit_after,
                           workflows_dir=settings.get("workflows_dir"), theme=settings.get("theme"))
     result = app.run()
     if exit_after and isinstance(result, float):

@@ -63,6 +63,43 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="UNet and text encoder precision (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--vae-precision", choices=PRECISIONS, default=None, help="VAE precision (default: fp32)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet (slow first job per checkpoint and size, faster after)")
+    p.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="load .ckpt/.pt/.bin checkpoints, with torch.load(weights_only=True) only (refused otherwise)")
+
+
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpus", default=None, metavar="all|0,1,...",
+                       help="one worker process per GPU; jobs go to the free one that holds their models")
+    where.add_argument("--ray", default=None, metavar="local|auto|ray://HOST:PORT",
+                       help="run jobs on Ray actors, one per GPU of the cluster ('local': a throwaway cluster on "
+                            "this machine); needs pip install 'tui-diffusion[ray]'")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="N worker processes on the CPU (or N Ray actors with --ray)")
+
+
+def open_backend(args: argparse.Namespace, config: Any) -> Any:
+    """The executor backend the options ask for; None for the default single local worker."""
+    workers = getattr(args, "workers", None) or 0
+    if getattr(args, "ray", None):
+        from tui_diffusion.backends.ray_backend import RayUnavailable, ray_pool
+
+        try:
+            return ray_pool(config, args.ray, workers)
+        except RayUnavailable as exc:
+            raise UsageError(str(exc)) from None
+    from tui_diffusion.backends.pool import count_gpus, local_pool, parse_gpus
+
+    if getattr(args, "gpus", None):
+        try:
+            return local_pool(config, gpus=parse_gpus(args.gpus, count_gpus()))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if workers > 1:
+        return local_pool(config, workers=workers)
+    return None
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -87,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folders(run)
     _add_device_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object per job on stdout, nothing else")
+    _add_backend_options(run)
+    run.add_argument("--attach", action="store_true",
+                     help="queue the jobs on the background server ('tui-diffusion serve') instead of a worker of "
+                          "this command's own")
+
+    serve = sub.add_parser("serve", help="run the worker and its queue as a background server clients attach to")
+    what = serve.add_mutually_exclusive_group()
+    what.add_argument("--background", action="store_true", help="start it off this terminal and return")
+    what.add_argument("--stop", action="store_true", help="stop the running server (its worker with it)")
+    what.add_argument("--status", action="store_true", help="is one running; its worker and its jobs")
+    _add_folders(serve)
+    _add_device_options(serve)
+    _add_backend_options(serve)
+
+    resume = sub.add_parser("resume", help="run again the jobs a worker left unfinished (a crash, a reboot)")
+    resume.add_argument("--list", action="store_true", help="only list them")
+    resume.add_argument("--discard", action="store_true", help="forget them")
+    resume.add_argument("--json", action="store_true", help="one JSON object per job on stdout")
+    _add_folders(resume)
+    _add_device_options(resume)
 
     val = sub.add_parser("validate", help="check a workflow without running it")
     val.add_argument("workflow", type=Path)
@@ -176,7 +233,8 @@ def _report_issues(source: Path, issues: list) -> None:
 # -- commands --------------------------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
     wf, models = _load(args)
-    issues = validate_workflow(wf, models)
+    conf = settings(args)
+    issues = validate_workflow(wf, models, limits=conf.limits(), allow_pickle=conf.values["allow_pickle"])
     if issues:
         _report_issues(args.workflow, issues)
         return EXIT_INVALID
@@ -208,13 +266,20 @@ def _bar(step: int, total: int, width: int = 24) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tui_diffusion.client import WorkerClient, WorkerDied
+    from tui_diffusion.client import WorkerDied
+    from tui_diffusion.supervisor import Supervisor
 
-    wf, models = _load(args)
-    jobs = expand_sweeps(wf, args.sweeps)
+    resumed = getattr(args, "resume_jobs", None)
+    if resumed:
+        models = settings(args).model_paths()
+        jobs = [Workflow.from_data(data, f"job {job_id}") for job_id, data in resumed]
+    else:
+        wf, models = _load(args)
+        jobs = expand_sweeps(wf, args.sweeps)
+    config = settings(args).worker_config()
     invalid = False
     for i, job in enumerate(jobs, 1):
-        issues = validate_workflow(job, models)
+        issues = validate_workflow(job, models, limits=config.limits, allow_pickle=config.allow_pickle)
         if issues:
             invalid = True
             if len(jobs) > 1:
@@ -223,9 +288,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if invalid:
         return EXIT_INVALID
 
-    config = settings(args).worker_config()
     progress = _Progress(enabled=not args.json)
-    client = WorkerClient(config)
+    if getattr(args, "attach", False):
+        from tui_diffusion.server import RemoteClient
+
+        client: Any = RemoteClient()
+    else:  # a pool or Ray, else one worker that is replaced if it dies (its running job fails with the cause)
+        client = open_backend(args, config) or Supervisor(config)
     titles = {n: job.title(n) for job in jobs for n in job}
     results: dict[str, Any] = {}
     interrupted = False
@@ -242,8 +311,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 client.cancel(job_id)
 
     ids: list[str] = []
-    running: str | None = None
-    restarts = 0
+    placed: dict[str, str] = {}
+    default_worker = None
     try:
         client.start()
         signal.signal(signal.SIGINT, on_sigint)
@@ -252,38 +321,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.done(None if args.json else
                       f"worker ready: {ready.device_name} ({ready.dtype}), torch {ready.torch_version}, "
                       f"diffusers {ready.diffusers_version}")
-        ids = [client.submit(job) for job in jobs]
-        by_id = dict(zip(ids, jobs, strict=True))
+        default_worker = f"worker 0 ({ready.device_name})"  # a pool names the worker of each job
+        if resumed:
+            ids = [client.submit(job, job_id=job_id) for job, (job_id, _) in zip(jobs, resumed, strict=True)]
+        else:
+            ids = [client.submit(job) for job in jobs]
         index = {job_id: n for n, job_id in enumerate(ids, 1)}
         if interrupted:
             for job_id in ids:
                 client.cancel(job_id)
         while len(results) < len(ids):
-            try:
-                event = client.next_event()
-            except WorkerDied as exc:
-                # the running job failed with the cause; a new worker takes the pending ones
-                restarts += 1
-                if running is not None and running not in results:
-                    failed = m.JobFailed(running, None, f"the worker died while running it: {exc}")
-                    results[running] = failed
-                    _print_result(index[running], failed, args.json, progress)
-                running = None
-                pending = [j for j in ids if j not in results]
-                if not pending:
-                    break
-                if restarts > 3:
-                    raise
-                _err(f"{exc}; restarting it for the {len(pending)} job(s) still queued")
-                client.close()
-                client = WorkerClient(config)
-                client.start()
-                client.wait_ready()
-                for job_id in pending:
-                    client.submit(by_id[job_id], job_id=job_id)
+            event = client.next_event()
+            if isinstance(event, m.WorkerRestarted):
+                _err(f"{event.reason}; a new worker took the {len(event.resubmitted)} job(s) still queued")
                 continue
-            if isinstance(event, m.JobStarted):
-                running = event.job_id
+            if isinstance(event, m.WorkerFailed):
+                raise WorkerDied(event.message)
+            if getattr(event, "job_id", None) not in index:
+                continue  # another client's job on a shared server, or a snapshot
+            if isinstance(event, m.JobPlaced):
+                placed[event.job_id] = event.worker
+            elif isinstance(event, m.JobStarted):
                 if args.json:  # stdout carries only the result lines; progress goes to stderr
                     print(f"job {index[event.job_id]}: started", file=sys.stderr, flush=True)
             elif isinstance(event, m.Progress):
@@ -293,7 +351,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 progress.show(f"job {index[event.job_id]}/{len(ids)} {titles.get(event.node_id, event.node_id)}")
             elif isinstance(event, (m.JobFinished, m.JobFailed, m.JobRemoved)):
                 results[event.job_id] = event
-                _print_result(index[event.job_id], event, args.json, progress)
+                _print_result(index[event.job_id], event, args.json, progress,
+                              placed.get(event.job_id, default_worker))
     except KeyboardInterrupt:
         progress.done("stopped")
     except WorkerDied as exc:
@@ -309,23 +368,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def job_record(number: int, event: Any) -> dict[str, Any]:
-    """The ``run --json`` line of one job."""
+def job_record(number: int, event: Any, worker: str | None = None) -> dict[str, Any]:
+    """The ``run --json`` line of one job; ``worker``: which worker or actor ran it."""
     if isinstance(event, m.JobFinished):
-        return {"job": number, "status": event.status, "outputs": event.outputs, "executed": event.executed,
-                "cached": event.cached, "timings": {k: round(v, 4) for k, v in event.timings.items()},
-                "error": None}
-    if isinstance(event, m.JobFailed):
-        return {"job": number, "status": "error", "outputs": [], "executed": event.executed,
-                "cached": event.cached, "timings": event.timings,
-                "error": {"node": event.node_id, "message": event.message}}
-    return {"job": number, "status": "interrupted", "outputs": [], "executed": [], "cached": [], "timings": {},
-            "error": None}
+        record = {"job": number, "status": event.status, "outputs": event.outputs, "executed": event.executed,
+                  "cached": event.cached, "timings": {k: round(v, 4) for k, v in event.timings.items()},
+                  "error": None}
+    elif isinstance(event, m.JobFailed):
+        record = {"job": number, "status": "error", "outputs": [], "executed": event.executed,
+                  "cached": event.cached, "timings": event.timings,
+                  "error": {"node": event.node_id, "message": event.message}}
+    else:
+        record = {"job": number, "status": "interrupted", "outputs": [], "executed": [], "cached": [],
+                  "timings": {}, "error": None}
+    record["worker"] = worker
+    return record
 
 
-def _print_result(number: int, event: Any, as_json: bool, progress: _Progress) -> None:
+def _print_result(number: int, event: Any, as_json: bool, progress: _Progress, worker: str | None = None) -> None:
     if as_json:
-        print(json.dumps(job_record(number, event)), flush=True)
+        print(json.dumps(job_record(number, event, worker)), flush=True)
         return
     if isinstance(event, m.JobFinished) and event.status == "ok":
         progress.done(f"job {number}: done in {event.seconds:.2f}s (ran {', '.join(event.executed) or 'nothing'}; "
@@ -387,16 +449,129 @@ def build_tui_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tui-diffusion {__version__}")
     parser.add_argument("workflow", type=Path, nargs="?", default=None,
                         help="workflow to open (default: the last one used, else workflows/txt2img.json)")
+    attach = parser.add_mutually_exclusive_group()
+    attach.add_argument("--detach", action="store_true",
+                        help="run the worker in a background server that outlives this terminal (started if none "
+                             "runs) and attach to it; 'tui-diffusion' later attaches again")
+    attach.add_argument("--embedded", action="store_true",
+                        help="always start a worker of this app's own, even when a background server runs")
     _add_folders(parser)
     _add_device_options(parser)
+    _add_backend_options(parser)
     return parser
+
+
+#: options a background server is started with, passed on from the command that starts it
+_SERVER_OPTIONS = ("models_dir", "output_dir", "input_dir", "extra_model_paths", "precision", "vae_precision",
+                   "gpus", "ray", "workers")
+
+
+def _server_args(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for name in _SERVER_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}",
+                    str(Path(value).resolve()) if isinstance(value, Path) else str(value)]
+    if getattr(args, "memory", None):
+        out.append(f"--{args.memory}")
+    for flag in ("cpu", "compile", "allow_pickle"):
+        if getattr(args, flag, None):
+            out.append(f"--{flag.replace('_', '-')}")
+    return out
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
     from tui_diffusion.app import run_tui
+    from tui_diffusion.server import RemoteClient, ServerError, server_running, start_background
 
     resolved = settings(args)
-    return run_tui(args.workflow, resolved.worker_config(), resolved.values)
+    factory = None
+    if args.detach and not server_running():
+        try:
+            start_background(_server_args(args))
+        except ServerError as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+    if args.detach or (not args.embedded and server_running()):
+        factory = RemoteClient  # closing the app detaches; the server and its queue carry on
+    elif args.gpus or args.ray or (args.workers or 0) > 1:
+        factory = lambda config: open_backend(args, config)  # noqa: E731
+    return run_tui(args.workflow, resolved.worker_config(), resolved.values, client_factory=factory)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tui_diffusion.server import RemoteClient, Server, ServerError, server_running, socket_path, start_background
+
+    if args.stop or args.status:
+        if not server_running():
+            print(f"no server runs ({socket_path()})")
+            return EXIT_OK if args.stop else EXIT_FAILED
+        client = RemoteClient()
+        client.start()
+        hello = client.attached
+        if args.status:
+            counts: dict[str, int] = {}
+            for job in hello.jobs:
+                counts[job.status] = counts.get(job.status, 0) + 1
+            device = hello.ready.device_name if hello.ready else "starting"
+            print(f"server {hello.server_pid} on {socket_path()}: worker {device}; jobs: "
+                  + (", ".join(f"{n} {s}" for s, n in counts.items()) or "none"))
+        else:
+            client.stop_server()
+            print(f"asked server {hello.server_pid} to stop")
+        client.close()
+        return EXIT_OK
+    if args.background or not args.stop:
+        if server_running():
+            _err(f"a server already runs on {socket_path()} ('tui-diffusion serve --status')")
+            return EXIT_FAILED
+    if args.background:
+        try:
+            pid = start_background(_server_args(args))
+        except ServerError as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+        print(f"server {pid} runs in the background on {socket_path()}; 'tui-diffusion' attaches to it")
+        return EXIT_OK
+    try:
+        config = settings(args).worker_config()
+        server = Server(config, backend=open_backend(args, config))
+    except ServerError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    print(f"serving on {server.address} (pid {os.getpid()}); stop with 'tui-diffusion serve --stop'", flush=True)
+    return server.serve_forever()
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Jobs a worker left behind (a crash, a reboot, a closed terminal): list them, or run them again."""
+    import sqlite3
+
+    from tui_diffusion.store.history import History, StoreError
+
+    try:
+        history = History()
+        left = history.left_over()
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        _err(f"cannot read the queue store: {exc}")
+        return EXIT_FAILED
+    if not left:
+        print("no jobs were left unfinished")
+        return EXIT_OK
+    for row in left:
+        state = "interrupted" if row.status == "running" else "pending"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.created))
+        print(f"{row.id}  {when}  {state:<11}  {row.prompt.splitlines()[0][:60] if row.prompt else ''}")
+    if args.list:
+        return EXIT_OK
+    if args.discard:
+        for row in left:
+            history.job_state(row.id, "removed", "discarded by the user")
+        print(f"discarded {len(left)} job(s)")
+        return EXIT_OK
+    args.resume_jobs = [(row.id, row.workflow) for row in left]
+    return cmd_run(args)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -456,7 +631,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "import": cmd_import, "export": cmd_export,
-            "history": cmd_history, "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint}
+            "history": cmd_history, "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint, "serve": cmd_serve,
+            "resume": cmd_resume}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,10 @@ The headless CLI and the TUI both use this class, so there is one code path into
 
 from __future__ import annotations
 
-import itertools
+import collections
 import multiprocessing as mp
 import signal
+import uuid
 from typing import Any
 
 from tui_diffusion import messages as m
@@ -42,7 +43,7 @@ class WorkerClient:
         self._events, self._events_sender = self._ctx.Pipe(duplex=False)
         self.process: Any = None
         self.ready: m.WorkerReady | None = None
-        self._ids = itertools.count(1)
+        self._backlog: collections.deque[Any] = collections.deque()  # the rest of a batch of events
 
     def start(self) -> None:
         from tui_diffusion.pipeline.worker import worker_main  # torch-free module; torch loads in the child
@@ -66,7 +67,7 @@ class WorkerClient:
 
     def submit(self, workflow: Workflow | dict[str, Any], previews: bool = False, job_id: str | None = None) -> str:
         data = workflow.to_data() if isinstance(workflow, Workflow) else workflow
-        job_id = job_id or str(next(self._ids))
+        job_id = job_id or uuid.uuid4().hex[:12]  # unique across sessions: the store keeps every job
         self.commands.put(m.SubmitJob(job_id, data, previews))
         return job_id
 
@@ -78,6 +79,8 @@ class WorkerClient:
 
     def next_event(self, timeout: float | None = None) -> Any:
         """The next event, or None after ``timeout`` seconds; WorkerDied if the process is gone."""
+        if self._backlog:
+            return self._take(self._backlog.popleft())
         waited = 0.0
         step = 0.2 if timeout is None else min(0.2, timeout)
         while True:
@@ -94,9 +97,15 @@ class WorkerClient:
                 if timeout is not None and waited >= timeout:
                     return None
                 continue
-            if isinstance(event, m.WorkerReady):
-                self.ready = event
-            return event
+            if isinstance(event, list):  # the worker sends progress events in batches
+                self._backlog.extend(event[1:])
+                event = event[0]
+            return self._take(event)
+
+    def _take(self, event: Any) -> Any:
+        if isinstance(event, m.WorkerReady):
+            self.ready = event
+        return event
 
     def close(self, timeout: float = 5.0) -> None:
         if self.process is None:

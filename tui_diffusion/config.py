@@ -15,7 +15,7 @@ from typing import Any
 import platformdirs
 
 from tui_diffusion.paths import ModelPaths, PathError, read_extra_model_paths
-from tui_diffusion.settings import MEMORY_MODES, PRECISIONS, DevicePolicy, WorkerConfig
+from tui_diffusion.settings import MEMORY_MODES, PRECISIONS, DevicePolicy, Limits, WorkerConfig
 
 CONFIG_ENV = "TUI_DIFFUSION_CONFIG"
 
@@ -45,6 +45,12 @@ SETTINGS: tuple[Setting, ...] = (
             choices=PRECISIONS),
     Setting("vae_precision", None, "VAE precision (default fp32)", choices=PRECISIONS),
     Setting("max_checkpoints", 2, "loaded checkpoints kept in memory between jobs", int),
+    Setting("compile", False, "torch.compile the UNet: slow first job per checkpoint and size, faster steps", bool),
+    Setting("allow_pickle", False, "load .ckpt/.pt/.bin checkpoints (torch.load with weights_only=True only)",
+            bool),
+    Setting("max_side", Limits.max_side, "the widest or tallest image a workflow may ask for, in pixels", int),
+    Setting("max_batch", Limits.max_batch, "the most images in one batch", int),
+    Setting("max_prompt_chars", Limits.max_prompt_chars, "the longest prompt, in characters", int),
     Setting("theme", "textual-dark", "the app's Textual theme"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -61,6 +67,15 @@ def config_path() -> Path:
 def _convert(setting: Setting, raw: Any, where: str) -> Any:
     if raw is None:
         return None
+    if setting.kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{where}: {setting.name} = {raw!r} is not true or false")
     try:
         value = setting.kind(raw) if setting.kind is not str else str(raw)
     except (TypeError, ValueError):
@@ -90,9 +105,15 @@ class Settings:
             models_dir=paths.root, input_dir=paths.folder("input"), output_dir=self.values["output_dir"],
             extra_model_paths=paths.extra,
             device=DevicePolicy(self.values["device"], memory=self.values["memory"],
-                                precision=self.values["precision"], vae_precision=self.values["vae_precision"]),
+                                precision=self.values["precision"], vae_precision=self.values["vae_precision"],
+                                compile=self.values["compile"]),
             max_checkpoints=self.values["max_checkpoints"],
+            allow_pickle=self.values["allow_pickle"],
+            limits=self.limits(),
         )
+
+    def limits(self) -> Limits:
+        return Limits(self.values["max_side"], self.values["max_batch"], self.values["max_prompt_chars"])
 
 
 def resolve(options: dict[str, Any] | argparse.Namespace | None = None) -> Settings:

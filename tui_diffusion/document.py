@@ -16,6 +16,7 @@ from tui_diffusion.graph.specs import MAX_SEED, NODE_SPECS, get_spec
 from tui_diffusion.graph.validate import ValidationIssue, validate_workflow
 from tui_diffusion.graph.workflow import Link, Workflow, as_link
 from tui_diffusion.paths import ModelPaths
+from tui_diffusion.settings import Limits
 
 SEED_MODES = ("fixed", "increment", "decrement", "randomize")
 UNDO_LIMIT = 200
@@ -168,8 +169,9 @@ class WorkflowDocument:
         out = outputs[link.output_index].name if 0 <= link.output_index < len(outputs) else str(link.output_index)
         return f"from {self.workflow.title(link.node_id)}.{out}"
 
-    def validate(self, models: ModelPaths | None) -> list[ValidationIssue]:
-        return validate_workflow(self.workflow, models)
+    def validate(self, models: ModelPaths | None, limits: Limits | None = None,
+                 allow_pickle: bool = False) -> list[ValidationIssue]:
+        return validate_workflow(self.workflow, models, limits=limits, allow_pickle=allow_pickle)
 
     # -- seed control ("control after generate") ------------------------------------------------------------
     def seed_mode(self, node_id: str, name: str) -> str:

@@ -12,8 +12,10 @@ from functools import cache
 from io import BytesIO
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from PIL import Image
+if TYPE_CHECKING:  # Pillow (and numpy under it) loads with the first image, not with the app
+    from PIL import Image
 
 
 @cache
@@ -30,6 +32,8 @@ def _term_image() -> ModuleType:
 
 
 def open_image(source: str | Path | bytes) -> Image.Image:
+    from PIL import Image
+
     if isinstance(source, bytes):
         return Image.open(BytesIO(source)).convert("RGB")
     with Image.open(source) as im:
@@ -38,6 +42,8 @@ def open_image(source: str | Path | bytes) -> Image.Image:
 
 def halfblock_ansi(image: Image.Image, columns: int, rows: int) -> str:
     """The image fitted into columns x rows cells, two pixels per cell, in true colour."""
+    from PIL import Image
+
     columns, rows = max(columns, 1), max(rows, 1)
     w, h = image.size
     scale = min(columns / w, (rows * 2) / h)

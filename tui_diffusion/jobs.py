@@ -9,6 +9,8 @@ from typing import Any
 from tui_diffusion import messages as m
 
 PENDING, RUNNING, DONE, FAILED, INTERRUPTED, REMOVED = "pending", "running", "done", "failed", "interrupted", "removed"
+#: left unfinished by a worker that is gone (a crash, a reboot, a closed terminal): waits for "resume"
+HELD = "held"
 FINAL = frozenset({DONE, FAILED, INTERRUPTED, REMOVED})
 
 
@@ -33,6 +35,8 @@ class JobRecord:
     error: str | None = None
     error_node: str | None = None
     preview_png: bytes | None = None
+    #: the worker or actor a pool gave it to (None with a single worker)
+    worker: str | None = None
 
     @property
     def eta(self) -> float | None:
@@ -53,6 +57,18 @@ class JobBook:
         record = JobRecord(job_id, self._numbers, workflow, label)
         self.jobs[job_id] = record
         return record
+
+    def add_summary(self, job: m.JobSummary, label: str) -> JobRecord:
+        """A job a background server already knows (queued by this or another client, maybe finished)."""
+        record = self.jobs.get(job.job_id) or self.add(job.job_id, job.workflow, label)
+        record.status, record.node_id, record.step, record.total = job.status, job.node_id, job.step, job.total
+        record.outputs, record.error, record.error_node, record.seconds = (list(job.outputs), job.error,
+                                                                           job.error_node, job.seconds)
+        record.worker = job.worker
+        return record
+
+    def held(self) -> list[JobRecord]:
+        return [j for j in self.jobs.values() if j.status == HELD]
 
     def ordered(self) -> list[JobRecord]:
         return list(self.jobs.values())
@@ -75,7 +91,9 @@ class JobBook:
         record = self.jobs.get(getattr(event, "job_id", None))
         if record is None:
             return None
-        if isinstance(event, m.JobStarted):
+        if isinstance(event, m.JobPlaced):
+            record.worker = event.worker
+        elif isinstance(event, m.JobStarted):
             record.status, record.started = RUNNING, now
         elif isinstance(event, m.NodeStarted):
             record.node_id, record.step, record.total, record.step_started = event.node_id, 0, 0, now

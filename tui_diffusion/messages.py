@@ -39,6 +39,11 @@ class Shutdown:
     pass
 
 
+@dataclass(frozen=True)
+class StopServer:
+    """Ask a background server to stop (its worker with it); sent by ``serve --stop``."""
+
+
 # -- worker -> client -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkerReady:
@@ -60,9 +65,25 @@ class WorkerFailed:
 
 
 @dataclass(frozen=True)
+class WorkerRestarted:
+    """The worker died and a new one took its place; ``resubmitted`` are the pending jobs it was given."""
+
+    reason: str
+    resubmitted: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class JobAccepted:
     job_id: str
     position: int
+
+
+@dataclass(frozen=True)
+class JobPlaced:
+    """A pool gave the job to one of its workers (a process, a Ray actor)."""
+
+    job_id: str
+    worker: str
 
 
 @dataclass(frozen=True)
@@ -132,3 +153,39 @@ class JobMoved:
 
 
 JobEnd = (JobFinished, JobFailed, JobRemoved)
+
+
+# -- server -> attached clients ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobSummary:
+    """One job as a background server knows it: enough for a client that attaches later to show it."""
+
+    job_id: str
+    workflow: dict[str, Any]
+    previews: bool = False
+    #: pending, running, done, failed, interrupted, removed
+    status: str = "pending"
+    node_id: str | None = None
+    step: int = 0
+    total: int = 0
+    outputs: list[str] = field(default_factory=list)
+    error: str | None = None
+    error_node: str | None = None
+    seconds: float | None = None
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
+class Attached:
+    """The first message a client gets from a server: the worker (None while it starts) and every job."""
+
+    ready: WorkerReady | None
+    jobs: list[JobSummary]
+    server_pid: int
+
+
+@dataclass(frozen=True)
+class JobQueued:
+    """A job some attached client queued (each client learns of the others' jobs)."""
+
+    job: JobSummary

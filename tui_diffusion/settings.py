@@ -25,6 +25,21 @@ class DevicePolicy:
     precision: str | None = None
     #: the VAE; None: fp32 (SD's VAE overflows in fp16)
     vae_precision: str | None = None
+    #: torch.compile the UNet: a slow first job per checkpoint and size, then faster steps (opt-in)
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one workflow from taking the machine down; checked before a job is queued and again
+    on what each node produces."""
+
+    #: widest and tallest image, in pixels
+    max_side: int = 8192
+    #: images per batch
+    max_batch: int = 64
+    #: characters in one prompt
+    max_prompt_chars: int = 20000
 
 
 @dataclass(frozen=True)
@@ -43,3 +58,10 @@ class WorkerConfig:
     #: the run-history database (None: the default in the user data folder, or $TUI_DIFFUSION_DB)
     db_path: Path | None = None
     record_history: bool = True
+    #: load .ckpt/.pt/.bin files (with torch.load(weights_only=True) only); off: they are refused
+    allow_pickle: bool = False
+    limits: Limits = field(default_factory=Limits)
+    #: CUDA_VISIBLE_DEVICES for this worker (one worker per GPU in a pool); None: leave it as it is
+    visible_devices: str | None = None
+    #: torch's CPU threads (a pool of N CPU workers splits the cores); None: torch's default
+    torch_threads: int | None = None

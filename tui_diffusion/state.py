@@ -33,3 +33,22 @@ def save_state(data: dict) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # remembering is a convenience; never fail the app for it
+
+
+def save_recovery(name: str, data: dict) -> Path | None:
+    """Unsaved edits kept when the terminal goes away (SIGHUP); the next start says where they are."""
+    import time
+
+    folder = state_file().parent / "recovered"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{Path(name).stem or 'workflow'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    state = load_state()
+    state["recovered"] = str(path)
+    save_state(state)
+    return path

@@ -10,6 +10,7 @@ from tui_diffusion.graph.samplers import combination_error
 from tui_diffusion.graph.specs import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, NodeSpec, get_spec
 from tui_diffusion.graph.workflow import Workflow, as_link
 from tui_diffusion.paths import PICKLE_SUFFIXES, ModelPaths, PathError
+from tui_diffusion.settings import Limits
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def check_value(spec: InputSpec, value: Any, models: ModelPaths | None = None) -> str | None:
+def check_value(spec: InputSpec, value: Any, models: ModelPaths | None = None,
+                allow_pickle: bool = False) -> str | None:
     """Why a literal ``value`` is not acceptable for ``spec``, or None. Also used by the TUI's forms."""
     t = spec.type
     if t == INT:
@@ -56,7 +58,7 @@ def check_value(spec: InputSpec, value: Any, models: ModelPaths | None = None) -
         if spec.choices is not None and value not in spec.choices:
             return f"{value!r} is not one of: {', '.join(spec.choices)}"
         if spec.choices_from is not None and models is not None:
-            return _check_model_file(spec.choices_from, value, models)
+            return _check_model_file(spec.choices_from, value, models, allow_pickle)
         return None
     if spec.min is not None and value < spec.min:
         return f"{_fmt(value)} is below the minimum {_fmt(spec.min)}"
@@ -67,7 +69,7 @@ def check_value(spec: InputSpec, value: Any, models: ModelPaths | None = None) -
     return None
 
 
-def _check_model_file(kind: str, name: str, models: ModelPaths) -> str | None:
+def _check_model_file(kind: str, name: str, models: ModelPaths, allow_pickle: bool = False) -> str | None:
     try:
         path = models.resolve(kind, name)
     except PathError as exc:
@@ -82,9 +84,27 @@ def _check_model_file(kind: str, name: str, models: ModelPaths) -> str | None:
         else:
             hint = " (the folder is empty)"
         return f"{exc}{hint}"
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return (f"{path}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded and are not "
-                "supported; use the .safetensors version of the model")
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        return (f"{path}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded and are refused; "
+                "use the .safetensors version of the model, or allow them with --allow-pickle")
+    return None
+
+
+#: inputs that size what a node allocates (on nodes that output latents or images)
+_SIDES = ("width", "height")
+_BATCH = ("batch_size", "amount")
+
+
+def limit_error(spec: NodeSpec, name: str, value: Any, limits: Limits) -> str | None:
+    """Why a literal value exceeds the machine's configured bounds, or None."""
+    allocates = any(o.type in ("LATENT", "IMAGE", "MASK") for o in spec.outputs)
+    if allocates and name in _SIDES and isinstance(value, int) and value > limits.max_side:
+        return f"{value} is above this machine's limit of {limits.max_side} pixels (setting max_side)"
+    if name in _BATCH and isinstance(value, int) and value > limits.max_batch:
+        return f"{value} is above this machine's limit of {limits.max_batch} images per batch (setting max_batch)"
+    if isinstance(value, str) and len(value) > limits.max_prompt_chars:
+        return (f"the text is {len(value)} characters, above this machine's limit of {limits.max_prompt_chars} "
+                "(setting max_prompt_chars)")
     return None
 
 
@@ -127,7 +147,8 @@ def _find_cycle(wf: Workflow, nodes: list[str]) -> list[str] | None:
     return None
 
 
-def _check_node(wf: Workflow, node_id: str, spec: NodeSpec, models: ModelPaths | None) -> list[ValidationIssue]:
+def _check_node(wf: Workflow, node_id: str, spec: NodeSpec, models: ModelPaths | None, limits: Limits,
+                allow_pickle: bool) -> list[ValidationIssue]:
     title = wf.title(node_id)
     issues: list[ValidationIssue] = []
 
@@ -145,7 +166,9 @@ def _check_node(wf: Workflow, node_id: str, spec: NodeSpec, models: ModelPaths |
         if link is None:
             if not ispec.is_widget:
                 add(ispec.name, f"must be linked to a {ispec.type} output, got the value {value!r}")
-            elif (why := check_value(ispec, value, models)) is not None:
+            elif (why := check_value(ispec, value, models, allow_pickle)) is not None:
+                add(ispec.name, why)
+            elif (why := limit_error(spec, ispec.name, value, limits)) is not None:
                 add(ispec.name, why)
             continue
         if link.node_id not in wf:
@@ -169,8 +192,10 @@ def _check_node(wf: Workflow, node_id: str, spec: NodeSpec, models: ModelPaths |
     return issues
 
 
-def validate_workflow(wf: Workflow, models: ModelPaths | None = None) -> list[ValidationIssue]:
+def validate_workflow(wf: Workflow, models: ModelPaths | None = None, *, limits: Limits | None = None,
+                      allow_pickle: bool = False) -> list[ValidationIssue]:
     """All problems that would stop ``wf`` from running; an empty list when it can run."""
+    limits = limits or Limits()
     issues: list[ValidationIssue] = []
     for node_id in wf:
         if get_spec(wf.class_type(node_id)) is None:
@@ -184,7 +209,7 @@ def validate_workflow(wf: Workflow, models: ModelPaths | None = None) -> list[Va
     for node_id in needed:
         spec = get_spec(wf.class_type(node_id))
         if spec is not None:
-            issues.extend(_check_node(wf, node_id, spec, models))
+            issues.extend(_check_node(wf, node_id, spec, models, limits, allow_pickle))
     if cycle := _find_cycle(wf, needed):
         first = cycle[0]
         issues.append(ValidationIssue(first, wf.title(first), None,

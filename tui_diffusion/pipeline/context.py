@@ -11,6 +11,7 @@ from tui_diffusion.paths import ModelPaths, PathError
 from tui_diffusion.pipeline.device import Device
 from tui_diffusion.pipeline.errors import Interrupted, NodeError
 from tui_diffusion.pipeline.models import ModelCache
+from tui_diffusion.settings import Limits
 
 
 @dataclass
@@ -27,6 +28,9 @@ class EngineState:
     loras: ModelCache = field(default_factory=lambda: ModelCache(8))
     #: run history and the model-hash cache (None: not recorded)
     history: Any = None
+    #: load pickle checkpoints (weights only); refused when False
+    allow_pickle: bool = False
+    limits: Limits = field(default_factory=Limits)
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def model_hash(self, kind: str, name: str) -> str | None:

@@ -24,6 +24,8 @@ class Device:
     offload: str = "none"
     #: decode (and encode) with the VAE in tiles
     vae_tiling: bool = False
+    #: torch.compile the UNet when a checkpoint loads (--compile)
+    compile: bool = False
 
 
 def resolve_device(policy: DevicePolicy) -> Device:
@@ -47,4 +49,5 @@ def resolve_device(policy: DevicePolicy) -> Device:
     offload = {"lowvram": "model", "novram": "sequential"}.get(policy.memory, "none")
     if dev.type == "cpu":
         offload = "none"  # nothing to offload to: the CPU is where the models are
-    return Device(dev, dtype, vae_dtype, name, offload, vae_tiling=policy.memory in ("lowvram", "novram"))
+    return Device(dev, dtype, vae_dtype, name, offload, vae_tiling=policy.memory in ("lowvram", "novram"),
+                  compile=policy.compile)

@@ -25,6 +25,7 @@ from tui_diffusion.paths import PathError
 from tui_diffusion.pipeline.context import EngineState, NodeContext
 from tui_diffusion.pipeline.errors import Interrupted, NodeError
 from tui_diffusion.pipeline.registry import NodeResult, implementations
+from tui_diffusion.settings import Limits
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,27 @@ def execution_order(wf: Workflow) -> list[str]:
     return order
 
 
+def output_limit_error(result: NodeResult, limits: Limits) -> str | None:
+    """Sizes reached at run time (an upscale by a factor, a batch repeated) checked against the bounds, so a
+    chain of nodes cannot grow past them either."""
+    for out in result.outputs:
+        tensor, scale = None, 1
+        if isinstance(out, dict) and hasattr(out.get("samples"), "shape"):  # LATENT: [batch, channels, h, w]
+            tensor, scale = out["samples"], 8
+            batch, height, width = tensor.shape[0], tensor.shape[-2], tensor.shape[-1]
+        elif hasattr(out, "shape") and getattr(out, "ndim", 0) == 4 and out.shape[-1] in (1, 3, 4):  # IMAGE
+            tensor = out
+            batch, height, width = out.shape[0], out.shape[1], out.shape[2]
+        if tensor is None:
+            continue
+        if max(height, width) * scale > limits.max_side:
+            return (f"its output is {width * scale}x{height * scale}, above this machine's limit of "
+                    f"{limits.max_side} pixels (setting max_side)")
+        if batch > limits.max_batch:
+            return f"its output is a batch of {batch}, above this machine's limit of {limits.max_batch} (max_batch)"
+    return None
+
+
 class Executor:
     def __init__(self, engine: EngineState) -> None:
         self.engine = engine
@@ -117,7 +139,8 @@ class Executor:
     def run(self, workflow: dict[str, Any], hooks: Hooks, interrupted: Callable[[], bool],
             previews: bool = False) -> JobReport:
         wf = Workflow.from_data(workflow, "<job>")
-        issues = validate_workflow(wf, self.engine.paths)
+        issues = validate_workflow(wf, self.engine.paths, limits=self.engine.limits,
+                                   allow_pickle=self.engine.allow_pickle)
         if issues:
             first = issues[0]
             raise JobError(first.node_id, "; ".join(str(i) for i in issues))
@@ -158,6 +181,8 @@ class Executor:
                     log.exception("node %s failed", node_id)
                     raise JobError(node_id, f"{wf.describe(node_id)}: {type(exc).__name__}: {exc}") from None
                 seconds = time.perf_counter() - start
+                if (why := output_limit_error(result, self.engine.limits)) is not None:
+                    raise JobError(node_id, f"{wf.describe(node_id)}: {why}")
                 results[node_id] = result
                 self.cache[key] = result
                 report.executed.append(node_id)

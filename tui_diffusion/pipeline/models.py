@@ -18,7 +18,7 @@ import torch
 
 from tui_diffusion.modelfiles.configs import family_configs, standalone_vae_configs, write_config_folder
 from tui_diffusion.modelfiles.family import V_PRED_PROBE, detect_family
-from tui_diffusion.modelfiles.header import CheckpointError, read_header
+from tui_diffusion.modelfiles.header import CheckpointError, TensorInfo, read_header
 from tui_diffusion.paths import PICKLE_SUFFIXES, is_diffusers_folder
 from tui_diffusion.pipeline.device import Device
 from tui_diffusion.pipeline.placement import in_use, place
@@ -106,7 +106,54 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedCheckpoint:
+_TORCH_TO_SAFETENSORS = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def read_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .ckpt/.pt/.bin file, through ``torch.load(weights_only=True)`` only: a pickle that
+    would build anything but tensors and plain containers (and so could run code) is refused unread."""
+    import pickle
+    import zipfile
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not weights only"
+        raise CheckpointError(f"{path}: refused: this pickle holds more than weights, so loading it could run "
+                              f"code ({reason})") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read this pickle checkpoint: {exc}") from None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(obj).__name__}, not named tensors)")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _read_checkpoint_header(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorInfo], Any]:
+    """The tensor names and shapes of a single-file checkpoint, and a reader for one tensor."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(f"{path}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded "
+                                  "and are refused; use the .safetensors version of the model, or allow them with "
+                                  "--allow-pickle (loaded with torch.load(weights_only=True))")
+        state = read_pickle_checkpoint(path)
+        header = {k: TensorInfo(_TORCH_TO_SAFETENSORS.get(v.dtype, str(v.dtype)), tuple(v.shape))
+                  for k, v in state.items()}
+        return header, state.__getitem__
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: not a .safetensors checkpoint")
+
+    def tensor(name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read_header(path), tensor
+
+
+def load_checkpoint(path: Path, device: Device, config_cache: Path, allow_pickle: bool = False) -> LoadedCheckpoint:
     """Load a checkpoint file or diffusers folder; CheckpointError names the file on failure."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
@@ -126,21 +173,17 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
         except Exception as exc:  # diffusers raises many types for bad folders
             raise CheckpointError(f"{path}: cannot load this diffusers folder: {exc}") from None
     else:
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise CheckpointError(f"{path}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded "
-                                  "and are not supported; use the .safetensors version of the model")
-        if path.suffix.lower() != ".safetensors":
-            raise CheckpointError(f"{path}: not a .safetensors checkpoint")
-        header = read_header(path)
+        header, tensor = _read_checkpoint_header(path, allow_pickle)
         conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight")
         fam = detect_family(header, conv_in.shape[1] if conv_in else None)
         if not fam.supported:
             raise CheckpointError(f"{path}: {fam.reason}")
         family = fam.id
-        prediction = detect_prediction(path, header) if family == "sd2" else "epsilon"  # as ComfyUI: 4-channel only
+        prediction = detect_prediction(header, tensor) if family == "sd2" else "epsilon"  # as ComfyUI: 4-channel only
         folder = write_config_folder(family_configs(header, fam, str(path), prediction), config_cache)
         cls = {"sdxl": StableDiffusionXLPipeline,
                "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(family, StableDiffusionPipeline)
+        del tensor  # a pickle's tensors: diffusers reads the file again, also with weights_only=True
         try:
             pipe = cls.from_single_file(str(path), config=str(folder), **_pipeline_kwargs(family, common))
         except Exception as exc:
@@ -159,6 +202,8 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
     for module in [pipe.unet] + [e.model for e in clip.encoders]:
         place(module, device, device.dtype)
     _place_vae(pipe.vae, device)
+    if device.compile:
+        pipe.unet.compile()  # in place: the module (and LoRA patches on its weights) stays the same object
     return LoadedCheckpoint(
         model=ModelHandle(pipe.unet, dict(pipe.scheduler.config), family, device, str(path)),
         clip=clip,
@@ -166,7 +211,7 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path) -> LoadedChe
     )
 
 
-def detect_prediction(path: Path, header: dict[str, Any]) -> str:
+def detect_prediction(header: dict[str, Any], tensor: Any) -> str:
     """epsilon or v_prediction for an SD2.x file, the way ComfyUI tells them apart.
 
     A ``v_pred`` marker tensor decides; otherwise the spread of one norm bias deep in the UNet, which
@@ -177,10 +222,7 @@ def detect_prediction(path: Path, header: dict[str, Any]) -> str:
         return "v_prediction"
     if V_PRED_PROBE not in header:
         return "epsilon"
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        bias = f.get_tensor(V_PRED_PROBE).float()
+    bias = tensor(V_PRED_PROBE).float()
     return "v_prediction" if float(bias.std(unbiased=False)) > 0.09 else "epsilon"
 
 

@@ -37,7 +37,7 @@ from tui_diffusion.store.outputs import save_png
 def checkpoint_loader(ctx: NodeContext, ckpt_name: str) -> NodeResult:
     eng = ctx.engine
     path, key = ctx.model_file("checkpoints", ckpt_name)
-    loaded = eng.models.get(key, lambda: load_checkpoint(path, eng.device, eng.config_cache))
+    loaded = eng.models.get(key, lambda: load_checkpoint(path, eng.device, eng.config_cache, eng.allow_pickle))
     clip = dataclasses.replace(loaded.clip, embeddings_dir=eng.paths.folder("embeddings"))
     return NodeResult((loaded.model, clip, loaded.vae))
 

@@ -36,7 +36,7 @@ class _Jobs:
         self.stop = False
 
 
-def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs) -> None:
+def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs, queue: _QueueStore) -> None:
     import multiprocessing
 
     parent = multiprocessing.parent_process()
@@ -50,6 +50,7 @@ def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs) -> None:
                 continue
         with jobs.cond:
             if isinstance(cmd, m.SubmitJob):
+                queue.queued(cmd)  # in the store before it is acknowledged: a crash from here on loses nothing
                 jobs.pending.append(cmd)
                 evt_q.put(m.JobAccepted(cmd.job_id, len(jobs.pending)))
             elif isinstance(cmd, m.CancelJob):
@@ -59,6 +60,7 @@ def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs) -> None:
                     for job in list(jobs.pending):
                         if job.job_id == cmd.job_id:
                             jobs.pending.remove(job)
+                            queue.state(job.job_id, "removed")
                             evt_q.put(m.JobRemoved(job.job_id))
             elif isinstance(cmd, m.MoveJob):
                 for job in list(jobs.pending):
@@ -132,6 +134,49 @@ def workflow_changes(before: dict[str, Any] | None, after: dict[str, Any]) -> di
     return changes
 
 
+class _QueueStore:
+    """The durable queue's writes. A job's row is written synchronously when it is accepted (on the command
+    thread); its later states go through a thread of their own so a job never waits on the disk for them,
+    in order, and at once (not when idle, as the history's details are). Without a store: nothing."""
+
+    def __init__(self, history: Any) -> None:
+        import queue
+
+        from tui_diffusion.store.history import Session
+
+        self.history = history
+        self.session = Session(history.path) if history is not None else None
+        self.tasks: queue.Queue = queue.Queue()
+        if history is not None:
+            threading.Thread(target=self._drain, daemon=True, name="queue-store").start()
+
+    def queued(self, job: m.SubmitJob) -> None:
+        if self.history is None or self.session is None:
+            return
+        try:
+            self.history.job_queued(job.job_id, job.workflow, self.session.id, job.previews)
+        except Exception:  # a store that fails never stops a job: it runs, unrecorded
+            log.exception("could not write job %s to the queue store", job.job_id)
+
+    def state(self, job_id: str, status: str, error: str | None = None) -> None:
+        if self.history is not None:
+            self.tasks.put((job_id, status, error))
+
+    def _drain(self) -> None:
+        while True:
+            job_id, status, error = self.tasks.get()
+            try:
+                self.history.job_state(job_id, status, error)
+            except Exception:
+                log.exception("could not record job %s as %s", job_id, status)
+            finally:
+                self.tasks.task_done()
+
+    def flush(self) -> None:
+        if self.history is not None:
+            self.tasks.join()
+
+
 class _Recorder:
     """Writes the run history on a thread of its own, so no job waits for the database or for hashing
     its files; a failure to write is logged, never fatal to a job."""
@@ -192,23 +237,68 @@ class _Recorder:
         self.history.job_finished(job.job_id, status, models=models, **fields)
 
 
-class _Events:
-    """The worker's end of the event pipe; the job loop and the command reader both send on it."""
+#: Events that only report how far a job got: held back briefly and sent with the next one, so a short job
+#: crosses the process boundary in one message instead of a dozen (each wakes the client, which competes
+#: with sampling for the CPU). Anything a user waits on (an end, a preview, a removal) goes at once.
+_HOLD = (m.JobAccepted, m.JobStarted, m.NodeStarted, m.NodeCached, m.NodeFinished, m.Progress)
 
-    def __init__(self, conn: Any) -> None:
+
+class _Events:
+    """The worker's end of the event pipe; the job loop and the command reader both send on it.
+
+    Progress-only events go at once when nothing went in the last ``latency`` seconds, else they wait, at
+    most ``latency`` seconds, for the next event or for the flusher thread: at most one message per
+    ``latency`` reaches the client however fast the steps are, and a 30 ms job is two messages."""
+
+    def __init__(self, conn: Any, latency: float = 0.05) -> None:
         self.conn = conn
+        self.latency = latency
         self.lock = threading.Lock()
+        self.held: list[Any] = []
+        self.sent_at = 0.0
+        self.wake = threading.Event()
+        threading.Thread(target=self._flusher, daemon=True, name="events").start()
 
     def put(self, event: Any) -> None:
         with self.lock:
-            try:
-                self.conn.send(event)
-            except (BrokenPipeError, OSError):
-                pass  # the client is gone; the command reader notices and shuts the worker down
+            self.held.append(event)
+            hold = isinstance(event, _HOLD) and not getattr(event, "preview_png", None)
+            if hold and (len(self.held) > 1 or time.monotonic() - self.sent_at < self.latency):
+                self.wake.set()  # the flusher sends it within latency if nothing else does first
+                return
+            self._send()
+
+    def _send(self) -> None:
+        events, self.held = self.held, []
+        if not events:
+            return
+        self.sent_at = time.monotonic()
+        try:
+            self.conn.send(events[0] if len(events) == 1 else events)
+        except (BrokenPipeError, OSError):
+            pass  # the client is gone; the command reader notices and shuts the worker down
+
+    def _flusher(self) -> None:
+        while True:
+            self.wake.wait()
+            time.sleep(self.latency)
+            with self.lock:
+                self.wake.clear()
+                self._send()
 
 
 def worker_main(cmd_q: Any, evt_conn: Any, config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
+    if hasattr(signal, "SIGHUP"):
+        # A terminal that goes away is the client's to handle too: off the terminal's session, the worker
+        # ends only when its client does (and then cleanly, its queue left in the store).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            os.setsid()
+        except OSError:
+            pass
+    if config.visible_devices is not None:  # before torch sees CUDA: this worker's GPU only
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.visible_devices
     evt_q = _Events(evt_conn)
     _isolate_output(str(config.temp_dir), config.log_to_file_only)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,6 +306,40 @@ def worker_main(cmd_q: Any, evt_conn: Any, config: WorkerConfig) -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        engine = WorkerEngine(config, evt_q.put)
+    except Exception as exc:  # a broken install: tell the client instead of dying silently
+        log.exception("worker start failed")
+        evt_q.put(m.WorkerFailed(f"the worker could not start: {type(exc).__name__}: {exc}"))
+        return
+
+    jobs = _Jobs()
+    threading.Thread(target=_reader, args=(cmd_q, evt_q, jobs, engine.queue), daemon=True, name="commands").start()
+    evt_q.put(engine.ready)
+    while True:
+        with jobs.cond:
+            while not jobs.pending and not jobs.stop:
+                jobs.cond.wait()
+            if jobs.stop:
+                engine.close()  # what was recorded reaches the database before the worker ends
+                break
+            job = jobs.pending.popleft()
+            jobs.running = job.job_id
+            jobs.interrupt.clear()
+        try:
+            engine.run(job, jobs.interrupt.is_set, stopping=lambda: jobs.stop)
+        finally:
+            with jobs.cond:
+                jobs.running = None
+                if not jobs.pending:
+                    engine.recorder.idle.set()
+
+
+class WorkerEngine:
+    """What a worker runs, one job at a time: the device, the cached executor, the run history and the
+    queue store, reporting through ``emit``. The local worker process and a Ray actor both wrap it, so a
+    job behaves the same wherever it runs."""
+
+    def __init__(self, config: WorkerConfig, emit: Any) -> None:
         import diffusers
         import platformdirs
         import torch
@@ -223,88 +347,101 @@ def worker_main(cmd_q: Any, evt_conn: Any, config: WorkerConfig) -> None:
         from tui_diffusion.paths import ModelPaths
         from tui_diffusion.pipeline.context import EngineState
         from tui_diffusion.pipeline.device import resolve_device
-        from tui_diffusion.pipeline.errors import Interrupted
-        from tui_diffusion.pipeline.executor import Executor, Hooks, JobError
+        from tui_diffusion.pipeline.executor import Executor
         from tui_diffusion.pipeline.models import ModelCache
 
-        device = resolve_device(config.device)
-        engine = EngineState(
+        self.emit = emit
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.device = device = resolve_device(config.device)
+        self.engine = EngineState(
             device=device,
             models=ModelCache(config.max_checkpoints),
             paths=ModelPaths(config.models_dir, config.input_dir, tuple(config.extra_model_paths)),
             output_dir=config.output_dir,
             temp_dir=config.temp_dir,
             config_cache=platformdirs.user_cache_path("tui-diffusion") / "configs",
+            allow_pickle=config.allow_pickle,
+            limits=config.limits,
         )
-        executor = Executor(engine)
-        notice = _open_history(engine, config)
-    except Exception as exc:  # a broken install: tell the client instead of dying silently
-        log.exception("worker start failed")
-        evt_q.put(m.WorkerFailed(f"the worker could not start: {type(exc).__name__}: {exc}"))
-        return
+        self.executor = Executor(self.engine)
+        notice = _open_history(self.engine, config)
+        try:
+            self.queue = _QueueStore(self.engine.history)
+        except OSError as exc:
+            log.error("the queue store is unavailable: %s", exc)
+            self.queue = _QueueStore(None)
+        self.recorder = _Recorder(self.engine.history, f"{device.torch_device} ({device.name})",
+                                  self.engine.model_hash)
+        self.ready = m.WorkerReady(str(device.torch_device), device.name, str(device.dtype).replace("torch.", ""),
+                                   torch.__version__, diffusers.__version__, os.getpid(), notice)
 
-    jobs = _Jobs()
-    threading.Thread(target=_reader, args=(cmd_q, evt_q, jobs), daemon=True, name="commands").start()
-    evt_q.put(m.WorkerReady(str(device.torch_device), device.name, str(device.dtype).replace("torch.", ""),
-                            torch.__version__, diffusers.__version__, os.getpid(), notice))
-    recorder = _Recorder(engine.history, f"{device.torch_device} ({device.name})", engine.model_hash)
+    def _hooks(self, job: m.SubmitJob) -> Any:
+        from tui_diffusion.pipeline.executor import Hooks
 
-    class _Hooks(Hooks):
-        def __init__(self, job: m.SubmitJob) -> None:
-            self.job = job
-            self.last_preview = 0.0
+        emit = self.emit
 
-        def node_started(self, node_id: str) -> None:
-            evt_q.put(m.NodeStarted(self.job.job_id, node_id))
+        class _Hooks(Hooks):
+            last_preview = 0.0
 
-        def node_cached(self, node_id: str) -> None:
-            evt_q.put(m.NodeCached(self.job.job_id, node_id))
+            def node_started(self, node_id: str) -> None:
+                emit(m.NodeStarted(job.job_id, node_id))
 
-        def node_finished(self, node_id: str, seconds: float) -> None:
-            evt_q.put(m.NodeFinished(self.job.job_id, node_id, seconds))
+            def node_cached(self, node_id: str) -> None:
+                emit(m.NodeCached(job.job_id, node_id))
 
-        def progress(self, node_id: str, step: int, total: int, preview: Any) -> None:
-            png = None
-            now = time.monotonic()
-            if preview is not None and (now - self.last_preview > 0.25 or step == total):
-                png, self.last_preview = _png(preview), now
-            evt_q.put(m.Progress(self.job.job_id, node_id, step, total, png))
+            def node_finished(self, node_id: str, seconds: float) -> None:
+                emit(m.NodeFinished(job.job_id, node_id, seconds))
 
-    while True:
-        with jobs.cond:
-            while not jobs.pending and not jobs.stop:
-                jobs.cond.wait()
-            if jobs.stop:
-                recorder.flush()  # what was recorded reaches the database before the worker ends
-                break
-            job = jobs.pending.popleft()
-            jobs.running = job.job_id
-            jobs.interrupt.clear()
-        evt_q.put(m.JobStarted(job.job_id))
+            def progress(self, node_id: str, step: int, total: int, preview: Any) -> None:
+                png = None
+                now = time.monotonic()
+                if preview is not None and (now - self.last_preview > 0.25 or step == total):
+                    png, self.last_preview = _png(preview), now
+                emit(m.Progress(job.job_id, node_id, step, total, png))
+
+        return _Hooks()
+
+    def run(self, job: m.SubmitJob, interrupted: Any, stopping: Any = lambda: False) -> Any:
+        """Run one job to its end event (also emitted and returned); never raises for a job's failure."""
+        from tui_diffusion.pipeline.errors import Interrupted
+        from tui_diffusion.pipeline.executor import JobError
+
+        emit, queue, recorder = self.emit, self.queue, self.recorder
+        emit(m.JobStarted(job.job_id))
+        queue.state(job.job_id, "running")
         recorder.idle.clear()
         recorder.started(job)
         start = time.perf_counter()
+        end: Any
         try:
-            report = executor.run(job.workflow, _Hooks(job), jobs.interrupt.is_set, previews=job.previews)
+            report = self.executor.run(job.workflow, self._hooks(job), interrupted, previews=job.previews)
             seconds = time.perf_counter() - start
+            queue.state(job.job_id, "ok")
             recorder.finished(job, "ok", outputs=report.outputs, timings=report.timings, seconds=seconds)
-            evt_q.put(m.JobFinished(job.job_id, report.outputs, report.executed, report.cached, report.timings,
-                                    seconds))
+            end = m.JobFinished(job.job_id, report.outputs, report.executed, report.cached, report.timings, seconds)
         except Interrupted:
+            if not stopping():  # stopped by the worker's end, not the user: left "running", so it can resume
+                queue.state(job.job_id, "interrupted")
             recorder.finished(job, "interrupted", seconds=time.perf_counter() - start)
-            evt_q.put(m.JobFinished(job.job_id, [], [], [], {}, time.perf_counter() - start, status="interrupted"))
+            end = m.JobFinished(job.job_id, [], [], [], {}, time.perf_counter() - start, status="interrupted")
         except JobError as exc:
+            queue.state(job.job_id, "error", exc.message)
             recorder.finished(job, "error", error=exc.message, error_node=exc.node_id)
-            evt_q.put(m.JobFailed(job.job_id, exc.node_id, exc.message))
+            end = m.JobFailed(job.job_id, exc.node_id, exc.message)
         except Exception as exc:  # never let one job take the worker down
             log.error("job %s failed:\n%s", job.job_id, traceback.format_exc())
             message = f"internal error: {type(exc).__name__}: {exc}"
+            queue.state(job.job_id, "error", message)
             recorder.finished(job, "error", error=message)
-            evt_q.put(m.JobFailed(job.job_id, None, message))
-        finally:
-            with jobs.cond:
-                jobs.running = None
-                if not jobs.pending:
-                    recorder.idle.set()
-            if device.torch_device.type == "cuda":
-                torch.cuda.empty_cache()
+            end = m.JobFailed(job.job_id, None, message)
+        emit(end)
+        if self.device.torch_device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        return end
+
+    def close(self) -> None:
+        self.queue.flush()
+        self.recorder.flush()

@@ -19,9 +19,8 @@ from tui_diffusion.document import WorkflowDocument
 from tui_diffusion.graph.specs import NODE_SPECS
 from tui_diffusion.graph.validate import ValidationIssue
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
-from tui_diffusion.jobs import DONE, PENDING, RUNNING, JobBook
+from tui_diffusion.jobs import DONE, HELD, PENDING, RUNNING, JobBook
 from tui_diffusion.screens.dialogs import ChoiceDialog, ConfirmDialog, OpenDialog, PromptDialog
-from tui_diffusion.screens.help import HelpScreen
 from tui_diffusion.widgets.image_pane import ImagePane
 from tui_diffusion.widgets.node_tree import NodeStatus, NodeTree
 from tui_diffusion.widgets.param_form import ParamForm, SeedModeChanged, ValueEdited
@@ -60,6 +59,8 @@ class MainScreen(Screen):
         Binding("ctrl+o", "open", "Open", priority=True, tooltip="Open a workflow"),
         Binding("ctrl+n", "new", "New", priority=True, show=False, tooltip="New workflow from the default graph"),
         Binding("f4", "history", "History", priority=True, tooltip="Past jobs with their images"),
+        Binding("R", "resume", "Resume", show=False,
+                tooltip="Queue again the jobs a worker left unfinished (a crash, a reboot, a closed terminal)"),
         Binding("escape", "focus_tree", "Tree", show=False, tooltip="Back to the node tree"),
         Binding("ctrl+t", "focus_queue", "Queue panel", show=False, tooltip="Go to the queue"),
     ]
@@ -100,6 +101,60 @@ class MainScreen(Screen):
                                    == "KSampler"), first)
         await self.refresh_all()
         self.query_one(NodeTree).focus()
+        self.run_worker(self._find_left_over, thread=True, exclusive=True, group="left-over")
+
+    def _find_left_over(self) -> None:
+        """Jobs a worker that is gone left in the store: shown as held until resumed (R) or removed."""
+        if not self.app.config.record_history:
+            return
+        from tui_diffusion.store.history import History
+
+        try:
+            history = History(self.app.config.db_path)
+            rows = history.left_over()
+            history.close()
+        except Exception:  # no store, no held jobs; the history screen reports why
+            return
+        if rows:
+            self.app.call_from_thread(self._show_left_over, rows)
+
+    def _show_left_over(self, rows: list[Any]) -> None:
+        held = 0
+        for row in rows:
+            if row.id in self.book.jobs:
+                continue  # a background server already runs it
+            record = self.book.add(row.id, row.workflow, self._job_label(row.workflow))
+            record.status = HELD
+            record.error = "interrupted" if row.status == "running" else None
+            held += 1
+        if held:
+            self.refresh_queue()
+            self.notify(f"{held} job(s) were left unfinished by a worker that stopped (a crash, a reboot or a "
+                        "closed terminal). Press R to queue them again, or remove them in the queue.",
+                        severity="warning", timeout=15)
+
+    def action_resume(self) -> None:
+        held = self.book.held()
+        if not held:
+            self.notify("no held jobs to resume")
+            return
+        for job in held:
+            job.status, job.error = PENDING, None
+            self.app.bridge.submit(job.job_id, job.workflow)
+        self.refresh_queue()
+        self.notify(f"queued {len(held)} held job(s) again")
+
+    def _discard_held(self, job: Any) -> None:
+        from tui_diffusion.store.history import History
+
+        try:
+            history = History(self.app.config.db_path)
+            history.job_state(job.job_id, "removed", "discarded by the user")
+            history.close()
+        except Exception as exc:
+            self.notify(f"could not update the store: {exc}", severity="error")
+        job.status = "removed"
+        self.refresh_queue()
 
     def on_resize(self, event: Any) -> None:
         self._apply_size(event.size.width)
@@ -109,7 +164,8 @@ class MainScreen(Screen):
 
     # -- refresh helpers ---------------------------------------------------------------------------------------
     def revalidate(self) -> None:
-        self.issues = self.document.validate(self.models)
+        config = self.app.config
+        self.issues = self.document.validate(self.models, config.limits, config.allow_pickle)
         self.app.update_title()
 
     async def refresh_all(self, focus: str | None = None) -> None:
@@ -265,6 +321,12 @@ class MainScreen(Screen):
     @on(QueuePanel.Requested)
     def _queue_request(self, event: QueuePanel.Requested) -> None:
         job = self.book.jobs.get(event.job_id)
+        if job is not None and job.status == HELD:
+            if event.action == "remove":
+                self._discard_held(job)
+            else:
+                self.notify("press R to queue the held jobs again", severity="warning")
+            return
         if job is None or job.status != PENDING:
             self.notify("only pending jobs can be moved or removed", severity="warning")
             return
@@ -306,6 +368,26 @@ class MainScreen(Screen):
             self.app.worker_state = "failed to start"
             self.notify(event.message, severity="error", timeout=15)
             return
+        if isinstance(event, m.Attached):  # a background server: its worker and every job it knows
+            if event.ready is not None:
+                self.app.worker_state = f"ready: {event.ready.device_name}"
+            for summary in event.jobs:
+                self.book.add_summary(summary, self._job_label(summary.workflow))
+            self.app.attached_to = event.server_pid
+            self.notify(f"attached to the background server (pid {event.server_pid}): "
+                        f"{len(event.jobs)} job(s); quitting leaves it running")
+            self._update_worker_state()
+            self.refresh_queue()
+            return
+        if isinstance(event, m.JobQueued):
+            if event.job.job_id not in self.book.jobs:  # queued by another attached client
+                self.book.add_summary(event.job, self._job_label(event.job.workflow))
+                self.refresh_queue()
+            return
+        if isinstance(event, m.WorkerRestarted):
+            self.notify(f"the worker stopped ({event.reason}); a new one took the "
+                        f"{len(event.resubmitted)} pending job(s)", severity="error", timeout=10)
+            return
         job = self.book.apply(event)
         if job is None:
             return
@@ -345,7 +427,12 @@ class MainScreen(Screen):
 
     @on(WorkerLost)
     def _worker_lost(self, message: WorkerLost) -> None:
+        from tui_diffusion.supervisor import record_lost
+
+        running = self.book.running()
         pending = self.book.worker_lost(f"the worker crashed: {message.reason}")
+        if running is not None:  # the dead worker cannot record it; held otherwise at the next start
+            record_lost(self.app.config, running.job_id, running.error or message.reason)
         self.app.worker_state = "crashed: restarting"
         self.notify(f"The worker stopped ({message.reason}); restarting it. "
                     f"{len(pending)} pending job(s) kept.", severity="error", timeout=10)
@@ -479,6 +566,8 @@ class MainScreen(Screen):
         self.notify("opened the job's workflow (unsaved)")
 
     def action_help(self) -> None:
+        from tui_diffusion.screens.help import HelpScreen  # Markdown loads when help is first asked for
+
         self.app.push_screen(HelpScreen())
 
     def action_full_view(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import platformdirs
 
 DB_ENV = "TUI_DIFFUSION_DB"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -50,7 +50,17 @@ _MIGRATIONS: dict[int, str] = {
         sha256 TEXT NOT NULL
     );
     """,
+    # the durable queue: a job's row is written when the worker accepts it; ``session`` names the worker
+    # that holds it, so jobs left behind by a worker that died can be told from those of a live one
+    2: """
+    ALTER TABLE jobs ADD COLUMN session TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN previews INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+    """,
 }
+
+#: a job's states in the store; ``pending`` and ``running`` rows of a dead session are left over
+UNFINISHED = ("pending", "running")
 
 
 class StoreError(Exception):
@@ -77,6 +87,8 @@ class JobRow:
     outputs: list[dict[str, str]]
     models: dict[str, str]
     seconds: float | None
+    session: str = ""
+    previews: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -136,13 +148,58 @@ class History:
         self.db.close()
 
     # -- jobs ---------------------------------------------------------------------------------------------
-    def job_started(self, job_id: str, workflow: dict[str, Any], changes: dict[str, Any], prompt: str,
-                    device: str) -> None:
+    def job_queued(self, job_id: str, workflow: dict[str, Any], session: str, previews: bool = False) -> None:
+        """The durable queue: written before the job is acknowledged. A resubmitted job keeps its id."""
         with self._transaction():
             self.db.execute(
-                "INSERT OR REPLACE INTO jobs (id, created, status, workflow, changes, prompt, device) "
-                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO jobs (id, created, status, workflow, session, previews) "
+                "VALUES (?, ?, 'pending', ?, ?, ?)",
+                (job_id, time.time(), json.dumps(workflow), session, int(previews)))
+
+    def job_state(self, job_id: str, status: str, error: str | None = None) -> None:
+        """A job's state as it changes (running, ok, error, interrupted, removed): small, written at once."""
+        final = status not in UNFINISHED
+        with self._transaction():
+            self.db.execute(
+                "UPDATE jobs SET status = ?, finished = CASE WHEN ? THEN ? ELSE finished END, "
+                "error = COALESCE(?, error) WHERE id = ?", (status, final, time.time(), error, job_id))
+
+    def job_started(self, job_id: str, workflow: dict[str, Any], changes: dict[str, Any], prompt: str,
+                    device: str) -> None:
+        """What the history shows of a job (its changes, prompt, device); the state is job_state's."""
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO jobs (id, created, status, workflow, changes, prompt, device) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET changes = excluded.changes, prompt = excluded.prompt, "
+                "device = excluded.device",
                 (job_id, time.time(), json.dumps(workflow), json.dumps(changes), prompt, device))
+
+    def left_over(self) -> list[JobRow]:
+        """Jobs queued or running in a worker that is gone (a crash, a reboot, a closed terminal), oldest
+        first: what can be resumed."""
+        with self._lock:
+            sessions = [r[0] for r in self.db.execute(
+                "SELECT DISTINCT session FROM jobs WHERE status IN ('pending', 'running')")]
+        dead = [s for s in sessions if not session_alive(self.path, s)]
+        if not dead:
+            return []
+        marks = ",".join("?" * len(dead))
+        return list(reversed(self._rows(f"SELECT * FROM jobs WHERE status IN ('pending', 'running') "
+                                        f"AND session IN ({marks}) ORDER BY created DESC", dead)))
+
+    def _rows(self, sql: str, args: list[Any]) -> list[JobRow]:
+        with self._lock:
+            cursor = self.db.execute(sql, args)
+            names = [d[0] for d in cursor.description]
+            fetched = cursor.fetchall()
+        rows = []
+        for values in fetched:
+            raw = dict(zip(names, values, strict=True))
+            for key in ("workflow", "changes", "timings", "outputs", "models"):
+                raw[key] = json.loads(raw[key])
+            rows.append(JobRow(**raw))
+        return rows
 
     def job_finished(self, job_id: str, status: str, *, outputs: list[str] = (),
                      timings: dict[str, float] | None = None, error: str | None = None,
@@ -167,17 +224,7 @@ class History:
             args.append("%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%")
         sql += " ORDER BY created DESC LIMIT ?"
         args.append(limit)
-        with self._lock:
-            cursor = self.db.execute(sql, args)
-            names = [d[0] for d in cursor.description]
-            fetched = cursor.fetchall()
-        rows = []
-        for values in fetched:
-            raw = dict(zip(names, values, strict=True))
-            for key in ("workflow", "changes", "timings", "outputs", "models"):
-                raw[key] = json.loads(raw[key])
-            rows.append(JobRow(**raw))
-        return rows
+        return self._rows(sql, args)
 
     def delete_job(self, job_id: str, delete_files: bool = False) -> list[str]:
         """Remove a job's row (and, if asked, its output files); returns the files removed."""
@@ -209,3 +256,49 @@ class History:
             self.db.execute("INSERT OR REPLACE INTO model_hashes VALUES (?, ?, ?, ?)",
                             (str(path), st.st_size, st.st_mtime_ns, digest))
         return digest
+
+
+# -- sessions: which worker holds which queued jobs ------------------------------------------------------------
+def _sessions_dir(db_path: Path) -> Path:
+    return db_path.parent / f"{db_path.name}.sessions"
+
+
+class Session:
+    """A worker's claim on the jobs it queued: an exclusive lock on a small file, held for as long as the
+    process lives and released by the kernel when it dies however it dies (kill -9, a crash, a reboot)."""
+
+    def __init__(self, db_path: Path) -> None:
+        import fcntl
+        import uuid
+
+        self.id = uuid.uuid4().hex
+        folder = _sessions_dir(db_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{self.id}.lock"
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+
+
+def session_alive(db_path: Path, session: str) -> bool:
+    """Whether the worker that holds ``session`` still runs (its lock is held)."""
+    import fcntl
+
+    if not session:
+        return False
+    path = _sessions_dir(db_path) / f"{session}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    path.unlink(missing_ok=True)  # its owner is gone: nobody will release it
+    return False

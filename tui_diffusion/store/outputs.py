@@ -70,3 +70,24 @@ def save_png(image: Image.Image, output_dir: Path, filename_prefix: str, text_ch
         return final
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def store_bytes(folder: Path, name: str, data: bytes) -> Path:
+    """An image fetched from another machine: written atomically under its own name, or ``<stem>-<n><ext>``
+    when that name is taken here; never overwrites."""
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = Path(name).name
+    tmp = folder / f".{safe}.{os.getpid()}.tmp"
+    try:
+        tmp.write_bytes(data)
+        stem, ext = os.path.splitext(safe)
+        n = 0
+        while True:
+            final = folder / (safe if n == 0 else f"{stem}-{n}{ext}")
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                n += 1
+    finally:
+        tmp.unlink(missing_ok=True)

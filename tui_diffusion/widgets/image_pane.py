@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
 from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
 from tui_diffusion.images import halfblock_ansi, open_image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class ImagePane(Widget, can_focus=True):

@@ -7,10 +7,10 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import DataTable
 
-from tui_diffusion.jobs import DONE, FAILED, INTERRUPTED, PENDING, REMOVED, RUNNING, JobRecord
+from tui_diffusion.jobs import DONE, FAILED, HELD, INTERRUPTED, PENDING, REMOVED, RUNNING, JobRecord
 
 _STYLE = {PENDING: "yellow", RUNNING: "bold cyan", DONE: "green", FAILED: "bold red", INTERRUPTED: "magenta",
-          REMOVED: "dim"}
+          REMOVED: "dim", HELD: "italic yellow"}
 
 
 def _bar(step: int, total: int, width: int = 12) -> str:
@@ -61,7 +61,10 @@ class QueuePanel(DataTable):
         keep = selected or self.selected_job()
         self.clear()
         for job in jobs:
-            self.add_row(str(job.number), Text(job.status, style=_STYLE.get(job.status, "")), job.label,
+            label = Text(job.label)
+            if job.worker:  # a pool or Ray: which worker or actor has it
+                label.append(f" · {job.worker}", style="dim")
+            self.add_row(str(job.number), Text(job.status, style=_STYLE.get(job.status, "")), label,
                          describe(job), key=job.job_id)
         if keep is not None and keep in {j.job_id for j in jobs}:
             self.move_cursor(row=self.get_row_index(keep))

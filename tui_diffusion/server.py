@@ -1,0 +1,385 @@
+"""The background server: the worker and its queue outlive the terminal. Torch-free.
+
+``tui-diffusion serve`` (or ``tui-diffusion --detach``) runs a supervised worker and listens on a Unix
+socket in a folder only the user can enter, with a random key in a file only the user can read
+(``multiprocessing.connection``'s challenge; no TCP port). Any number of clients attach: each gets the
+worker's state and every job of the server's life, then the live events; each can queue, interrupt,
+reorder. A client that goes away (a closed laptop, a dropped SSH connection) takes nothing with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import queue
+import secrets
+import signal
+import threading
+import time
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from tui_diffusion import messages as m
+from tui_diffusion.client import WorkerDied
+from tui_diffusion.settings import WorkerConfig
+
+log = logging.getLogger("tui_diffusion.server")
+
+RUNTIME_DIR_ENV = "TUI_DIFFUSION_RUNTIME_DIR"
+#: finished jobs a server remembers for clients that attach later (the history keeps them all)
+KEEP_FINISHED = 500
+
+
+def runtime_dir() -> Path:
+    """The server's folder (socket, key, log), created private to the user."""
+    import platformdirs
+
+    base = os.environ.get(RUNTIME_DIR_ENV)
+    folder = Path(base) if base else platformdirs.user_runtime_path("tui-diffusion")
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def socket_path(folder: Path | None = None) -> Path:
+    return (folder or runtime_dir()) / "server.sock"
+
+
+def _key(folder: Path, create: bool) -> bytes:
+    path = folder / "server.key"
+    if create:
+        tmp = folder / f".server.key.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        os.replace(tmp, path)
+    return path.read_bytes()
+
+
+class ServerError(RuntimeError):
+    """No server to attach to, or one that refused us."""
+
+
+class _Link:
+    """One attached client. Events go out through a thread of its own, so a client that stops reading (a
+    suspended terminal, a stalled link) never holds up the worker or the other clients; one that falls
+    too far behind is dropped (it gets the whole state again when it attaches again)."""
+
+    backlog_limit = 20000
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.out: queue.Queue = queue.Queue()
+        self.alive = True
+        threading.Thread(target=self._send, daemon=True, name="server-send").start()
+
+    def offer(self, event: Any) -> None:
+        if self.out.qsize() > self.backlog_limit:
+            self.close()
+        elif self.alive:
+            self.out.put(event)
+
+    def _send(self) -> None:
+        while self.alive:
+            event = self.out.get()
+            if event is None:
+                break
+            try:
+                self.conn.send(event)
+            except (OSError, ValueError):
+                break
+        self.close()
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            self.out.put(None)
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+
+
+# -- the server ------------------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, config: WorkerConfig, folder: Path | None = None, backend: Any = None) -> None:
+        from tui_diffusion.supervisor import Supervisor
+
+        self.folder = folder or runtime_dir()
+        self.address = socket_path(self.folder)
+        if server_running(self.folder):
+            raise ServerError(f"a server already runs on {self.address}")
+        self.address.unlink(missing_ok=True)  # left by a server that died
+        #: where the jobs run: one supervised worker, or a pool / Ray backend (tui_diffusion.backends)
+        self.backend = backend or Supervisor(config)
+        self.listener = Listener(str(self.address), family="AF_UNIX", authkey=_key(self.folder, create=True))
+        os.chmod(self.address, 0o600)
+        self.clients: list[_Link] = []
+        self.lock = threading.Lock()
+        self.commands: queue.Queue = queue.Queue()
+        self.jobs: collections.OrderedDict[str, m.JobSummary] = collections.OrderedDict()
+        self.stopping = threading.Event()
+
+    # -- clients ---------------------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn = self.listener.accept()
+            except (OSError, EOFError):
+                if self.stopping.is_set():
+                    return
+                continue  # a client that failed the key challenge, or hung up during it
+            except Exception:  # multiprocessing.AuthenticationError
+                continue
+            self.commands.put(("attach", conn))
+
+    def _read(self, link: _Link) -> None:
+        while link.alive:
+            try:
+                command = link.conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # a message that does not unpickle: that client's problem only
+                break
+            self.commands.put(("command", command))
+        self.commands.put(("detach", link))
+
+    def _broadcast(self, event: Any) -> None:
+        for link in list(self.clients):
+            link.offer(event)
+            if not link.alive:
+                self._drop(link)
+
+    def _drop(self, link: _Link) -> None:
+        if link in self.clients:
+            self.clients.remove(link)
+        link.close()
+
+    # -- jobs ------------------------------------------------------------------------------------------------
+    def _track(self, event: Any) -> None:
+        job = self.jobs.get(getattr(event, "job_id", None))
+        if job is None:
+            return
+        change: dict[str, Any] = {}
+        if isinstance(event, m.JobPlaced):
+            change = {"worker": event.worker}
+        elif isinstance(event, m.JobStarted):
+            change = {"status": "running"}
+        elif isinstance(event, m.Progress):
+            change = {"node_id": event.node_id, "step": event.step, "total": event.total}
+        elif isinstance(event, m.NodeStarted):
+            change = {"node_id": event.node_id, "step": 0, "total": 0}
+        elif isinstance(event, m.JobFinished):
+            change = {"status": "done" if event.status == "ok" else "interrupted", "outputs": list(event.outputs),
+                      "seconds": event.seconds, "node_id": None}
+        elif isinstance(event, m.JobFailed):
+            change = {"status": "failed", "error": event.message, "error_node": event.node_id, "node_id": None}
+        elif isinstance(event, m.JobRemoved):
+            change = {"status": "removed"}
+        if change:
+            self.jobs[job.job_id] = dataclasses.replace(job, **change)
+        finished = [k for k, j in self.jobs.items() if j.status not in ("pending", "running")]
+        for stale in finished[:-KEEP_FINISHED]:
+            del self.jobs[stale]
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "attach":
+            link = _Link(payload)
+            link.offer(m.Attached(self.backend.ready, list(self.jobs.values()), os.getpid()))
+            self.clients.append(link)
+            threading.Thread(target=self._read, args=(link,), daemon=True, name="server-client").start()
+        elif kind == "detach":
+            self._drop(payload)
+        elif isinstance(payload, m.SubmitJob):
+            self.jobs[payload.job_id] = m.JobSummary(payload.job_id, payload.workflow, payload.previews)
+            self.backend.submit(payload.workflow, previews=payload.previews, job_id=payload.job_id)
+            self._broadcast(m.JobQueued(self.jobs[payload.job_id]))
+        elif isinstance(payload, m.CancelJob):
+            self.backend.cancel(payload.job_id)
+        elif isinstance(payload, m.MoveJob):
+            job = self.jobs.pop(payload.job_id, None)
+            if job is not None:
+                ahead = [(k, v) for k, v in self.jobs.items() if v.status != "pending"]
+                behind = [(k, v) for k, v in self.jobs.items() if v.status == "pending"]
+                self.jobs = collections.OrderedDict(ahead + [(job.job_id, job)] + behind)
+            self.backend.move_to_front(payload.job_id)
+        elif isinstance(payload, m.StopServer):
+            self.stopping.set()
+
+    def serve_forever(self) -> int:
+        """Run until asked to stop (``tui-diffusion serve --stop``, SIGTERM); 0, or 1 if the worker cannot run."""
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no terminal to lose
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        self.backend.start()
+        threading.Thread(target=self._accept, daemon=True, name="server-accept").start()
+        code = 0
+        try:
+            while not self.stopping.is_set():
+                while True:
+                    try:
+                        self._handle(*self.commands.get_nowait())
+                    except queue.Empty:
+                        break
+                try:
+                    event = self.backend.next_event(timeout=0.05)
+                except WorkerDied as exc:
+                    log.error("the worker cannot run: %s", exc)
+                    self._broadcast(m.WorkerFailed(str(exc)))
+                    code = 1
+                    break
+                if event is None:
+                    continue
+                if isinstance(event, m.WorkerFailed):
+                    self._broadcast(event)
+                    code = 1
+                    break
+                self._track(event)
+                self._broadcast(event)
+        finally:
+            self.close()
+        return code
+
+    def close(self) -> None:
+        self.stopping.set()
+        for link in list(self.clients):
+            self._drop(link)
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        self.address.unlink(missing_ok=True)
+        self.backend.close()
+
+
+def server_running(folder: Path | None = None) -> bool:
+    """Whether a server answers on this user's socket."""
+    address = socket_path(folder)
+    if not address.exists():
+        return False
+    try:
+        conn = Client(str(address), family="AF_UNIX", authkey=_key(address.parent, create=False))
+    except (OSError, EOFError):
+        return False
+    except Exception:  # AuthenticationError: someone else's socket, or a stale key
+        return False
+    conn.close()
+    return True
+
+
+def start_background(args: list[str], folder: Path | None = None, timeout: float = 30.0) -> int:
+    """Start ``tui-diffusion serve`` in its own session (off this terminal: a hang-up does not reach it) and
+    wait until it answers; returns its pid."""
+    import subprocess
+    import sys
+
+    folder = folder or runtime_dir()
+    log_file = open(folder / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+    proc = subprocess.Popen([sys.executable, "-m", "tui_diffusion", "serve", *args], stdin=subprocess.DEVNULL,
+                            stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True,
+                            env={**os.environ, RUNTIME_DIR_ENV: str(folder)})
+    log_file.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server_running(folder):
+            return proc.pid
+        if proc.poll() is not None:
+            raise ServerError(f"the server stopped at once (exit code {proc.returncode}); see {folder / 'server.log'}")
+        time.sleep(0.05)
+    raise ServerError(f"the server did not answer within {timeout:.0f} s; see {folder / 'server.log'}")
+
+
+# -- the client's end ------------------------------------------------------------------------------------------
+class RemoteClient:
+    """The calls of ``WorkerClient``, to a running server. Closing it detaches; the server carries on."""
+
+    def __init__(self, config: WorkerConfig | None = None, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.conn: Connection | None = None
+        self.ready: m.WorkerReady | None = None
+        self.attached: m.Attached | None = None
+        self.process = None
+        self._lock = threading.Lock()
+        self._first: collections.deque[Any] = collections.deque()
+
+    def start(self) -> None:
+        address = socket_path(self.folder)
+        try:
+            self.conn = Client(str(address), family="AF_UNIX", authkey=_key(address.parent, create=False))
+            hello = self.conn.recv()
+        except (OSError, EOFError) as exc:
+            raise ServerError(f"no server answers on {address}: {exc}") from None
+        except Exception as exc:  # AuthenticationError
+            raise ServerError(f"the server on {address} refused this client: {exc}") from None
+        self.attached = hello
+        self.ready = hello.ready
+        self._first.append(hello)  # the snapshot is the first event the caller sees
+
+    def wait_ready(self, timeout: float | None = None) -> m.WorkerReady:
+        """Block until the server's worker is ready; the events that came first are kept for the caller."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        early: list[Any] = []
+        while self.ready is None:
+            event = self.next_event(0.2)
+            if isinstance(event, m.WorkerFailed):
+                raise WorkerDied(event.message)
+            if event is not None:
+                early.append(event)
+            if deadline is not None and time.monotonic() >= deadline and self.ready is None:
+                raise TimeoutError("the server's worker did not become ready in time")
+        self._first.extendleft(reversed(early))
+        return self.ready
+
+    def _send(self, command: Any) -> None:
+        with self._lock:
+            if self.conn is None:
+                raise WorkerDied("not attached to a server")
+            try:
+                self.conn.send(command)
+            except (OSError, ValueError) as exc:
+                raise WorkerDied(f"the server went away: {exc}") from None
+
+    def submit(self, workflow: Any, previews: bool = False, job_id: str | None = None) -> str:
+        import uuid
+
+        data = workflow.to_data() if hasattr(workflow, "to_data") else workflow
+        job_id = job_id or uuid.uuid4().hex[:12]
+        self._send(m.SubmitJob(job_id, data, previews))
+        return job_id
+
+    def cancel(self, job_id: str) -> None:
+        self._send(m.CancelJob(job_id))
+
+    def move_to_front(self, job_id: str) -> None:
+        self._send(m.MoveJob(job_id))
+
+    def stop_server(self) -> None:
+        self._send(m.StopServer())
+
+    def next_event(self, timeout: float | None = None) -> Any:
+        if self._first:
+            return self._first.popleft()
+        if self.conn is None:
+            raise WorkerDied("not attached to a server")
+        try:
+            if not self.conn.poll(timeout):
+                return None
+            event = self.conn.recv()
+        except (EOFError, OSError):
+            raise WorkerDied("the server went away") from None
+        if isinstance(event, list):
+            self._first.extend(event[1:])
+            event = event[0]
+        if isinstance(event, m.WorkerReady):
+            self.ready = event
+        return event
+
+    def close(self, timeout: float = 0.0) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+            self.conn = None

@@ -1,0 +1,119 @@
+"""A worker that comes back. Torch-free.
+
+Same calls as ``WorkerClient``; when the worker process dies (a segfault, the out-of-memory killer,
+``kill -9``) the job it was running fails with the cause, a new worker starts, and the pending jobs go
+to it under the same ids. The headless runner and the background server use it; nothing is lost but the
+one job that was running, and that one is reported, not dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tui_diffusion import messages as m
+from tui_diffusion.client import WorkerClient, WorkerDied
+from tui_diffusion.settings import WorkerConfig
+
+
+def record_lost(config: WorkerConfig, job_id: str, message: str) -> None:
+    """Write a job that died with its worker into the store as failed (the worker cannot any more)."""
+    if not config.record_history:
+        return
+    try:
+        from tui_diffusion.store.history import History
+
+        history = History(config.db_path)
+        try:
+            history.job_state(job_id, "error", message)
+        finally:
+            history.close()
+    except Exception:  # the store is a record, never a reason to stop
+        pass
+
+
+class Supervisor:
+    #: more deaths than this within ``window`` seconds, with no job finished between: give up
+    max_deaths = 3
+    window = 120.0
+
+    def __init__(self, config: WorkerConfig, factory: Callable[[WorkerConfig], Any] = WorkerClient) -> None:
+        self.config = config
+        self.factory = factory
+        self.client: Any = factory(config)
+        self.pending: collections.OrderedDict[str, m.SubmitJob] = collections.OrderedDict()
+        self.running: str | None = None
+        self.deaths: list[float] = []
+        self._backlog: collections.deque[Any] = collections.deque()
+
+    @property
+    def ready(self) -> m.WorkerReady | None:
+        return self.client.ready
+
+    @property
+    def process(self) -> Any:
+        return self.client.process
+
+    def start(self) -> None:
+        self.client.start()
+
+    def wait_ready(self, timeout: float | None = None) -> m.WorkerReady:
+        return self.client.wait_ready(timeout)
+
+    def submit(self, workflow: Any, previews: bool = False, job_id: str | None = None) -> str:
+        job_id = self.client.submit(workflow, previews=previews, job_id=job_id)
+        data = workflow.to_data() if hasattr(workflow, "to_data") else workflow
+        self.pending[job_id] = m.SubmitJob(job_id, data, previews)
+        return job_id
+
+    def cancel(self, job_id: str) -> None:
+        self.client.cancel(job_id)
+
+    def move_to_front(self, job_id: str) -> None:
+        if job_id in self.pending:
+            self.pending.move_to_end(job_id, last=False)
+        self.client.move_to_front(job_id)
+
+    def next_event(self, timeout: float | None = None) -> Any:
+        if self._backlog:
+            return self._backlog.popleft()
+        try:
+            event = self.client.next_event(timeout)
+        except WorkerDied as exc:
+            return self._replace(exc)
+        if isinstance(event, m.JobStarted):
+            self.running = event.job_id
+            self.pending.pop(event.job_id, None)
+        elif isinstance(event, m.JobEnd):
+            self.pending.pop(event.job_id, None)
+            if self.running == event.job_id:
+                self.running = None
+            self.deaths.clear()  # a job got through: the worker is not failing over and over
+        return event
+
+    def _replace(self, exc: WorkerDied) -> Any:
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < self.window] + [now]
+        lost = self.running
+        self.running = None
+        if lost is not None:
+            message = f"the worker died while running it: {exc}"
+            record_lost(self.config, lost, message)
+            self._backlog.append(m.JobFailed(lost, None, message))
+        if len(self.deaths) > self.max_deaths:
+            if self._backlog:
+                self._backlog.append(m.WorkerFailed(f"{exc}; it died {len(self.deaths)} times in a row, giving up"))
+                return self._backlog.popleft()
+            raise exc
+        self.client.close(timeout=1.0)
+        self.client = self.factory(self.config)
+        self.client.start()
+        self._backlog.append(m.WorkerRestarted(str(exc), list(self.pending)))
+        for job in list(self.pending.values()):
+            self.client.submit(job.workflow, previews=job.previews, job_id=job.job_id)
+        return self._backlog.popleft()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.client.close(timeout)
