@@ -292,6 +292,72 @@ def queue_throughput(models: Path, ckpt: str, jobs: int, out: Path) -> dict[str,
             "worker_rss_before_mb": rss_before / 2**20, "worker_rss_after_mb": rss_after / 2**20}
 
 
+def pool_throughput(models: Path, ckpt: str, jobs: int, out: Path) -> dict[str, Any]:
+    """``jobs`` tiny jobs through a pool of 2 CPU workers (each on half the cores) against 1 worker with all of
+    them: jobs per second, and which workers ran them."""
+    from tui_diffusion import messages as m
+    from tui_diffusion.backends.pool import local_pool
+    from tui_diffusion.settings import DevicePolicy, WorkerConfig
+
+    rates: dict[int, float] = {}
+    used: dict[int, int] = {}
+    for workers in (1, 2):
+        config = WorkerConfig(models_dir=models, output_dir=out / f"pool{workers}", temp_dir=out / "pool-tmp",
+                              device=DevicePolicy("cpu"), record_history=False)
+        pool = local_pool(config, workers=workers)
+        try:
+            pool.start()
+            pool.wait_ready(180)
+            warm = {pool.submit(_txt2img(ckpt, 64, 8, seed=10**6 + i)) for i in range(workers)}
+            placed: dict[str, str] = {}
+            while warm:
+                event = pool.next_event(120)
+                if isinstance(event, m.JobEnd):
+                    warm.discard(event.job_id)
+            start = time.perf_counter()
+            ids = {pool.submit(_txt2img(ckpt, 64, 8, seed=s)) for s in range(jobs)}
+            done = 0
+            while done < len(ids):
+                event = pool.next_event(120)
+                if isinstance(event, m.JobPlaced):
+                    placed[event.job_id] = event.worker
+                done += isinstance(event, m.JobEnd) and event.job_id in ids
+            rates[workers] = jobs / (time.perf_counter() - start)
+            used[workers] = len(set(placed.values()))
+        finally:
+            pool.close()
+    return {"jobs": jobs, "jobs_per_s_1": rates[1], "jobs_per_s_2": rates[2], "ratio": rates[2] / rates[1],
+            "workers_used_2": used[2]}
+
+
+def gpu_speed(models: Path, ckpt: str, steps: int = 20) -> dict[str, Any] | None:
+    """On a CUDA GPU: KSampler it/s at 512x512 in fp16 on the full-size SD1.5 file, without and with
+    ``--compile`` (the first compiled job is the compile; the second is timed). None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+    from tui_diffusion.settings import DevicePolicy
+
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "steps": steps}
+    for compiled in (False, True):
+        device = resolve_device(DevicePolicy("cuda", compile=compiled))
+        out = Path(tempfile.mkdtemp(prefix="td-gpu-"))
+        ex = Executor(EngineState(device, ModelCache(1), ModelPaths(models), out, out / "tmp", out / "cfg"))
+        ex.run(_txt2img(ckpt, 512, steps, seed=0), Hooks(), lambda: False)  # load (and compile)
+        report = ex.run(_txt2img(ckpt, 512, steps, seed=1), Hooks(), lambda: False)
+        result["compiled_its" if compiled else "eager_its"] = steps / report.timings["3"]
+        del ex
+        torch.cuda.empty_cache()
+    result["compile_speedup"] = result["compiled_its"] / result["eager_its"]
+    return result
+
+
 def peak_memory(models: Path, ckpt: str, size: int, out: Path) -> dict[str, Any]:
     """The worker's peak resident memory for one job, against the bytes of the model's weights in fp32."""
     import threading
@@ -392,6 +458,15 @@ def table(results: dict[str, Any]) -> str:
                     f"| {tp['ratio']:.3f}x | close to 1x |")
         rows.append(f"| 8_queue_throughput: worker memory | {tp['worker_rss_before_mb']:.0f} MB before, "
                     f"{tp['worker_rss_after_mb']:.0f} MB after | | | flat |")
+    pt = results["figures"].get("9_workers")
+    if pt:
+        rows.append(f"| 9_workers: {pt['jobs']} tiny jobs, 2 CPU workers | {pt['jobs_per_s_2']:.1f} jobs/s "
+                    f"({pt['workers_used_2']} workers used) | {pt['jobs_per_s_1']:.1f} jobs/s (1 worker) | "
+                    f"{pt['ratio']:.2f}x | close to 2x on 2 cores |")
+    gpu = results["figures"].get("10_gpu")
+    if gpu:
+        rows.append(f"| 10_gpu: SD1.5 512x512 fp16 KSampler ({gpu['device']}) | {gpu['compiled_its']:.1f} it/s "
+                    f"with --compile | {gpu['eager_its']:.1f} it/s | {gpu['compile_speedup']:.2f}x | |")
     rr = results["figures"].get("3_reruns")
     if rr:
         u = rr["unchanged_s"]
@@ -443,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "target": "close to the weights"}
     figures["8_queue_throughput"] = {**queue_throughput(args.models, tiny, 20 if args.smallest else 200, work),
                                      "target": "close to 1x; memory flat"}
+    figures["9_workers"] = pool_throughput(args.models, tiny, 8 if args.smallest else 40, work)
+    print(f"9_workers: {figures['9_workers']['ratio']:.2f}x", file=sys.stderr)
+    gpu = gpu_speed(args.models, full)
+    if gpu:
+        figures["10_gpu"] = gpu
     results = {"machine": machine(), "figures": figures, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(table(results))

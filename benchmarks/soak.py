@@ -38,7 +38,10 @@ def _worker_rss(server_pid: int) -> int:
     import psutil
 
     pid = _worker_pid(server_pid)
-    return psutil.Process(pid).memory_info().rss if pid else 0
+    try:
+        return psutil.Process(pid).memory_info().rss if pid else 0
+    except psutil.Error:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while len(submitted) < args.jobs or sum(1 for j in submitted if ends.get(j)) < len(submitted):
             if len(submitted) < args.jobs and len(submitted) - sum(1 for j in submitted if ends.get(j)) < 8:
-                job = client.submit(_workflow("tiny.safetensors", rng.randrange(2**32), rng.choice([2, 3, 4, 8])))
+                job = client.submit(_workflow("tiny.safetensors", rng.randrange(2**32), rng.choice([2, 3, 4, 8, 30])))
                 submitted.append(job)
                 roll = rng.random()
-                if roll < 0.05:  # remove it while it waits, or interrupt it as it runs
-                    client.cancel(job)
+                if roll < 0.06:  # a job not ended yet: removed if it waits, interrupted if it runs
+                    open_jobs = [j for j in submitted if not ends.get(j)]
+                    client.cancel(open_jobs[0] if rng.random() < 0.5 else rng.choice(open_jobs))
                     cancels += 1
                 elif roll < 0.08:  # the client drops and comes back
                     client.close()
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             os.kill(server_pid, signal.SIGTERM)
 
-    time.sleep(1.0)  # the server's worker writes its last states as it stops
+    deadline = time.monotonic() + 60  # the server's worker writes its last states as it stops
+    while time.monotonic() < deadline and _alive(server_pid):
+        time.sleep(0.1)
     rows = {r.id: r for r in History(home / "history.sqlite3").jobs(limit=args.jobs * 2)}
     twice = [j for j, e in ends.items() if len(e) != 1]
     store_final = {"ok", "error", "interrupted", "removed"}
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "cancels_sent": cancels, "client_disconnects": disconnects, "worker_kills": kills,
         "jobs_with_not_exactly_one_end": len(twice), "jobs_unfinished_in_store": len(unfinished_in_store),
         "done_jobs_missing_images": len(missing_images),
+        "unfinished_sample": [(j, rows[j].status if j in rows else None, ends.get(j)) for j in unfinished_in_store[:5]],
         "worker_rss_mb_every_50_jobs": [round(x / 2**20) for x in memory], "worker_rss_growth": round(growth, 3),
     }
     print(json.dumps(result, indent=2))
@@ -148,12 +155,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a child that exited but is not reaped yet is not alive either
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
 def _worker_pid(server_pid: int) -> int | None:
+    """The server's live worker (a killed one may linger as a zombie until it is reaped)."""
     import psutil
 
-    children = [c for c in psutil.Process(server_pid).children() if "spawn_main" in " ".join(c.cmdline())
-                and "resource_tracker" not in " ".join(c.cmdline())]
-    return children[0].pid if children else None
+    for child in psutil.Process(server_pid).children():
+        try:
+            line = " ".join(child.cmdline())
+        except psutil.Error:  # a zombie or gone
+            continue
+        if "spawn_main" in line and "resource_tracker" not in line:
+            return child.pid
+    return None
 
 
 if __name__ == "__main__":

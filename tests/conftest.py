@@ -54,6 +54,33 @@ def _isolated_user_folders(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     os.environ["TUI_DIFFUSION_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
     os.environ["TUI_DIFFUSION_DB"] = str(tmp_path_factory.mktemp("db") / "history.sqlite3")
+    # no test attaches to a server the developer may have running; short: a Unix socket's path is limited
+    import tempfile
+
+    os.environ["TUI_DIFFUSION_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="td-run-")
+
+
+@pytest.fixture(autouse=True)
+def _own_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own run history and durable queue: jobs one test leaves behind are never shown as held
+    by another."""
+    monkeypatch.setenv("TUI_DIFFUSION_DB", str(tmp_path / "history.sqlite3"))
+
+
+def wait_for(client: object, done: object, timeout: float = 120) -> list:
+    """Read a client's events until ``done(event, seen_so_far)`` is true; every event seen, in order."""
+    import time
+
+    seen: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = client.next_event(timeout=0.5)  # type: ignore[attr-defined]
+        if event is None:
+            continue
+        seen.append(event)
+        if done(event, seen):  # type: ignore[operator]
+            return seen
+    raise AssertionError(f"timed out; the last events were {seen[-10:]}")
 
 
 def txt2img(**overrides: object) -> dict:

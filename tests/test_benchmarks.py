@@ -31,6 +31,8 @@ def test_benchmark_suite_runs_at_its_smallest(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(data["figures"]) == {"1_sampling_64px", "2_engine_overhead", "3_reruns", "4_startup",
-                                    "5_model_load", "6_preview_cost", "7_peak_memory", "8_queue_throughput"}
+                                    "5_model_load", "6_preview_cost", "7_peak_memory", "8_queue_throughput",
+                                    "9_workers"}
+    assert data["figures"]["9_workers"]["workers_used_2"] == 2
     assert data["figures"]["3_reruns"]["seed_changed_executed"] == ["3", "8", "9"]
     assert "| 2_engine_overhead |" in (tmp_path / "out" / "results.md").read_text()

@@ -44,7 +44,8 @@ def test_sweep_json_second_job_runs_only_sampler_decode_save(workdir: Path) -> N
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2  # nothing else on stdout
     first, second = (json.loads(line) for line in lines)
-    assert set(first) == {"job", "status", "outputs", "executed", "cached", "timings", "error"}
+    assert set(first) == {"job", "status", "outputs", "executed", "cached", "timings", "error", "worker"}
+    assert first["worker"] == second["worker"] == "worker 0 (CPU)"
     assert first["status"] == second["status"] == "ok" and first["error"] is None
     assert first["executed"] == ["4", "6", "7", "5", "3", "8", "9"]
     assert second["executed"] == ["3", "8", "9"] and sorted(second["cached"]) == ["4", "5", "6", "7"]

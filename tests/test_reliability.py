@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY, txt2img
+from tests.conftest import ROOT, TINY, txt2img, wait_for
 from tui_diffusion import messages as m
 from tui_diffusion.client import WorkerClient
 from tui_diffusion.server import RemoteClient, ServerError, server_running, socket_path, start_background
@@ -42,19 +42,6 @@ def _env(home: Path, runtime: Path | None = None) -> dict[str, str]:
     return env
 
 
-def _until(client, done, timeout: float = 120) -> list:
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        event = client.next_event(timeout=0.5)
-        if event is None:
-            continue
-        seen.append(event)
-        if done(event, seen):
-            return seen
-    raise AssertionError(f"timed out; saw {seen[-10:]}")
-
-
 def test_a_dead_worker_leaves_its_queue_in_the_store_and_resume_runs_it(home: Path) -> None:
     config = WorkerConfig(models_dir=home / "models", output_dir=home / "output", temp_dir=home / "tmp",
                           device=DevicePolicy("cpu"), db_path=home / "history.sqlite3")
@@ -63,7 +50,7 @@ def test_a_dead_worker_leaves_its_queue_in_the_store_and_resume_runs_it(home: Pa
     client.wait_ready(timeout=120)
     long = client.submit(txt2img(**{"3.steps": 3000, "3.seed": 1}))
     later = [client.submit(txt2img(**{"3.seed": s})) for s in (2, 3)]
-    _until(client, lambda e, _: isinstance(e, m.JobStarted) and e.job_id == long)
+    wait_for(client, lambda e, _: isinstance(e, m.JobStarted) and e.job_id == long)
     client.process.kill()  # no client restart, no goodbye: as a reboot or the OOM killer would leave it
     client.process.join(10)
     client.close()
@@ -97,16 +84,16 @@ def test_a_resubmitted_job_keeps_its_id_and_is_no_longer_left_over(home: Path) -
     with WorkerClient(config) as client:
         client.wait_ready(timeout=120)
         job = client.submit(txt2img(**{"3.steps": 3000}))
-        _until(client, lambda e, _: isinstance(e, m.JobStarted))
+        wait_for(client, lambda e, _: isinstance(e, m.JobStarted))
         client.process.kill()
         client.process.join(10)
     assert [r.id for r in History(db).left_over()] == [job]
     with WorkerClient(config) as client:  # a new worker takes it (the TUI's R, the CLI's resume)
         client.wait_ready(timeout=120)
         client.submit(txt2img(**{"3.steps": 2}), job_id=job)
-        _until(client, lambda e, _: isinstance(e, m.JobAccepted) and e.job_id == job)
+        wait_for(client, lambda e, _: isinstance(e, m.JobAccepted) and e.job_id == job)
         assert History(db).left_over() == []  # acknowledged, so in the store: it belongs to a live worker now
-        _until(client, lambda e, _: isinstance(e, m.JobFinished) and e.job_id == job)
+        wait_for(client, lambda e, _: isinstance(e, m.JobFinished) and e.job_id == job)
         client.cancel("nothing")  # the worker is still alive and listening
     assert _store_states(db.parent, {job: "ok"}) == {job: "ok"}
 
@@ -172,7 +159,7 @@ def test_jobs_survive_a_hung_up_client_and_a_later_client_sees_them_all(home: Pa
         return finished == ids
 
     if finished != ids:
-        _until(later, all_done, timeout=180)
+        wait_for(later, all_done, timeout=180)
     later.close()
     assert len(list((home / "output").glob("*.png"))) == 6
     again = RemoteClient(folder=server)
@@ -190,7 +177,7 @@ def test_a_killed_worker_under_the_server_fails_one_job_and_the_rest_run(home: P
     client.wait_ready(timeout=120)
     long = client.submit(txt2img(**{"3.steps": 3000}))
     rest = [client.submit(txt2img(**{"3.seed": s})) for s in (5, 6)]
-    _until(client, lambda e, _: isinstance(e, m.JobStarted) and e.job_id == long)
+    wait_for(client, lambda e, _: isinstance(e, m.JobStarted) and e.job_id == long)
     server_pid = client.attached.server_pid
     workers = [c for c in psutil.Process(server_pid).children() if "spawn_main" in " ".join(c.cmdline())
                and "resource_tracker" not in " ".join(c.cmdline())]
@@ -206,7 +193,7 @@ def test_a_killed_worker_under_the_server_fails_one_job_and_the_rest_run(home: P
             ends[event.job_id] = event
         return len(ends) == 3
 
-    _until(client, done, timeout=180)
+    wait_for(client, done, timeout=180)
     client.close()
     assert isinstance(ends[long], m.JobFailed) and "killed by SIGKILL" in ends[long].message
     assert all(isinstance(ends[j], m.JobFinished) and ends[j].status == "ok" for j in rest)
@@ -238,3 +225,52 @@ def test_serve_stop_ends_the_server(home: Path, server: Path) -> None:
     while socket_path(server).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not server_running(server)
+
+
+async def test_the_app_attaches_to_the_server_and_leaves_it_running(home: Path, server: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from tui_diffusion.app import TuiDiffusionApp
+
+    monkeypatch.chdir(home)
+    early = RemoteClient(folder=server)
+    early.start()
+    early.wait_ready(timeout=120)
+    queued = [early.submit(txt2img(**{"3.seed": s})) for s in (1, 2)]
+    wait_for(early, lambda _e, seen: sum(isinstance(x, m.JobFinished) for x in seen) == 2)
+    early.close()  # that client is gone; its jobs are the server's
+    (home / "workflows" / "small.json").write_text(json.dumps(txt2img()))
+    config = WorkerConfig(models_dir=home / "models", output_dir=home / "output", device=DevicePolicy("cpu"))
+    app = TuiDiffusionApp(Path("workflows/small.json"), config, client_factory=lambda c: RemoteClient(folder=server))
+    async with app.run_test(size=(160, 48)) as pilot:
+        deadline = time.monotonic() + 60
+        while app.attached_to is None and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        book = app.screen.book
+        assert [(j.job_id, j.status) for j in book.ordered()] == [(queued[0], "done"), (queued[1], "done")]
+        await pilot.press("ctrl+r")
+        while len(book.jobs) < 3 or book.ordered()[-1].status != "done":
+            assert time.monotonic() < deadline + 60
+            await pilot.pause(0.1)
+        mine = book.ordered()[-1]
+        assert Path(mine.outputs[0]).is_file()
+    assert server_running(server)  # quitting the app detached it; the server carries on
+    later = RemoteClient(folder=server)
+    later.start()
+    assert [j.job_id for j in later.attached.jobs] == [*queued, mine.job_id]
+    later.close()
+
+
+def test_fifty_jobs_survive_worker_kills_interrupts_and_dropped_clients(tmp_path: Path) -> None:
+    """The reliability issue's bar, through the soak script: a 50-job queue on a background server, the worker
+    killed every 15 jobs, random interrupts and removals, the client dropping and coming back. Every job ends
+    exactly once (in the events and in the store) and every finished job's image exists."""
+    out = tmp_path / "soak.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--jobs", "50", "--kill-every", "15",
+                           "--seed", "7", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["jobs"] == 50 and result["worker_kills"] == 3
+    assert sum(result["final_states"].values()) == 50 and "none" not in result["final_states"]
+    assert result["jobs_with_not_exactly_one_end"] == result["jobs_unfinished_in_store"] == 0
+    assert result["done_jobs_missing_images"] == 0

@@ -358,3 +358,50 @@ async def test_history_screen_reopens_and_deletes_jobs(home: Path) -> None:
         await settle(pilot, 6)
         assert type(app.screen).__name__ == "MainScreen"
         assert app.screen.document.workflow.inputs("3")["seed"] == 4242
+
+
+async def test_held_jobs_from_a_dead_worker_are_shown_resumed_or_discarded(home: Path) -> None:
+    import os
+
+    from tui_diffusion.store.history import History
+
+    history = History(Path(os.environ["TUI_DIFFUSION_DB"]))
+    wf = json.loads((home / "workflows" / "mine.json").read_text())
+    for job in ("gone-1", "gone-2", "gone-3"):
+        history.job_queued(job, wf, "a-session-nobody-holds")
+    history.job_state("gone-1", "running")  # it was running when the machine went down
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        for _ in range(40):
+            await settle(pilot)
+            if app.screen.book.jobs:
+                break
+        book = app.screen.book
+        assert [(j.job_id, j.status) for j in book.ordered()] == [("gone-1", "held"), ("gone-2", "held"),
+                                                                  ("gone-3", "held")]
+        assert book.jobs["gone-1"].error == "interrupted"
+        await pilot.press("ctrl+t")  # the queue; the first row is gone-1
+        await pilot.press("down", "down", "delete")
+        await settle(pilot)
+        assert book.jobs["gone-3"].status == "removed"
+        assert {r.id: r.status for r in history.jobs()}["gone-3"] == "removed"
+        await pilot.press("escape", "R")
+        await settle(pilot)
+        assert [j for j, _ in FakeClient.instances[-1].submitted] == ["gone-1", "gone-2"]
+        assert book.jobs["gone-1"].status == book.jobs["gone-2"].status == "pending"
+
+
+async def test_a_hang_up_keeps_unsaved_edits_in_a_recovery_file(home: Path) -> None:
+    from tui_diffusion.state import load_state
+
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        app.screen.document.set_value("3", "seed", 4242)
+        assert app.screen.document.dirty
+        app.hang_up()
+        await settle(pilot)
+    assert app.return_code == 129
+    recovered = Path(load_state()["recovered"])
+    assert json.loads(recovered.read_text())["3"]["inputs"]["seed"] == 4242
+    assert FakeClient.instances[-1].closed  # the worker was told to go (it leaves its queue in the store)

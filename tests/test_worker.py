@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import txt2img
+from tests.conftest import txt2img, wait_for
 from tui_diffusion import messages as m
 from tui_diffusion.client import WorkerClient
 from tui_diffusion.settings import DevicePolicy, WorkerConfig
@@ -33,16 +33,8 @@ def client(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
 
 
 def until_end(client: WorkerClient, job_id: str, timeout: float = 120) -> tuple[object, list]:
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        event = client.next_event(timeout=1)
-        if event is None:
-            continue
-        seen.append(event)
-        if isinstance(event, (m.JobFinished, m.JobFailed, m.JobRemoved)) and event.job_id == job_id:
-            return event, seen
-    raise AssertionError(f"job {job_id} did not end; saw {seen}")
+    seen = wait_for(client, lambda e, _: isinstance(e, m.JobEnd) and e.job_id == job_id, timeout)
+    return seen[-1], seen
 
 
 def test_ready_reports_device_and_versions(client: WorkerClient) -> None:

@@ -216,14 +216,17 @@ class Pool:
             return None
         if isinstance(event, m.WorkerReady):
             self.readies[index] = event
-            if len(self.readies) == len(self.slots) and self.ready is None:
-                names = [self.readies[i].device_name for i in sorted(self.readies)]
-                self.ready = dataclasses.replace(
-                    self.readies[0], device_name=f"{len(names)} workers: {', '.join(names)}")
-                return self.ready
-            return None
+            return self._all_ready()
         if isinstance(event, m.JobAccepted):
             return None  # the pool acknowledged it when it was submitted
+        if isinstance(event, m.WorkerFailed):
+            self.slots[index].alive = False
+            if any(s.alive for s in self.slots):  # the others carry on: a notice, not the end
+                ready = self._all_ready()
+                if ready is not None:
+                    self._out.append(ready)
+                return m.WorkerRestarted(f"{event.message}; the other workers carry on", [])
+            return event
         if isinstance(event, m.WorkerRestarted):
             self.loaded[index] = set()
             self.last.pop(index, None)
@@ -233,6 +236,16 @@ class Pool:
             if isinstance(event, m.JobFailed):
                 self.last.pop(index, None)
         return event
+
+    def _all_ready(self) -> m.WorkerReady | None:
+        """One ready event for the pool, once every worker still alive is ready."""
+        alive = [i for i, slot in enumerate(self.slots) if slot.alive]
+        if self.ready is not None or not alive or any(i not in self.readies for i in alive):
+            return None
+        names = [self.readies[i].device_name for i in alive]
+        self.ready = dataclasses.replace(self.readies[alive[0]],
+                                         device_name=f"{len(names)} workers: {', '.join(names)}")
+        return self.ready
 
     def next_event(self, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
