@@ -64,7 +64,7 @@ class JobBook:
         record.status, record.node_id, record.step, record.total = job.status, job.node_id, job.step, job.total
         record.outputs, record.error, record.error_node, record.seconds = (list(job.outputs), job.error,
                                                                            job.error_node, job.seconds)
-        record.worker = job.worker
+        record.worker, record.executed, record.cached = job.worker, list(job.executed), list(job.cached)
         return record
 
     def held(self) -> list[JobRecord]:

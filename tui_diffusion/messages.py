@@ -173,6 +173,8 @@ class JobSummary:
     error_node: str | None = None
     seconds: float | None = None
     worker: str | None = None
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

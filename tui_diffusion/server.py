@@ -174,7 +174,8 @@ class Server:
             change = {"node_id": event.node_id, "step": 0, "total": 0}
         elif isinstance(event, m.JobFinished):
             change = {"status": "done" if event.status == "ok" else "interrupted", "outputs": list(event.outputs),
-                      "seconds": event.seconds, "node_id": None}
+                      "seconds": event.seconds, "node_id": None, "executed": list(event.executed),
+                      "cached": list(event.cached)}
         elif isinstance(event, m.JobFailed):
             change = {"status": "failed", "error": event.message, "error_node": event.node_id, "node_id": None}
         elif isinstance(event, m.JobRemoved):
