@@ -274,3 +274,54 @@ def test_fifty_jobs_survive_worker_kills_interrupts_and_dropped_clients(tmp_path
     assert sum(result["final_states"].values()) == 50 and "none" not in result["final_states"]
     assert result["jobs_with_not_exactly_one_end"] == result["jobs_unfinished_in_store"] == 0
     assert result["done_jobs_missing_images"] == 0
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MB file system to fill up and to make read-only (a tmpfs; needs the right to mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; the mocked full-disk test in test_engine covers the logic")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_or_read_only_output_disk_fails_the_job_not_the_worker(home: Path, small_disk: Path) -> None:
+    config = WorkerConfig(models_dir=home / "models", output_dir=small_disk / "out", temp_dir=home / "tmp",
+                          device=DevicePolicy("cpu"), db_path=home / "history.sqlite3")
+    with WorkerClient(config) as client:
+        client.wait_ready(timeout=120)
+
+        def one(seed: int) -> object:
+            job = client.submit(txt2img(**{"3.seed": seed}))
+            return wait_for(client, lambda e, _: isinstance(e, m.JobEnd) and e.job_id == job)[-1]
+
+        first = one(1)
+        assert isinstance(first, m.JobFinished) and first.status == "ok"
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:  # fill the disk to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        before = sorted(p.name for p in (small_disk / "out").iterdir())
+        full = one(2)
+        assert isinstance(full, m.JobFailed) and full.node_id == "9" and "No space left" in full.message
+        assert sorted(p.name for p in (small_disk / "out").iterdir()) == before  # nothing partial left
+        filler.unlink()
+        remount = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True)
+        assert remount.returncode == 0, remount.stderr
+        read_only = one(3)
+        assert isinstance(read_only, m.JobFailed) and read_only.node_id == "9"
+        assert "Read-only file system" in read_only.message
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        after = one(4)  # the same worker, models still loaded
+        assert isinstance(after, m.JobFinished) and after.status == "ok" and "4" in after.cached
+        assert client.process.is_alive()
+    assert sorted(p.name for p in (small_disk / "out").iterdir()) == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]

@@ -206,3 +206,30 @@ def test_a_killed_ray_actor_fails_exactly_its_job(workdir: Path, monkeypatch: py
     finally:
         pool.close()
         ray.shutdown()
+
+
+def test_images_an_actor_wrote_elsewhere_are_fetched_as_bytes(tmp_path: Path) -> None:
+    from tui_diffusion.backends.ray_backend import RaySlot
+    from tui_diffusion.settings import WorkerConfig
+
+    class Remote:  # the actor's read_file, as Ray's handle exposes it
+        def __init__(self, data: bytes) -> None:
+            self.read_file = type("Method", (), {"remote": staticmethod(lambda path: data)})()
+
+    class FakeRay:
+        @staticmethod
+        def get(ref: Any) -> Any:
+            return ref
+
+    png = b"\x89PNG not really"
+    slot = RaySlot.__new__(RaySlot)
+    slot.ray, slot.actor = FakeRay(), Remote(png)
+    slot.config = WorkerConfig(output_dir=tmp_path / "here")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "ComfyUI_00001_.png").write_bytes(b"a local image of the same name")
+    event = m.JobFinished("j", ["/on/another/machine/ComfyUI_00001_.png"], [], [], {}, 1.0)
+    fetched = slot._fetch_outputs(event)
+    assert fetched.outputs == [str(tmp_path / "here" / "ComfyUI_00001_-1.png")]  # never overwrites
+    assert Path(fetched.outputs[0]).read_bytes() == png
+    local = m.JobFinished("k", [fetched.outputs[0]], [], [], {}, 1.0)
+    assert slot._fetch_outputs(local) is local  # readable here: nothing to fetch

@@ -405,3 +405,21 @@ async def test_a_hang_up_keeps_unsaved_edits_in_a_recovery_file(home: Path) -> N
     recovered = Path(load_state()["recovered"])
     assert json.loads(recovered.read_text())["3"]["inputs"]["seed"] == 4242
     assert FakeClient.instances[-1].closed  # the worker was told to go (it leaves its queue in the store)
+
+
+async def test_the_queue_shows_which_worker_runs_each_job(home: Path) -> None:
+    from tui_diffusion import messages as m
+
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+r")
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        fake = FakeClient.instances[-1]
+        (first, _), (second, _) = fake.submitted
+        fake.emit(m.JobPlaced(first, "worker 0 (GPU 0)"), m.JobPlaced(second, "worker 1 (GPU 1)"))
+        await settle(pilot, 6)
+        queue = app.screen.query_one(QueuePanel)
+        labels = [str(queue.get_row_at(i)[2]) for i in range(queue.row_count)]
+        assert labels[0].endswith("· worker 0 (GPU 0)") and labels[1].endswith("· worker 1 (GPU 1)")
