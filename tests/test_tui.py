@@ -423,3 +423,40 @@ async def test_the_queue_shows_which_worker_runs_each_job(home: Path) -> None:
         queue = app.screen.query_one(QueuePanel)
         labels = [str(queue.get_row_at(i)[2]) for i in range(queue.row_count)]
         assert labels[0].endswith("· worker 0 (GPU 0)") and labels[1].endswith("· worker 1 (GPU 1)")
+
+
+async def test_a_worker_that_keeps_dying_is_not_restarted_forever(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        for _ in range(5):
+            FakeClient.instances[-1].crash()
+            await settle(pilot, 8)
+        assert len(FakeClient.instances) == 5  # the first and four restarts; the fifth death stops it
+        assert app.worker_state == "stopped"
+        assert [j.status for j in app.screen.book.ordered()] == ["held"]  # R queues it after a fix
+
+
+async def test_losing_the_background_server_falls_back_to_an_own_worker(home: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import tui_diffusion.client
+    from tui_diffusion import messages as m
+
+    class OwnWorker(FakeClient):
+        pass
+
+    monkeypatch.setattr(tui_diffusion.client, "WorkerClient", OwnWorker)
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        server = FakeClient.instances[-1]
+        theirs = json.loads((home / "workflows" / "mine.json").read_text())
+        server.emit(m.Attached(None, [m.JobSummary("theirs", theirs, status="pending")], 4321))
+        await settle(pilot, 6)
+        assert app.attached_to == 4321
+        server.crash("the server went away")
+        await settle(pilot, 8)
+        assert app.attached_to is None and isinstance(FakeClient.instances[-1], OwnWorker)
+        assert app.screen.book.jobs["theirs"].status == "held"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,8 @@ class MainScreen(Screen):
         return job_id
 
     def _job_label(self, data: dict[str, Any]) -> str:
-        seeds = [str(data[n]["inputs"][s]) for n, s in self.document.seed_inputs() if n in data]
+        seeds = [str(data[n]["inputs"][s]) for n, s in self.document.seed_inputs()
+                 if s in (data.get(n) or {}).get("inputs", {})]  # a job from another client may differ
         return f"seed {','.join(seeds)}" if seeds else self.document.name.removesuffix(".json")
 
     async def action_queue(self) -> None:
@@ -429,16 +431,45 @@ class MainScreen(Screen):
     def _worker_lost(self, message: WorkerLost) -> None:
         from tui_diffusion.supervisor import record_lost
 
+        if self.app.attached_to is not None:
+            self._server_lost(message.reason)
+            return
+        now = time.monotonic()
+        self._losses = [t for t in getattr(self, "_losses", []) if now - t < 60] + [now]
         running = self.book.running()
         pending = self.book.worker_lost(f"the worker crashed: {message.reason}")
         if running is not None:  # the dead worker cannot record it; held otherwise at the next start
             record_lost(self.app.config, running.job_id, running.error or message.reason)
+        if len(self._losses) > 4:  # it cannot run here: stop trying, keep the queue for R after a fix
+            for job in pending:
+                job.status = HELD
+            self.app.worker_state = "stopped"
+            self.notify(f"The worker stopped again ({message.reason}); not restarting it. Fix the cause, restart "
+                        "the app, and press R to queue the held jobs again.", severity="error", timeout=30)
+            self.refresh_queue()
+            return
         self.app.worker_state = "crashed: restarting"
         self.notify(f"The worker stopped ({message.reason}); restarting it. "
                     f"{len(pending)} pending job(s) kept.", severity="error", timeout=10)
         self.app.bridge.restart()
         for job in pending:
             self.app.bridge.submit(job.job_id, job.workflow)
+        self.refresh_queue()
+
+    def _server_lost(self, reason: str) -> None:
+        """The background server went away: carry on with a worker of this app's own. What the server had
+        queued is in the store and shows up as held (R queues it here)."""
+        from tui_diffusion.client import WorkerClient
+
+        self.app.attached_to = None
+        for job in self.book.ordered():
+            if job.status in (PENDING, RUNNING):
+                job.status, job.node_id = HELD, None
+        self.app.bridge.factory = WorkerClient
+        self.app.worker_state = "starting…"
+        self.notify(f"The background server is gone ({reason}); this app now runs its own worker. "
+                    "Jobs it had queued are held: R queues them here.", severity="warning", timeout=15)
+        self.app.bridge.restart()
         self.refresh_queue()
 
     # -- files --------------------------------------------------------------------------------------------------
