@@ -29,6 +29,8 @@ class TuiDiffusionApp(App):
     BINDINGS = [Binding("ctrl+q", "quit_app", "Quit", priority=True)]
 
     worker_state: reactive[str] = reactive("starting…")
+    #: the pid of the background server this app is attached to, if it is
+    attached_to: reactive[int | None] = reactive(None)
 
     def __init__(self, workflow_path: Path | None, config: WorkerConfig,
                  client_factory: Callable[[WorkerConfig], Any] | None = None,
@@ -52,8 +54,6 @@ class TuiDiffusionApp(App):
         self._exit_after_first_frame = exit_after_first_frame
         self.first_frame_at: float | None = None
         self.main_screen: Any = None
-        #: the pid of the background server this app is attached to, if it is
-        self.attached_to: int | None = None
 
     # -- start-up -------------------------------------------------------------------------------------------
     def _default_workflow(self) -> Path:
@@ -124,13 +124,17 @@ class TuiDiffusionApp(App):
     def watch_worker_state(self, state: str) -> None:
         self.update_title()
 
+    def watch_attached_to(self, pid: int | None) -> None:
+        self.update_title()
+
     def update_title(self) -> None:
         screen = self._main()
         doc = screen.document if screen else self.document
         mark = " •" if doc.dirty else ""
         issues = len(screen.issues) if screen else 0
         self.title = f"{doc.name}{mark}"
-        self.sub_title = f"worker {self.worker_state}" + (f" · {issues} problem(s)" if issues else "")
+        where = f" · attached to server {self.attached_to}" if self.attached_to else ""
+        self.sub_title = f"worker {self.worker_state}{where}" + (f" · {issues} problem(s)" if issues else "")
 
     def _main(self) -> Any:
         return self.main_screen

@@ -443,7 +443,8 @@ def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
 def build_tui_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tui-diffusion",
-        description="Open the terminal app (commands: run, validate, models, demo-checkpoint; "
+        description="Open the terminal app (commands: run, validate, serve, resume, history, config, import, export, "
+                    "models, demo-checkpoint; "
                     "'tui-diffusion COMMAND --help' for each).",
     )
     parser.add_argument("--version", action="version", version=f"tui-diffusion {__version__}")

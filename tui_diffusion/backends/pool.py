@@ -101,6 +101,7 @@ class Pool:
         self._out: collections.deque[Any] = collections.deque()
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._pumps: list[threading.Thread] = []
 
     @property
     def process(self) -> Any:
@@ -110,7 +111,9 @@ class Pool:
     def start(self) -> None:
         for index, slot in enumerate(self.slots):
             slot.start()
-            threading.Thread(target=self._pump, args=(index, slot), daemon=True, name=f"pool-{index}").start()
+            pump = threading.Thread(target=self._pump, args=(index, slot), daemon=True, name=f"pool-{index}")
+            pump.start()
+            self._pumps.append(pump)
 
     def _pump(self, index: int, slot: Any) -> None:
         while not self._stop.is_set() and slot.alive:
@@ -135,6 +138,8 @@ class Pool:
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        for pump in self._pumps:  # each is at most one short read away from seeing the stop
+            pump.join(1.0)
         threads = [threading.Thread(target=slot.close, daemon=True) for slot in self.slots]
         for t in threads:
             t.start()

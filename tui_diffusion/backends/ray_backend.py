@@ -136,9 +136,9 @@ class RaySlot:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
             return self._lost()
-        except Exception:  # the queue's actor is gone with the cluster
+        except BaseException:  # the queue's actor is gone with the cluster (Ray raises SystemExit on shutdown)
             self.alive = False
-            return self._lost()
+            return None
         if isinstance(event, list):  # a batch from the engine's event throttle
             self._carry.extend(event[1:])
             event = event[0]
