@@ -233,3 +233,20 @@ def test_images_an_actor_wrote_elsewhere_are_fetched_as_bytes(tmp_path: Path) ->
     assert Path(fetched.outputs[0]).read_bytes() == png
     local = m.JobFinished("k", [fetched.outputs[0]], [], [], {}, 1.0)
     assert slot._fetch_outputs(local) is local  # readable here: nothing to fetch
+
+
+def test_a_gpu_pool_gives_each_worker_its_own_gpu_and_a_cpu_pool_splits_the_cores() -> None:
+    from tui_diffusion.backends.pool import local_pool
+    from tui_diffusion.settings import DevicePolicy, WorkerConfig
+
+    config = WorkerConfig(device=DevicePolicy("auto", memory="lowvram", precision="fp16"))
+    gpus = local_pool(config, gpus=["0", "3"])
+    made = [slot.supervisor.config for slot in gpus.slots]
+    assert [c.visible_devices for c in made] == ["0", "3"]  # CUDA_VISIBLE_DEVICES, set before torch loads
+    assert {c.device.device for c in made} == {"cuda:0"}  # each sees only its own, as device 0
+    assert {c.device.memory for c in made} == {"lowvram"} and {c.device.precision for c in made} == {"fp16"}
+    assert [s.name for s in gpus.slots] == ["worker 0 (GPU 0)", "worker 1 (GPU 3)"]
+    cpus = local_pool(config, workers=2)
+    assert [s.supervisor.config.device.device for s in cpus.slots] == ["cpu", "cpu"]
+    assert all(s.supervisor.config.torch_threads >= 1 for s in cpus.slots)
+    assert all(s.supervisor.config.visible_devices is None for s in cpus.slots)
