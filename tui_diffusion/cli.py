@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--json", action="store_true", help="one JSON object per job on stdout")
     _add_folders(resume)
     _add_device_options(resume)
+    _add_backend_options(resume)
 
     val = sub.add_parser("validate", help="check a workflow without running it")
     val.add_argument("workflow", type=Path)
