@@ -362,13 +362,16 @@ class RemoteClient:
     def next_event(self, timeout: float | None = None) -> Any:
         if self._first:
             return self._first.popleft()
-        if self.conn is None:
+        conn = self.conn
+        if conn is None:
             raise WorkerDied("not attached to a server")
         try:
-            if not self.conn.poll(timeout):
+            if not conn.poll(timeout):
                 return None
-            event = self.conn.recv()
+            event = conn.recv()
         except (EOFError, OSError):
+            if self.conn is None:  # closed by this client (detaching) while another thread read
+                return None
             raise WorkerDied("the server went away") from None
         if isinstance(event, list):
             self._first.extend(event[1:])
