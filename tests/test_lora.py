@@ -209,3 +209,23 @@ def test_diffusers_peft_layout_gives_the_same_result(engine: EngineState, lora_m
     a = image(ex, lora_workflow(**{"10.lora_name": "unet-only.safetensors"}))
     b = image(ex, lora_workflow(**{"10.lora_name": "peft.safetensors"}))
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_unet_matches_eager_with_and_without_a_lora(lora_models: Path, tmp_path: Path) -> None:
+    """--compile on the CPU freezes the weights into the compiled graph: a LoRA job must run eager (with the
+    patches), and a job without one compiled, each giving the eager image."""
+    compiled = resolve_device(DevicePolicy("cpu", compile=True))
+    ex_c = Executor(EngineState(compiled, ModelCache(2), ModelPaths(lora_models), tmp_path / "c", tmp_path / "ct",
+                                tmp_path / "cfg"))
+    ex_e = Executor(EngineState(CPU, ModelCache(2), ModelPaths(lora_models), tmp_path / "e", tmp_path / "et",
+                                tmp_path / "cfg"))
+    data = lora_workflow(**{"10.lora_name": "unet-only.safetensors", "10.strength_clip": 0.0})
+    plain = without_lora(data)
+    base_c, base_e = image(ex_c, plain), image(ex_e, plain)  # the first compiled call: unpatched weights
+    assert np.allclose(base_c, base_e, atol=2e-3)
+    lora_c, lora_e = image(ex_c, data), image(ex_e, data)
+    assert np.allclose(lora_c, lora_e, atol=2e-3)
+    assert not np.allclose(lora_c, base_c, atol=1e-2)  # the LoRA did change the image
+    again = image(ex_c, without_lora(lora_workflow(**{"3.seed": 10})))  # compiled again, patches gone
+    assert np.allclose(again, image(ex_e, without_lora(lora_workflow(**{"3.seed": 10}))), atol=2e-3)

@@ -125,11 +125,3 @@ def test_boolean_and_limit_settings_resolve_from_env_and_file(tmp_path: Path, mo
     monkeypatch.setenv("TUI_DIFFUSION_COMPILE", "maybe")
     with pytest.raises(ConfigError, match="not true or false"):
         resolve({})
-
-
-def test_compile_flag_compiles_the_unet_in_place(models_dir: Path, tmp_path: Path) -> None:
-    device = resolve_device(DevicePolicy("cpu", compile=True))
-    loaded = load_checkpoint(models_dir / "checkpoints" / TINY, device, tmp_path)
-    assert loaded.model.unet._compiled_call_impl is not None  # torch compiles it at its first call
-    plain = load_checkpoint(models_dir / "checkpoints" / TINY, CPU, tmp_path)
-    assert plain.model.unet._compiled_call_impl is None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.lora import patched
-from tui_diffusion.pipeline.models import ModelHandle
+from tui_diffusion.pipeline.models import ModelHandle, unet_call
 from tui_diffusion.pipeline.placement import in_use
 from tui_diffusion.pipeline.sampling import (
     ModelSampling,
@@ -161,6 +161,7 @@ def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, see
            positive: list, negative: list, latent_image: dict) -> dict:
     dev = model.device
     sched = prepared.scheduler
+    unet = unet_call(model.unet, any(p.strength != 0.0 for p in model.patches))
     ms = ModelSampling.from_scheduler_config(model.scheduler_config)
     latent = latent_image["samples"].float()
     noise = (prepare_noise(latent, seed, latent_image.get("batch_index")) if add_noise
@@ -208,8 +209,8 @@ def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, see
         x_in = sched.scale_model_input(torch.cat([x] * len(contexts)), t).to(dev.dtype)
         if concat is not None:
             x_in = torch.cat([x_in, concat.repeat(len(contexts), 1, 1, 1)], dim=1)
-        out = model.unet(x_in, t.to(dev.torch_device), encoder_hidden_states=context, return_dict=False,
-                         **kwargs)[0].float()
+        out = unet(x_in, t.to(dev.torch_device), encoder_hidden_states=context, return_dict=False,
+                   **kwargs)[0].float()
         parts = out.chunk(len(contexts))
         eps_cond = torch.stack(parts[len(unconds):]).mean(0)
         if use_cfg:

@@ -203,12 +203,32 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path, allow_pickle
         place(module, device, device.dtype)
     _place_vae(pipe.vae, device)
     if device.compile:
-        pipe.unet.compile()  # in place: the module (and LoRA patches on its weights) stays the same object
+        compile_unet(pipe.unet, device)
     return LoadedCheckpoint(
         model=ModelHandle(pipe.unet, dict(pipe.scheduler.config), family, device, str(path)),
         clip=clip,
         vae=VaeHandle(pipe.vae, device),
     )
+
+
+def compile_unet(unet: Any, device: Device) -> None:
+    """``torch.compile`` the UNet in place (the module stays the same object). On the CPU with inductor's
+    freezing: the weights become constants of the compiled graph, which lets oneDNN use them prepacked
+    (about twice as fast at SD1.5 size on a 2-core CPU, for a second copy of the UNet's weights in memory).
+    Frozen weights cannot see a LoRA's patches, so a patched UNet runs uncompiled (see ``unet_call``)."""
+    if device.torch_device.type == "cpu":
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True
+        unet._tui_frozen = True
+    unet.compile()
+
+
+def unet_call(unet: Any, patched: bool) -> Any:
+    """The UNet's call: compiled, unless its compiled graph froze weights that a LoRA now changes."""
+    if patched and getattr(unet, "_tui_frozen", False):
+        return unet._call_impl  # eager, with the patched weights (hooks still run)
+    return unet
 
 
 def detect_prediction(header: dict[str, Any], tensor: Any) -> str:
