@@ -325,3 +325,16 @@ def test_a_full_or_read_only_output_disk_fails_the_job_not_the_worker(home: Path
         assert isinstance(after, m.JobFinished) and after.status == "ok" and "4" in after.cached
         assert client.process.is_alive()
     assert sorted(p.name for p in (small_disk / "out").iterdir()) == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]
+
+
+def test_a_supervised_job_is_in_the_store_before_submit_returns(tmp_path: Path) -> None:
+    from tui_diffusion.supervisor import Supervisor
+
+    db = tmp_path / "history.sqlite3"
+    supervisor = Supervisor(WorkerConfig(device=DevicePolicy("cpu"), db_path=db))  # its worker not even started
+    job = supervisor.submit(txt2img())
+    history = History(db)
+    assert [(r.id, r.status) for r in history.jobs()] == [(job, "pending")]
+    assert history.left_over() == []  # this process lives and holds it
+    supervisor.session.close()  # as if this process died before a worker took the job
+    assert [r.id for r in history.left_over()] == [job]

@@ -34,13 +34,41 @@ def record_lost(config: WorkerConfig, job_id: str, message: str) -> None:
         pass
 
 
+def open_store(config: WorkerConfig | None) -> tuple[Any, Any]:
+    """The queue store and a session of this process's own (the jobs it holds before a worker takes them:
+    left over if this process dies), or nothing when there is no store."""
+    if config is None or not config.record_history:
+        return None, None
+    try:
+        from tui_diffusion.store.history import History, Session
+
+        store = History(config.db_path)
+        return store, Session(store.path)
+    except Exception:  # the store is a record; jobs run without it
+        return None, None
+
+
+def store_queued(store: Any, session: Any, job: m.SubmitJob) -> None:
+    """Write a job to the durable queue before it is acknowledged; never fatal."""
+    if store is None:
+        return
+    try:
+        store.job_queued(job.job_id, job.workflow, session.id, job.previews)
+    except Exception:
+        pass
+
+
 class Supervisor:
     #: more deaths than this within ``window`` seconds, with no job finished between: give up
     max_deaths = 3
     window = 120.0
 
-    def __init__(self, config: WorkerConfig, factory: Callable[[WorkerConfig], Any] = WorkerClient) -> None:
+    def __init__(self, config: WorkerConfig, factory: Callable[[WorkerConfig], Any] = WorkerClient,
+                 durable: bool = True) -> None:
         self.config = config
+        #: jobs go to the store at submit, before anyone acknowledges them (a pool that does it already
+        #: passes durable=False)
+        self.store, self.session = open_store(config) if durable else (None, None)
         self.factory = factory
         self.client: Any = factory(config)
         self.pending: collections.OrderedDict[str, m.SubmitJob] = collections.OrderedDict()
@@ -63,10 +91,14 @@ class Supervisor:
         return self.client.wait_ready(timeout)
 
     def submit(self, workflow: Any, previews: bool = False, job_id: str | None = None) -> str:
-        job_id = self.client.submit(workflow, previews=previews, job_id=job_id)
+        import uuid
+
         data = workflow.to_data() if hasattr(workflow, "to_data") else workflow
-        self.pending[job_id] = m.SubmitJob(job_id, data, previews)
-        return job_id
+        job = m.SubmitJob(job_id or uuid.uuid4().hex[:12], data, previews)
+        store_queued(self.store, self.session, job)
+        self.client.submit(data, previews=previews, job_id=job.job_id)
+        self.pending[job.job_id] = job
+        return job.job_id
 
     def cancel(self, job_id: str) -> None:
         self.client.cancel(job_id)

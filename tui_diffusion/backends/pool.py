@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from tui_diffusion import messages as m
 from tui_diffusion.client import WorkerDied
 from tui_diffusion.settings import WorkerConfig
+from tui_diffusion.supervisor import open_store, store_queued
 
 
 class Slot(Protocol):
@@ -46,7 +47,7 @@ class LocalSlot:
 
         self.name = name
         self.alive = True
-        self.supervisor = Supervisor(config)
+        self.supervisor = Supervisor(config, durable=False)  # the pool writes its jobs to the store
 
     @property
     def process(self) -> Any:
@@ -89,7 +90,7 @@ class Pool:
 
     def __init__(self, slots: list[Any], config: WorkerConfig | None = None) -> None:
         self.slots = slots
-        self.store, self.session = _open_store(config)
+        self.store, self.session = open_store(config)
         self.pending: collections.OrderedDict[str, m.SubmitJob] = collections.OrderedDict()
         self.busy: dict[int, str] = {}
         self.last: dict[int, dict[str, Any]] = {}
@@ -153,11 +154,7 @@ class Pool:
         data = workflow.to_data() if hasattr(workflow, "to_data") else workflow
         job_id = job_id or uuid.uuid4().hex[:12]
         job = m.SubmitJob(job_id, data, previews)
-        if self.store is not None:  # durable before it is acknowledged, as a single worker does
-            try:
-                self.store.job_queued(job_id, data, self.session.id, previews)
-            except Exception:
-                pass
+        store_queued(self.store, self.session, job)  # durable before it is acknowledged
         with self._lock:
             self.pending[job_id] = job
             self._out.append(m.JobAccepted(job_id, len(self.pending)))
@@ -270,19 +267,6 @@ class Pool:
                 self._dispatch()
                 if shown is not None:
                     self._out.append(shown)
-
-
-def _open_store(config: WorkerConfig | None) -> tuple[Any, Any]:
-    """The queue store and this pool's session (jobs waiting in the pool are its), or nothing."""
-    if config is None or not config.record_history:
-        return None, None
-    try:
-        from tui_diffusion.store.history import History, Session
-
-        store = History(config.db_path)
-        return store, Session(store.path)
-    except Exception:  # the store is a record; the pool runs without it
-        return None, None
 
 
 def parse_gpus(spec: str, available: int | None = None) -> list[str]:
