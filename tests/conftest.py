@@ -49,6 +49,15 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture()
+def tiny_home(tmp_path: Path, models_dir: Path) -> Path:
+    """A user's folder: models/checkpoints with the tiny SD1.x file, and the shipped workflows/."""
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    shutil.copy(models_dir / "checkpoints" / TINY, tmp_path / "models" / "checkpoints" / TINY)
+    shutil.copytree(ROOT / "workflows", tmp_path / "workflows")
+    return tmp_path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_user_folders(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))

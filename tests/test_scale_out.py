@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, TINY, TINY_SD2, txt2img
+from tests.conftest import TINY, TINY_SD2, txt2img
 from tui_diffusion import messages as m
 from tui_diffusion.backends.pool import Pool, parse_gpus
 
@@ -133,11 +132,8 @@ def test_gpu_lists_are_parsed() -> None:
 
 # -- end to end ------------------------------------------------------------------------------------------------
 @pytest.fixture()
-def workdir(tmp_path: Path, models_dir: Path) -> Path:
-    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
-    shutil.copy(models_dir / "checkpoints" / TINY, tmp_path / "models" / "checkpoints" / TINY)
-    shutil.copytree(ROOT / "workflows", tmp_path / "workflows")
-    return tmp_path
+def workdir(tiny_home: Path) -> Path:
+    return tiny_home
 
 
 SWEEP = ["--set", f"4.ckpt_name={TINY}", "--set", "5.width=64", "--set", "5.height=64", "--set", "3.steps=12",

@@ -89,10 +89,9 @@ class TuiDiffusionApp(App):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.hang_up)
         except (NotImplementedError, RuntimeError, AttributeError):  # no SIGHUP here (Windows)
             pass
-        recovered = load_state().pop("recovered", None)
+        state = load_state()
+        recovered = state.pop("recovered", None)
         if recovered:
-            state = load_state()
-            state.pop("recovered", None)
             save_state(state)
             self.notify(f"unsaved edits from a session whose terminal went away were kept in {recovered}",
                         severity="warning", timeout=15)

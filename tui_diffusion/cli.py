@@ -489,13 +489,14 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
     resolved = settings(args)
     factory = None
-    if args.detach and not server_running():
+    running = not args.embedded and server_running()
+    if args.detach and not running:
         try:
             start_background(_server_args(args))
         except ServerError as exc:
             _err(str(exc))
             return EXIT_FAILED
-    if args.detach or (not args.embedded and server_running()):
+    if args.detach or running:
         factory = RemoteClient  # closing the app detaches; the server and its queue carry on
     elif args.gpus or args.ray or (args.workers or 0) > 1:
         factory = lambda config: open_backend(args, config)  # noqa: E731
