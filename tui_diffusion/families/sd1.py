@@ -1,0 +1,159 @@
+"""SD1.x (and what every UNet family shares): CLIP ViT-L text, a 4-channel VAE, an eps UNet.
+
+``UNetFamily`` holds what SD1.x, SD2.x and SDXL have in common: files in the LDM key layout
+(``model.diffusion_model.*``), built with diffusers' ``from_single_file`` from a config folder derived
+from the tensor shapes, a UNet called with ``encoder_hidden_states``, discrete (eps or v) model sampling
+from the checkpoint's betas, and inpainting variants with 5 extra input channels (mask, masked image).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tui_diffusion.families.base import Family, Header, LatentFormat, has_prefix, shape
+from tui_diffusion.modelfiles.header import TensorInfo
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD1_TEXT = "cond_stage_model.transformer."
+CONV_IN = UNET + "input_blocks.0.0.weight"
+
+SD1_LATENT = LatentFormat(
+    channels=4, scale_factor=0.18215,
+    rgb_factors=((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
+                 (-0.2120, -0.2616, -0.7177)),
+    taesd_decoder="taesd_decoder",
+)
+
+# The latent of a mid-grey image ("nothing here") per channel, in the model's latent space: what ComfyUI
+# gives an inpainting model's masked-image input when the latent carries no mask.
+BLANK_INPAINT = (0.8223, -0.6876, 0.6364, 0.1380)
+
+
+def in_channels(header: Header) -> int | None:
+    conv_in = shape(header, CONV_IN)
+    return conv_in[1] if conv_in else None
+
+
+class UNetFamily(Family):
+    """A family whose denoiser is diffusers' ``UNet2DConditionModel`` loaded from an LDM-layout file."""
+
+    latent_format = SD1_LATENT
+    #: the shipped config folder (``tui_diffusion/configs/<name>``) that gives what shapes cannot tell
+    template = "sd15"
+    #: the text tower's key prefix in a single file (detection)
+    text_prefixes: tuple[str, ...] = ()
+    #: the inpainting variant: 9 input channels (4 latent, 1 mask, 4 masked image); None: either
+    inpaint: bool | None = False
+    #: the CLIP hidden layer read by default (-1: the last; -2: the penultimate)
+    clip_layer = -1
+
+    def matches(self, header: Header) -> bool:
+        if not has_prefix(header, UNET) or not has_prefix(header, *self.text_prefixes):
+            return False
+        return self.inpaint is None or (in_channels(header) == 9) == self.inpaint
+
+    # -- building ------------------------------------------------------------------------------------
+    def prediction(self, header: Mapping[str, TensorInfo], tensor: Any) -> str:
+        """epsilon or v_prediction; SD1.x is always epsilon."""
+        return "epsilon"
+
+    def configs(self, header: Mapping[str, TensorInfo], file: str, prediction: str) -> dict[str, dict[str, Any]]:
+        """The diffusers config folder's files (path -> JSON) for this file's sizes."""
+        from tui_diffusion.modelfiles.configs import sd1_configs
+
+        return sd1_configs(header, file)
+
+    def pipeline_class(self) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def make_clip(self, pipe: Any, device: Any) -> Any:
+        from tui_diffusion.pipeline.models import ClipHandle, TextEncoder
+
+        return ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device, layer=self.clip_layer)
+
+    def load_checkpoint(self, path: Path, header: Mapping[str, TensorInfo], tensor: Any, device: Any,
+                        config_cache: Path) -> Any:
+        from tui_diffusion.modelfiles.configs import write_config_folder
+        from tui_diffusion.pipeline.models import load_single_file_pipeline
+
+        folder = write_config_folder(self.configs(header, str(path), self.prediction(header, tensor)), config_cache)
+        return load_single_file_pipeline(self, path, folder, device)
+
+    def default_model_sampling(self, model: Any) -> Any:
+        from tui_diffusion.pipeline.model_sampling import discrete_from_config
+
+        return discrete_from_config(model.scheduler_config)
+
+    # -- conditioning -> UNet call -----------------------------------------------------------------------
+    def check_conditioning(self, model: Any, entries: list[tuple[Any, dict]]) -> None:
+        from tui_diffusion.pipeline.errors import NodeError
+
+        width = model.unet.config.cross_attention_dim
+        for emb, _ in entries:
+            if emb.shape[-1] != width:
+                raise NodeError(f"the conditioning is {emb.shape[-1]} wide but this model takes {width}: encode "
+                                "the prompts with this checkpoint's CLIP")
+
+    def model_kwargs(self, model: Any, entries: list[tuple[Any, dict]], *, batch: int, latent_shape: tuple,
+                     negative: list[bool], device: Any, dtype: Any) -> dict[str, Any]:
+        import torch
+
+        contexts = common_length([emb for emb, _ in entries])
+        return {"encoder_hidden_states": torch.cat([c.to(device, dtype).expand(batch, -1, -1) for c in contexts])}
+
+    def extra_channels(self, model: Any, latent_in: Any, mask: Any) -> Any:
+        import torch
+
+        from tui_diffusion.pipeline.errors import NodeError
+
+        extra = model.unet.config.in_channels - latent_in.shape[1]
+        if extra <= 0:
+            return None
+        if extra != 5:
+            raise NodeError(f"a UNet with {model.unet.config.in_channels} input channels is not an inpainting "
+                            "model this sampler knows")
+        if mask is None:
+            blank = torch.tensor(BLANK_INPAINT, dtype=latent_in.dtype, device=latent_in.device).reshape(1, 4, 1, 1)
+            return torch.cat([torch.ones_like(latent_in[:, :1]), blank.expand_as(latent_in)], dim=1)
+        return torch.cat([mask[:, :1].to(latent_in), latent_in], dim=1)
+
+    def apply_model(self, model: Any, x: Any, timestep: Any, kwargs: dict[str, Any]) -> Any:
+        from tui_diffusion.pipeline.models import unet_call
+
+        unet = unet_call(model.unet, any(p.strength != 0.0 for p in model.patches))
+        return unet(x, timestep, return_dict=False, **kwargs)[0]
+
+
+def common_length(embeddings: list[Any]) -> list[Any]:
+    """Repeat prompts of different window counts to a common length, as ComfyUI does."""
+    lengths = {e.shape[1] for e in embeddings}
+    if len(lengths) == 1:
+        return embeddings
+    lcm = math.lcm(*lengths)
+    return [e.repeat(1, lcm // e.shape[1], 1) for e in embeddings]
+
+
+class SD1Family(UNetFamily):
+    id = "sd1"
+    label = "SD1.x"
+    text_prefixes = (SD1_TEXT,)
+    text_encoders = ("clip_l",)
+
+
+class SD1InpaintFamily(SD1Family):
+    id = "sd1-inpaint"
+    label = "SD1.x inpainting"
+    inpaint = True
+
+
+SD1 = SD1Family()
+SD1_INPAINT = SD1InpaintFamily()
