@@ -7,7 +7,10 @@ defaults and the environment variables that override them. Torch-free.
 from __future__ import annotations
 
 import os
+import posixpath
+import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +54,64 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model_index.json").is_file()
 
 
+def check_name(name: str) -> str:
+    """``name`` as a clean relative path (``a/b.safetensors``), checked lexically; PathError says why not.
+
+    Lexical on purpose: symlinks inside a model folder (a folder shared with ComfyUI or A1111, the Hugging Face
+    cache) are followed, so where a name resolves to on disk cannot decide; what the name itself says can. No
+    absolute names, no ``..`` that leaves the folder, no NUL, no backslash (a Windows separator that would mean
+    something else here), not the folder itself.
+    """
+    if not isinstance(name, str) or not name:
+        raise PathError("the name is empty")
+    if "\0" in name:
+        raise PathError(f"{name!r} holds a NUL character")
+    if "\\" in name:
+        raise PathError(f"{name!r} holds a backslash: not a relative name here (use '/' between folders)")
+    if name.startswith("/"):
+        raise PathError(f"{name!r} is not a relative name")
+    norm = posixpath.normpath(name)
+    if norm == ".":
+        raise PathError(f"{name!r} names the folder itself, not a file in it")
+    if norm == ".." or norm.startswith("../"):
+        raise PathError(f"{name!r} points outside its folder")
+    return norm
+
+
 def inside(folder: Path, name: str) -> Path:
-    """Resolve ``name`` inside ``folder``; refuse absolute names and anything escaping it."""
-    if not name or os.path.isabs(name) or "\\" in name:
-        raise PathError(f"{name!r} is not a relative name inside {folder}")
-    base = folder.resolve()
-    target = (base / name).resolve()
-    if target != base and base not in target.parents:
-        raise PathError(f"{name!r} points outside {folder}")
-    return target
+    """``name`` inside ``folder``, checked lexically (see ``check_name``); symlinks in it are not resolved.
+
+    The folder is made absolute (so the path does not depend on a later change of directory); the name is
+    joined after normalising, so a ``..`` in it never reaches the operating system (which would take the
+    parent of a symlink's target, not of the link).
+    """
+    try:
+        norm = check_name(name)
+    except PathError as exc:
+        raise PathError(f"{exc} (in {folder})") from None
+    return Path(os.path.abspath(folder)) / norm
+
+
+def check_output_prefix(prefix: str) -> str | None:
+    """Why a SaveImage ``filename_prefix`` would write outside the output folder, or None.
+
+    The same lexical rules as model names (ComfyUI also refuses a prefix that leaves its output folder), applied
+    to the folder part; checked by validation so the job is refused before anything runs.
+    """
+    if not isinstance(prefix, str) or not prefix.strip():
+        return "the file name prefix is empty"
+    if "\0" in prefix:
+        return f"{prefix!r} holds a NUL character"
+    folder, _, stem = prefix.replace("\\", "/").rpartition("/")
+    if not stem:
+        return f"{prefix!r} ends with a folder separator"
+    if prefix.startswith(("/", "\\")) or os.path.isabs(prefix):
+        return f"{prefix!r} is an absolute path: the prefix names a file (or sub-folder/file) in the output folder"
+    if folder:
+        norm = posixpath.normpath(folder)
+        if norm == ".." or norm.startswith("../"):
+            return f"{prefix!r} points outside the output folder"
+    return None
 
 
 @dataclass(frozen=True)
@@ -92,8 +144,7 @@ class ModelPaths:
             return []
         suffixes = MODEL_FOLDERS.get(kind, (".safetensors",))
         names: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            here = Path(dirpath)
+        for here, dirnames, filenames in walk(folder):
             if kind == "checkpoints":
                 for d in list(dirnames):
                     if is_diffusers_folder(here / d):
@@ -103,29 +154,81 @@ class ModelPaths:
             names.extend(
                 (here / f).relative_to(folder).as_posix()
                 for f in filenames
-                if f.lower().endswith(suffixes) and not f.startswith(".")
+                if f.lower().endswith(suffixes) and not f.startswith(".") and (here / f).is_file()
             )
-        return names
+        return [n for n in names if _loadable_name(n)]
 
     def resolve(self, kind: str, name: str) -> Path:
-        """The path of ``name`` in the folders of ``kind``; PathError when it is in none of them."""
+        """The path of ``name`` in the folders of ``kind``; PathError when it is in none of them.
+
+        Symlinks inside the folders are followed (the path returned is the link's, not its target's); the name
+        itself is checked lexically first (``check_name``).
+        """
         folders = self.folders(kind)
         for folder in folders:
             path = inside(folder, name)
-            if path.exists():
+            if path.is_file() or (kind == "checkpoints" and is_diffusers_folder(path)):
                 return path
+            if path.is_dir():
+                raise PathError(f"{name!r} in {folder} is a folder, not a model file"
+                                + (" (nor a diffusers model folder: no model_index.json)"
+                                   if kind == "checkpoints" else ""))
         where = " or ".join(str(f) for f in folders)
         raise PathError(f"{name!r} not found in {where}")
 
     def fingerprint(self, kind: str, name: str) -> list[object]:
-        """Size and mtime of a model file (or of a diffusers folder's files): part of cache keys."""
+        """Size and mtime of a model file (or of a diffusers folder's files): part of cache keys.
+
+        Symlinks count as what they point to (a Hugging Face snapshot's files are links into ``blobs/``)."""
         path = self.resolve(kind, name)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        if path.is_dir():
+            files = sorted(here / f for here, _, filenames in walk(path) for f in filenames if (here / f).is_file())
+        else:
+            files = [path]
         out: list[object] = [str(path)]
         for f in files:
             st = f.stat()
-            out += [f.name, st.st_size, st.st_mtime_ns]
+            out += [f.relative_to(path).as_posix() if f != path else f.name, st.st_size, st.st_mtime_ns]
         return out
+
+
+def _loadable_name(name: str) -> bool:
+    """Whether ``resolve`` accepts the name lexically: what ``list`` offers must load."""
+    try:
+        check_name(name)
+    except PathError:
+        return False
+    return True
+
+
+#: deeper than any real model folder; bounds a walk through links to far-away trees
+MAX_DEPTH = 24
+
+
+def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk`` following symlinked folders, each real folder entered once: a link loop (``ln -s . l``)
+    or two links to one folder cannot make it endless. Prune ``dirnames`` in place as with ``os.walk``."""
+    seen: set[tuple[int, int]] = set()
+    try:
+        st = os.stat(folder)
+        seen.add((st.st_dev, st.st_ino))
+    except OSError:
+        return
+    base_depth = len(Path(folder).parts)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            try:
+                st = os.stat(here / d)
+            except OSError:  # a broken link
+                continue
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode) and key not in seen and len(here.parts) - base_depth < MAX_DEPTH:
+                seen.add(key)
+                keep.append(d)
+        dirnames[:] = keep
+        yield here, dirnames, sorted(filenames)
 
 
 # ComfyUI's folder names in extra_model_paths.yaml, mapped to ours.

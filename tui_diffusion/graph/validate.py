@@ -9,7 +9,7 @@ from typing import Any
 from tui_diffusion.graph.samplers import combination_error
 from tui_diffusion.graph.specs import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, NodeSpec, get_spec
 from tui_diffusion.graph.workflow import Workflow, as_link
-from tui_diffusion.paths import PICKLE_SUFFIXES, ModelPaths, PathError
+from tui_diffusion.paths import PICKLE_SUFFIXES, ModelPaths, PathError, check_output_prefix
 from tui_diffusion.settings import Limits
 
 
@@ -49,7 +49,7 @@ def check_value(spec: InputSpec, value: Any, models: ModelPaths | None = None,
     elif t == STRING:
         if not isinstance(value, str):
             return f"{value!r} is not a string"
-        return None
+        return check_output_prefix(value) if spec.name == "filename_prefix" else None
     elif t == BOOLEAN:
         return None if isinstance(value, bool) else f"{value!r} is not true or false"
     elif t == COMBO:

@@ -41,7 +41,10 @@ _KOHYA = re.compile(r"^(lora_unet|lora_te[12]?)_(.+?)\.(lora_down|lora_up|alpha)
 _PEFT = re.compile(r"^(unet|text_encoder|text_encoder_2|transformer)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|"
                    r"lora_down|lora_up|alpha)(?:\.weight)?$")
 _PART = {"lora_unet": "unet", "lora_te": "te1", "lora_te1": "te1", "lora_te2": "te2",
-         "unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
+         "unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2", "transformer": "transformer"}
+#: the model parts LoRAs can be applied to; a file for another part is refused with what it is for
+APPLIED_PARTS = {"unet": "the UNet", "te1": "the text encoder", "te2": "the second text encoder"}
+_PART_LABELS = {"transformer": "a transformer model (SD3, Flux: keys 'transformer.*')"}
 
 
 def load_lora(path: Path) -> LoraWeights:
@@ -67,6 +70,11 @@ def load_lora(path: Path) -> LoraWeights:
              for k, v in parts.items() if "down" in v and "up" in v}
     if not pairs:
         raise CheckpointError(f"{path}: no LoRA weights found (expected kohya 'lora_unet_*' or diffusers keys)")
+    other = sorted({k.split(":", 1)[0] for k in pairs} - set(APPLIED_PARTS))
+    if other:
+        what = ", ".join(_PART_LABELS.get(part, part) for part in other)
+        raise CheckpointError(f"{path}: a LoRA for {what}; LoRAs for that are not supported yet "
+                              f"(supported: LoRAs for {', '.join(APPLIED_PARTS.values())} of SD1.x, SD2.x and SDXL)")
     return LoraWeights(str(path), pairs)
 
 
