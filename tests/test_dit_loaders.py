@@ -1,0 +1,92 @@
+"""SD3.5 and Flux.1 files in their published layouts: the test writer, configs from shapes, key conversion,
+and the loaders of separate files (issue 15, items 4 and 10)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tui_diffusion.modelfiles import convert_dit
+from tui_diffusion.modelfiles.header import read_header
+from tui_diffusion.pipeline import checkpoint_writer_dit as w
+
+
+def _diffusers_flux_converter(width: int):
+    """diffusers' own Flux converter, which hard-codes the full width 3072, run with ``width`` instead."""
+    import diffusers.loaders.single_file_utils as su
+
+    source = inspect.getsource(su.convert_flux_transformer_checkpoint_to_diffusers)
+    assert "inner_dim = 3072" in source
+    namespace = dict(vars(su))
+    exec(source.replace("inner_dim = 3072", f"inner_dim = {width}"), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+def _equal_states(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("sizes", [w.TinySD3(), w.TinySD3(qk_norm=False, dual_attention_layers=())],
+                         ids=["sd35-medium-like", "sd3-like"])
+def test_sd3_file_matches_diffusers_converter(tmp_path: Path, sizes: w.TinySD3) -> None:
+    import diffusers.loaders.single_file_utils as su
+
+    path = w.write_sd3_transformer(tmp_path / "sd3.safetensors", sizes)
+    state = load_file(str(path))
+    assert all(k.startswith("model.diffusion_model.") for k in state)
+    reference = w.build_sd3_transformer(sizes).state_dict()
+    _equal_states(su.convert_sd3_transformer_checkpoint_to_diffusers(dict(state)), reference)
+    config = convert_dit.sd3_config(read_header(path), str(path))
+    assert config["num_layers"] == sizes.depth and config["num_attention_heads"] == sizes.depth
+    assert config["dual_attention_layers"] == list(sizes.dual_attention_layers)
+    assert config["qk_norm"] == ("rms_norm" if sizes.qk_norm else None)
+    _equal_states(convert_dit.sd3_to_diffusers(state, config), reference)
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_flux_file_matches_diffusers_converter(tmp_path: Path, guidance: bool) -> None:
+    sizes = w.TinyFlux(guidance=guidance, layers=2, single_layers=2)
+    path = w.write_flux_transformer(tmp_path / "flux1.safetensors", sizes)
+    state = load_file(str(path))
+    assert "double_blocks.0.img_attn.qkv.weight" in state and not any(k.startswith("model.") for k in state)
+    assert ("guidance_in.in_layer.weight" in state) == guidance
+    reference = w.build_flux_transformer(sizes).state_dict()
+    _equal_states(_diffusers_flux_converter(256)(dict(state)), reference)
+    config = convert_dit.flux_config(read_header(path), str(path))
+    assert (config["num_layers"], config["num_single_layers"], config["num_attention_heads"]) == (2, 2, 2)
+    assert config["guidance_embeds"] == guidance
+    _equal_states(convert_dit.flux_to_diffusers(state, config), reference)
+
+
+@pytest.mark.parametrize("dtype,stored", [("fp16", "F16"), ("bf16", "BF16"), ("fp8_e4m3fn", "F8_E4M3"),
+                                          ("fp8_e5m2", "F8_E5M2")])
+def test_writer_dtypes(tmp_path: Path, dtype: str, stored: str) -> None:
+    path = w.write_flux_transformer(tmp_path / "f.safetensors", w.TinyFlux(guidance=False), dtype=dtype)
+    assert {info.dtype for info in read_header(path).values()} == {stored}
+
+
+def test_text_encoder_files_and_all_in_one_layouts(tmp_path: Path) -> None:
+    files = w.write_text_encoders(tmp_path / "text_encoders")
+    clip_l, clip_g, t5 = (read_header(files[n]) for n in ("clip_l", "clip_g", "t5xxl"))
+    assert "text_model.embeddings.token_embedding.weight" in clip_l and "text_projection.weight" not in clip_l
+    assert "text_projection.weight" in clip_g
+    assert "shared.weight" in t5 and "encoder.embed_tokens.weight" not in t5
+    assert t5["shared.weight"].shape == (32128, 128)
+
+    sd3 = read_header(w.write_sd3_checkpoint(tmp_path / "sd3.5_all.safetensors"))
+    flux = read_header(w.write_flux_checkpoint(tmp_path / "flux1-dev-fp8.safetensors", dtype="fp8_e4m3fn"))
+    for header, vae in ((sd3, "first_stage_model."), (flux, "vae.")):
+        assert vae + "decoder.conv_in.weight" in header
+        assert header[vae + "decoder.conv_in.weight"].shape[1] == 16
+        assert "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight" in header
+        assert "text_encoders.t5xxl.transformer.shared.weight" in header
+    assert "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in sd3
+    assert "text_encoders.clip_g.transformer.text_projection.weight" in sd3
+    assert "model.diffusion_model.double_blocks.0.img_attn.qkv.weight" in flux
+    assert not any(k.startswith("text_encoders.clip_g.") for k in flux)
