@@ -425,3 +425,75 @@ async def test_clicking_a_box_selects_it_and_a_double_click_opens_it() -> None:
         await pilot.click(GraphView, offset=offset, times=2)
         await pilot.pause()
     assert app.results == ["4"]
+
+
+async def test_an_empty_workflow_shows_an_empty_graph() -> None:
+    app = GraphApp(Workflow({}))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        view = app.screen.query_one(GraphView)
+        assert view.selected is None and view.virtual_size.width == 0
+        assert "empty workflow" in str(app.screen.query_one("#graph-info").render())
+        await pilot.press("right", "enter", "escape")
+        await pilot.pause()
+    assert app.results == [None]
+
+
+# -- from the main screen --------------------------------------------------------------------------------------------
+@pytest.fixture()
+def main_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    import json
+    import shutil
+
+    from tests.conftest import TINY, TXT2IMG
+    from tests.fakes import FakeClient
+    from tui_diffusion.app import TuiDiffusionApp
+    from tui_diffusion.settings import DevicePolicy, WorkerConfig
+
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / TINY).write_bytes(b"x")
+    shutil.copytree(TXT2IMG.parent, tmp_path / "workflows")
+    wf = json.loads((TXT2IMG.parent / "hires-fix.json").read_text())
+    wf["4"]["inputs"]["ckpt_name"] = TINY
+    (tmp_path / "workflows" / "mine.json").write_text(json.dumps(wf))
+    monkeypatch.chdir(tmp_path)
+    config = WorkerConfig(models_dir=tmp_path / "models", output_dir=tmp_path / "output", device=DevicePolicy("cpu"))
+    return TuiDiffusionApp(Path("workflows/mine.json"), config, client_factory=FakeClient)
+
+
+async def test_f5_opens_the_graph_and_enter_selects_the_node_in_the_editor(main_app) -> None:
+    from tui_diffusion.widgets.node_tree import NodeTree
+    from tui_diffusion.widgets.param_form import ParamForm
+
+    async with main_app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        main = main_app.main_screen
+        assert main.selected_node == "3"
+        await pilot.press("f5")
+        await pilot.pause()
+        assert isinstance(main_app.screen, GraphScreen)
+        view = main_app.screen.query_one(GraphView)
+        assert view.selected == "3"
+        await pilot.press("right")  # the latent upscale after the first KSampler
+        chosen = view.selected
+        assert chosen == "10"
+        await pilot.press("enter")
+        for _ in range(3):
+            await pilot.pause()
+        assert main_app.screen is main
+        assert main.selected_node == chosen
+        assert main.query_one(ParamForm).node_id == chosen
+        assert main.query_one(NodeTree).selected_node_id() == chosen
+        await pilot.press("f5")
+        await pilot.pause()
+        await pilot.press("down", "f5")  # the same key closes it, selection unchanged
+        await pilot.pause()
+        assert main_app.screen is main and main.selected_node == chosen
+
+
+def test_the_graph_is_in_the_command_palette(main_app) -> None:
+    from tui_diffusion.screens.main import MainScreen
+
+    main_app.main_screen = MainScreen(main_app.document)
+    titles = [command.title for command in main_app.get_system_commands(main_app.main_screen)]
+    assert "Graph" in titles

@@ -240,24 +240,6 @@ class GraphView(ScrollView, can_focus=True):
         self._redraw(self.running)
         self._styles: dict[int, Style] = {}
 
-    @property
-    def layout_(self) -> GraphLayout:
-        return self.canvas.layout
-
-    def set_workflow(self, workflow: Workflow) -> None:
-        """Lay out a changed workflow again (keeping the selection when its node is still there)."""
-        self.canvas = GraphCanvas(layout_graph(workflow, self.box_width))
-        self.virtual_size = Size(self.canvas.width, self.canvas.height)
-        boxes = self.canvas.layout.boxes
-        if self.selected not in boxes:
-            self.set_reactive(GraphView.selected, next(iter(boxes), None))
-        if self.running not in boxes:
-            self.set_reactive(GraphView.running, None)
-        self._redraw(self.selected)
-        self._redraw(self.running)
-        self._styles.clear()
-        self.refresh()
-
     # -- state --------------------------------------------------------------------------------------------------
     def _redraw(self, node_id: str | None) -> None:
         if node_id is not None and node_id in self.canvas.layout.boxes:
