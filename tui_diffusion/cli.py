@@ -323,6 +323,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"worker ready: {ready.device_name} ({ready.dtype}), torch {ready.torch_version}, "
                       f"diffusers {ready.diffusers_version}")
         default_worker = f"worker 0 ({ready.device_name})"  # a pool names the worker of each job
+        # the history database moved aside or unusable: said here, not only in worker.log (an attached run
+        # does not repeat what the server's worker said when it started)
+        for notice in (getattr(client, "notice", None), None if getattr(args, "attach", False) else ready.notice):
+            if notice:
+                _err(f"warning: {notice}")
         if resumed:
             ids = [client.submit(job, job_id=job_id) for job, (job_id, _) in zip(jobs, resumed, strict=True)]
         else:
@@ -338,6 +343,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue
             if isinstance(event, m.WorkerFailed):
                 raise WorkerDied(event.message)
+            if isinstance(event, m.Notice):
+                _err(f"warning: {event.message}")
+                continue
             if getattr(event, "job_id", None) not in index:
                 continue  # another client's job on a shared server, or a snapshot
             if isinstance(event, m.JobPlaced):

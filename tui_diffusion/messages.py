@@ -65,6 +65,13 @@ class WorkerFailed:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something the user should know that is no job's end (the history database was damaged and replaced)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class WorkerRestarted:
     """The worker died and a new one took its place; ``resubmitted`` are the pending jobs it was given."""
 

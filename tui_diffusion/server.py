@@ -63,6 +63,79 @@ class ServerError(RuntimeError):
     """No server to attach to, or one that refused us."""
 
 
+#: seconds a new connection has to pass the key challenge
+HANDSHAKE_TIMEOUT = 5.0
+#: what one queued job may be: its id, its workflow's nodes and its JSON size
+MAX_JOB_ID = 128
+MAX_NODES = 10000
+MAX_WORKFLOW_BYTES = 16 << 20
+
+
+def invalid_command(command: Any) -> str | None:
+    """Why a message from a client cannot be acted on (None: it can). Every field of every kind is checked:
+    the key proves who sent it, not that it is well formed."""
+    import json
+
+    def job_id_problem(value: Any) -> str | None:
+        if type(value) is not str:
+            return f"a job id must be a string, not {type(value).__name__}"
+        if not 0 < len(value) <= MAX_JOB_ID or not value.isprintable():
+            return f"a job id must be 1 to {MAX_JOB_ID} printable characters"
+        return None
+
+    kind = type(command)
+    if kind in (m.CancelJob, m.MoveJob):
+        return job_id_problem(command.job_id)
+    if kind is m.StopServer:
+        return None
+    if kind is not m.SubmitJob:
+        return f"unknown message {kind.__name__}"
+    if (why := job_id_problem(command.job_id)) is not None:
+        return why
+    if type(command.previews) is not bool:
+        return "previews must be true or false"
+    workflow = command.workflow
+    if type(workflow) is not dict or not workflow:
+        return "a workflow must be a non-empty mapping of node ids to nodes"
+    if len(workflow) > MAX_NODES:
+        return f"a workflow of {len(workflow)} nodes (at most {MAX_NODES})"
+    for node_id, node in workflow.items():
+        if type(node_id) is not str or type(node) is not dict:
+            return "a workflow's nodes must be mappings under string ids"
+        if type(node.get("class_type")) is not str or type(node.get("inputs", {})) is not dict:
+            return f"node {node_id[:40]!r} needs a class_type string and an inputs mapping"
+    try:
+        size = len(json.dumps(workflow))
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"a workflow that is not plain JSON ({type(exc).__name__})"
+    if size > MAX_WORKFLOW_BYTES:
+        return f"a workflow of {size} bytes (at most {MAX_WORKFLOW_BYTES})"
+    return None
+
+
+def _hang_up(conn: Connection) -> None:
+    """End a connection another thread may be blocked reading (close alone would not wake that read)."""
+    import socket
+
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _close_quietly(conn: Connection) -> None:
+    try:
+        conn.close()
+    except OSError:
+        pass
+
+
 class _Link:
     """One attached client. Events go out through a thread of its own, so a client that stops reading (a
     suspended terminal, a stalled link) never holds up the worker or the other clients; one that falls
@@ -115,7 +188,9 @@ class Server:
         self.address.unlink(missing_ok=True)  # left by a server that died
         #: where the jobs run: one supervised worker, or a pool / Ray backend (tui_diffusion.backends)
         self.backend = backend or Supervisor(config)
-        self.listener = Listener(str(self.address), family="AF_UNIX", authkey=_key(self.folder, create=True))
+        self.key = _key(self.folder, create=True)
+        # no authkey here: the challenge runs per connection in _handshake, off the accepting thread
+        self.listener = Listener(str(self.address), family="AF_UNIX", backlog=64)
         os.chmod(self.address, 0o600)
         self.clients: list[_Link] = []
         self.lock = threading.Lock()
@@ -125,16 +200,32 @@ class Server:
 
     # -- clients ---------------------------------------------------------------------------------------------
     def _accept(self) -> None:
+        """Take connections; each one's key challenge runs in a thread of its own with a time limit, so a
+        client that connects and says nothing (or half a message) holds up nobody else."""
         while not self.stopping.is_set():
             try:
                 conn = self.listener.accept()
             except (OSError, EOFError):
                 if self.stopping.is_set():
                     return
-                continue  # a client that failed the key challenge, or hung up during it
-            except Exception:  # multiprocessing.AuthenticationError
+                time.sleep(0.01)  # e.g. out of file descriptors: do not spin
                 continue
-            self.commands.put(("attach", conn))
+            threading.Thread(target=self._handshake, args=(conn,), daemon=True, name="server-handshake").start()
+
+    def _handshake(self, conn: Connection) -> None:
+        from multiprocessing.connection import answer_challenge, deliver_challenge
+
+        timer = threading.Timer(HANDSHAKE_TIMEOUT, _hang_up, args=(conn,))
+        timer.start()
+        try:
+            deliver_challenge(conn, self.key)  # as Listener(authkey=...) would, both ways
+            answer_challenge(conn, self.key)
+        except Exception:  # a wrong key, a client that hung up or stayed silent: that connection only
+            _close_quietly(conn)
+            return
+        finally:
+            timer.cancel()
+        self.commands.put(("attach", conn))
 
     def _read(self, link: _Link) -> None:
         while link.alive:
@@ -142,9 +233,13 @@ class Server:
                 command = link.conn.recv()
             except (EOFError, OSError):
                 break
-            except Exception:  # a message that does not unpickle: that client's problem only
+            except Exception:  # a message that does not unpickle (or nests too deep): that client's problem only
                 break
-            self.commands.put(("command", command))
+            why = invalid_command(command)
+            if why is not None:
+                log.warning("a client sent a bad message (%s); it is disconnected", why)
+                break
+            self.commands.put(("command", (link, command)))
         self.commands.put(("detach", link))
 
     def _broadcast(self, event: Any) -> None:
@@ -194,7 +289,20 @@ class Server:
             threading.Thread(target=self._read, args=(link,), daemon=True, name="server-client").start()
         elif kind == "detach":
             self._drop(payload)
-        elif isinstance(payload, m.SubmitJob):
+        else:
+            link, command = payload
+            try:
+                self._command(command)
+            except Exception:  # whatever a checked message still breaks costs its sender only, never the server
+                log.exception("a client's command failed; it is disconnected")
+                self._drop(link)
+
+    def _command(self, payload: Any) -> None:
+        if isinstance(payload, m.SubmitJob):
+            known = self.jobs.get(payload.job_id)
+            if known is not None and known.status in ("pending", "running"):  # one job, one id
+                raise ValueError(f"job id {payload.job_id!r} is queued already")
+            self.jobs.pop(payload.job_id, None)  # an ended job run again (resume) goes to the end
             self.jobs[payload.job_id] = m.JobSummary(payload.job_id, payload.workflow, payload.previews)
             self.backend.submit(payload.workflow, previews=payload.previews, job_id=payload.job_id)
             self._broadcast(m.JobQueued(self.jobs[payload.job_id]))

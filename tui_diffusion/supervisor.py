@@ -37,15 +37,23 @@ def record_lost(config: WorkerConfig, job_id: str, message: str) -> None:
 def open_store(config: WorkerConfig | None) -> tuple[Any, Any]:
     """The queue store and a session of this process's own (the jobs it holds before a worker takes them:
     left over if this process dies), or nothing when there is no store."""
+    store, session, _ = open_store_noting(config)
+    return store, session
+
+
+def open_store_noting(config: WorkerConfig | None) -> tuple[Any, Any, str | None]:
+    """``open_store`` and what the user should be told about it: the database was damaged and moved aside,
+    or it cannot be used at all (jobs then run unrecorded)."""
     if config is None or not config.record_history:
-        return None, None
+        return None, None, None
     try:
         from tui_diffusion.store.history import History, Session
 
         store = History(config.db_path)
-        return store, Session(store.path)
-    except Exception:  # the store is a record; jobs run without it
-        return None, None
+        return store, Session(store.path), store.notice
+    except Exception as exc:  # the store is a record; jobs run without it
+        return None, None, (f"the run history is unavailable ({exc}); jobs run but are not recorded, and a "
+                            "crash loses the queue")
 
 
 def store_queued(store: Any, session: Any, job: m.SubmitJob) -> None:
@@ -68,7 +76,7 @@ class Supervisor:
         self.config = config
         #: jobs go to the store at submit, before anyone acknowledges them (a pool that does it already
         #: passes durable=False)
-        self.store, self.session = open_store(config) if durable else (None, None)
+        self.store, self.session, self.notice = open_store_noting(config) if durable else (None, None, None)
         self.factory = factory
         self.client: Any = factory(config)
         self.pending: collections.OrderedDict[str, m.SubmitJob] = collections.OrderedDict()
@@ -120,6 +128,8 @@ class Supervisor:
             self.pending.pop(event.job_id, None)
         elif isinstance(event, m.JobEnd):
             self.pending.pop(event.job_id, None)
+            if self.store is not None:
+                self.store.forget(event.job_id)  # the worker recorded its end
             if self.running == event.job_id:
                 self.running = None
             self.deaths.clear()  # a job got through: the worker is not failing over and over
@@ -149,3 +159,5 @@ class Supervisor:
 
     def close(self, timeout: float = 5.0) -> None:
         self.client.close(timeout)
+        if self.session is not None:  # what was not run is left over for resume; the lock file goes
+            self.session.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,11 @@ def output_limit_error(result: NodeResult, limits: Limits) -> str | None:
     return None
 
 
+def _files_missing(result: NodeResult) -> bool:
+    """Whether an output node's files are gone (deleted, moved): then it runs again rather than report them."""
+    return any(not os.path.isfile(path) for path in result.files)
+
+
 class Executor:
     def __init__(self, engine: EngineState) -> None:
         self.engine = engine
@@ -150,7 +156,7 @@ class Executor:
         results: dict[str, NodeResult] = {}
         for node_id in order:
             key = keys[node_id]
-            if key in self.cache:
+            if key in self.cache and not _files_missing(self.cache[key]):
                 results[node_id] = self.cache[key]
                 report.cached.append(node_id)
                 hooks.node_cached(node_id)

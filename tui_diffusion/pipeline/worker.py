@@ -25,6 +25,11 @@ from tui_diffusion.settings import WorkerConfig
 log = logging.getLogger("tui_diffusion.worker")
 
 
+#: how long a worker told to stop (its client gone, SIGTERM) may take to end cleanly before it exits anyway:
+#: its jobs are in the durable store already, so nothing is lost by not waiting longer
+STOP_GRACE = 1.0
+
+
 class _Jobs:
     """Pending jobs and the interrupt flag of the running one, shared with the reader thread."""
 
@@ -34,20 +39,69 @@ class _Jobs:
         self.running: str | None = None
         self.interrupt = threading.Event()
         self.stop = False
+        #: set once the job loop has ended (and written what it could)
+        self.ended = threading.Event()
+
+    def request_stop(self, reason: str, grace: float | None = None) -> None:
+        """End the worker: interrupt the running job (left "running" in the store, so ``resume`` offers it),
+        keep the pending ones in the store; with ``grace``, exit the process after that many seconds whatever
+        the job loop is doing (a node that does not check the interrupt flag, a stuck write)."""
+        with self.cond:
+            if not self.stop:
+                log.info("stopping: %s", reason)
+            self.stop = True
+            self.interrupt.set()
+            self.cond.notify_all()
+        if grace is not None:
+            threading.Thread(target=self._exit_after, args=(grace,), daemon=True, name="stop-deadline").start()
+
+    def _exit_after(self, grace: float) -> None:
+        if not self.ended.wait(grace):
+            log.warning("the job loop did not end within %.1f s; exiting now", grace)
+            logging.shutdown()
+            os._exit(1)
 
 
-def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs, queue: _QueueStore) -> None:
+def _watch_parent(jobs: _Jobs) -> None:
+    """The client (or server) that started this worker died, however it died: stop at once. Waits on the
+    parent's sentinel, so it notices within milliseconds, not at the next command."""
     import multiprocessing
 
     parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    parent.join()  # returns when the parent's end of the pipe closes: its death
+    jobs.request_stop("the client that started this worker is gone", grace=STOP_GRACE)
+
+
+def _obey_sigterm(jobs: _Jobs) -> None:
+    """SIGTERM stops the worker as a lost client does. The signal is read from a wake-up pipe by a thread of
+    its own, so it acts even while the main thread is inside a long native call (a model load, a decode)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the handler's C half writes the signal number to ``w``
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def wait() -> None:
+        while True:
+            data = os.read(r, 64)
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                jobs.request_stop("SIGTERM", grace=STOP_GRACE)
+
+    threading.Thread(target=wait, daemon=True, name="sigterm").start()
+
+
+def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs, queue: _QueueStore) -> None:
     while True:
         try:
             cmd = cmd_q.get(timeout=0.5)
-        except Exception:  # queue.Empty, or the pipe closed under us
-            if parent is not None and not parent.is_alive():
-                cmd = m.Shutdown()
-            else:
-                continue
+        except (EOFError, OSError):  # the pipe closed under us: the client is gone
+            jobs.request_stop("the command pipe closed", grace=STOP_GRACE)
+            return
+        except Exception:  # queue.Empty; a command that does not unpickle is skipped
+            continue
         with jobs.cond:
             if isinstance(cmd, m.SubmitJob):
                 queue.queued(cmd)  # in the store before it is acknowledged: a crash from here on loses nothing
@@ -172,9 +226,28 @@ class _QueueStore:
             finally:
                 self.tasks.task_done()
 
-    def flush(self) -> None:
-        if self.history is not None:
-            self.tasks.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the states queued so far are written; False if ``timeout`` passed first."""
+        return self.history is None or _join(self.tasks, timeout)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+def _join(tasks: Any, timeout: float | None) -> bool:
+    """``queue.Queue.join`` with a time limit."""
+    if timeout is None:
+        tasks.join()
+        return True
+    deadline = time.monotonic() + timeout
+    with tasks.all_tasks_done:
+        while tasks.unfinished_tasks:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            tasks.all_tasks_done.wait(left)
+    return True
 
 
 class _Recorder:
@@ -206,9 +279,10 @@ class _Recorder:
             finally:
                 self.tasks.task_done()
 
-    def flush(self) -> None:
-        if self.history is not None:
-            self.tasks.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write what is queued now, without waiting for the worker to be idle; False if ``timeout`` passed."""
+        self.idle.set()
+        return self.history is None or _join(self.tasks, timeout)
 
     def started(self, job: m.SubmitJob) -> None:
         if self.history is not None:
@@ -301,6 +375,10 @@ def worker_main(cmd_q: Any, evt_conn: Any, config: WorkerConfig) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = config.visible_devices
     evt_q = _Events(evt_conn)
     _isolate_output(str(config.temp_dir), config.log_to_file_only)
+    jobs = _Jobs()
+    # from here on a lost client or a SIGTERM ends the worker within STOP_GRACE, even while torch loads
+    threading.Thread(target=_watch_parent, args=(jobs,), daemon=True, name="parent").start()
+    _obey_sigterm(jobs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -310,28 +388,41 @@ def worker_main(cmd_q: Any, evt_conn: Any, config: WorkerConfig) -> None:
     except Exception as exc:  # a broken install: tell the client instead of dying silently
         log.exception("worker start failed")
         evt_q.put(m.WorkerFailed(f"the worker could not start: {type(exc).__name__}: {exc}"))
+        jobs.ended.set()
         return
 
-    jobs = _Jobs()
     threading.Thread(target=_reader, args=(cmd_q, evt_q, jobs, engine.queue), daemon=True, name="commands").start()
     evt_q.put(engine.ready)
-    while True:
-        with jobs.cond:
-            while not jobs.pending and not jobs.stop:
-                jobs.cond.wait()
-            if jobs.stop:
-                engine.close()  # what was recorded reaches the database before the worker ends
-                break
-            job = jobs.pending.popleft()
-            jobs.running = job.job_id
-            jobs.interrupt.clear()
-        try:
-            engine.run(job, jobs.interrupt.is_set, stopping=lambda: jobs.stop)
-        finally:
+    try:
+        while True:
             with jobs.cond:
-                jobs.running = None
-                if not jobs.pending:
-                    engine.recorder.idle.set()
+                while not jobs.pending and not jobs.stop:
+                    jobs.cond.wait()
+                if jobs.stop:
+                    break
+                job = jobs.pending.popleft()
+                jobs.running = job.job_id
+                jobs.interrupt.clear()
+            try:
+                engine.run(job, jobs.interrupt.is_set, stopping=lambda: jobs.stop)
+            finally:
+                with jobs.cond:
+                    jobs.running = None
+                    if not jobs.pending:
+                        engine.recorder.idle.set()
+    finally:
+        engine.close(timeout=3.0)  # what was recorded reaches the database before the worker ends
+        jobs.ended.set()
+        log.info("the worker ends")
+    # Everything is written: skip the interpreter's teardown, which with torch loaded takes seconds (a client or
+    # a GPU waits on this process's end).
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 class WorkerEngine:
@@ -366,6 +457,13 @@ class WorkerEngine:
         )
         self.executor = Executor(self.engine)
         notice = _open_history(self.engine, config)
+        if self.engine.history is not None:  # a database found damaged mid-run: the client is told, not only the log
+
+            def tell(text: str) -> None:
+                log.error("%s", text)
+                emit(m.Notice(text))
+
+            self.engine.history.on_notice = tell
         try:
             self.queue = _QueueStore(self.engine.history)
         except OSError as exc:
@@ -423,7 +521,7 @@ class WorkerEngine:
         except Interrupted:
             if not stopping():  # stopped by the worker's end, not the user: left "running", so it can resume
                 queue.state(job.job_id, "interrupted")
-            recorder.finished(job, "interrupted", seconds=time.perf_counter() - start)
+                recorder.finished(job, "interrupted", seconds=time.perf_counter() - start)
             end = m.JobFinished(job.job_id, [], [], [], {}, time.perf_counter() - start, status="interrupted")
         except JobError as exc:
             queue.state(job.job_id, "error", exc.message)
@@ -442,6 +540,14 @@ class WorkerEngine:
             torch.cuda.empty_cache()
         return end
 
-    def close(self) -> None:
-        self.queue.flush()
-        self.recorder.flush()
+    def close(self, timeout: float | None = None) -> None:
+        """Write what is queued for the store (within ``timeout`` seconds), then give up this worker's claim
+        on its jobs: what it did not run is left over for ``resume``, and its lock file goes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        self.queue.flush(left())
+        self.recorder.flush(left())
+        self.queue.close()
