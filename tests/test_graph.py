@@ -97,8 +97,6 @@ def test_api_prompt_wrapper_is_accepted() -> None:
         (lambda d: d["3"]["inputs"].update(model=["4", 5]), "input 'model': linked to output 5 of node 4"),
         (lambda d: d["3"]["inputs"].update(positive=["5", 0]),
          "node 3 'KSampler', input 'positive': expects CONDITIONING but is linked to LATENT"),
-        (lambda d: d["3"]["inputs"].update(scheduler="karras", sampler_name="pndm"),
-         "input 'scheduler': sampler 'pndm' runs on diffusers' own PNDM timesteps"),
         (lambda d: d["6"].update(class_type="FancyNode"), "node 6 'CLIP Text Encode (Prompt)': unknown node type"),
         (lambda d: d["9"].update(class_type="Nothing"), "no output node"),
         (lambda d: d["6"]["inputs"].update(clip=["3", 0]), "cycle"),
