@@ -150,9 +150,10 @@ class History:
     def _check(self) -> None:
         """``PRAGMA quick_check``: damaged pages anywhere (an index, a table's inner pages) raise here, at open,
         instead of failing some later read or write."""
-        found = [row[0] for row in self.db.execute("PRAGMA quick_check(5)")]
+        found = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
         if found != ["ok"]:
-            raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(found)[:300]}")
+            first = " ".join(found[-1].split())[:160]  # the first lines only name the database
+            raise sqlite3.DatabaseError(f"database disk image is malformed ({first})")
 
     def _say(self, text: str) -> None:
         self.notice = text
@@ -173,7 +174,9 @@ class History:
                 self.db.close()
             except Exception:
                 pass
-            guard = os.open(f"{self.path}.recover.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            folder = _sessions_dir(self.path)
+            folder.mkdir(parents=True, exist_ok=True)
+            guard = os.open(folder / "recover.guard", os.O_CREAT | os.O_RDWR, 0o600)
             try:
                 fcntl.flock(guard, fcntl.LOCK_EX)
                 damaged_inode = getattr(self, "_inode", None)
@@ -213,6 +216,10 @@ class History:
                     continue
         finally:
             old.close()
+            Path(f"{aside}-shm").unlink(missing_ok=True)  # made by this read; an empty log likewise
+            wal = Path(f"{aside}-wal")
+            if wal.exists() and wal.stat().st_size == 0:
+                wal.unlink()
         known = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
         saved = 0
         with self._lock:
