@@ -26,7 +26,9 @@ POLL_SECONDS = 0.25
 class GraphScreen(Screen[str | None]):
     DEFAULT_CSS = """
     GraphScreen #graph { height: 1fr; }
-    GraphScreen #graph-info { height: 2; padding: 0 1; background: $panel; }
+    GraphScreen #graph-info {
+        height: 2; padding: 0 1; background: $panel; text-wrap: nowrap; text-overflow: ellipsis;
+    }
     """
 
     BINDINGS = [
@@ -85,7 +87,7 @@ class GraphScreen(Screen[str | None]):
         text.append(f"{node_id} ", style="dim")
         text.append(wf.title(node_id), style="bold")
         text.append(f"  {wf.class_type(node_id)}", style="italic")
-        text.append("   ←/→/↑/↓ move · enter open · esc close · shift+arrows pan", style="dim")
+        text.append("   arrows move · enter open · esc close · shift+arrows pan", style="dim")
         text.append("\n")
         sources = [f"{name} ← {link.node_id}" for name, link in wf.links(node_id).items()]
         users = sorted({n for n in wf if any(link.node_id == node_id for link in wf.links(n).values())},

@@ -82,7 +82,8 @@ class GraphCanvas:
             self.draw_box(node_id)
 
     def key(self, x: int, y: int) -> Key:
-        """What the cell shows: ("blank",), ("link", type, frozenset of the nodes its links join), or
+        """What the cell shows: ("blank",), ("link", ((type, frozenset of the nodes joined), ...)) with one
+        entry per output whose line passes (two at a crossing), or
         ("box", node id, part) with part one of border, id, title, class, status."""
         return self._keys[self.key_ids[y][x]]
 
@@ -110,8 +111,8 @@ class GraphCanvas:
 
     def _draw_links(self) -> None:
         masks: dict[tuple[int, int], int] = {}
-        ends: dict[tuple[int, int], set[str]] = {}
-        kinds: dict[tuple[int, int], str] = {}
+        # per cell, per output (the links of one output share their cells): its type and the nodes joined
+        nets: dict[tuple[int, int], dict[tuple[str, int], tuple[str, set[str]]]] = {}
         for link in self.layout.links:
             cells: list[tuple[int, int, int]] = []
             for (x0, y0), (x1, y1) in zip(link.points, link.points[1:], strict=False):
@@ -129,10 +130,11 @@ class GraphCanvas:
             cells += [(sx, sy, LEFT), (ex, ey, RIGHT)]  # into the ports on the box borders
             for x, y, mask in cells:
                 masks[(x, y)] = masks.get((x, y), 0) | mask
-                ends.setdefault((x, y), set()).update((link.source, link.target))
-                kinds[(x, y)] = link.type
+                net = nets.setdefault((x, y), {}).setdefault((link.source, link.output_index), (link.type, set()))
+                net[1].update((link.source, link.target))
         for (x, y), mask in masks.items():
-            self._put(x, y, LINE_CHARS[mask], ("link", kinds[(x, y)], frozenset(ends[(x, y)])))
+            entries = tuple((kind, frozenset(joined)) for _, (kind, joined) in sorted(nets[(x, y)].items()))
+            self._put(x, y, LINE_CHARS[mask], ("link", entries))
 
     def draw_box(self, node_id: str, selected: bool = False, running: bool = False) -> None:
         """(Re)draw one node's box: heavy lines when selected, a running label on the bottom border."""
@@ -183,7 +185,7 @@ class GraphView(ScrollView, can_focus=True):
     GraphView > .graph-view--title { color: $foreground; text-style: bold; }
     GraphView > .graph-view--class { color: $foreground 60%; }
     GraphView > .graph-view--selected { color: $accent; text-style: bold; }
-    GraphView > .graph-view--running { color: $warning; text-style: bold; }
+    GraphView > .graph-view--running { color: $success; text-style: bold; }  /* green, as ComfyUI outlines it */
     """
     COMPONENT_CLASSES = {
         "graph-view--border", "graph-view--id", "graph-view--title", "graph-view--class", "graph-view--selected",
@@ -266,18 +268,19 @@ class GraphView(ScrollView, can_focus=True):
         self.refresh()
 
     def on_mount(self) -> None:
-        self.call_after_refresh(self.scroll_to_node, self.selected, False)
+        self.call_after_refresh(self.scroll_to_node, self.selected, center=True)
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
         self._styles.clear()
 
-    def scroll_to_node(self, node_id: str | None, animate: bool = False) -> None:
-        """Pan so that the node's box (and a margin for its links) is in view."""
+    def scroll_to_node(self, node_id: str | None, center: bool = False) -> None:
+        """Pan just enough that the node's box (and a margin for its links) is in view; or put it in the middle
+        (on opening, so what feeds it and what it feeds are both in view)."""
         box = self.canvas.layout.boxes.get(node_id) if node_id else None
         if box is not None:
             self.scroll_to_region(Region(box.x, box.y, box.width, box.height), spacing=Spacing(1, 3, 1, 3),
-                                  animate=animate, immediate=True)
+                                  animate=False, center=center, immediate=True)
 
     # -- keys and mouse -----------------------------------------------------------------------------------------
     def action_move(self, direction: Direction) -> None:
@@ -319,10 +322,10 @@ class GraphView(ScrollView, can_focus=True):
     def _make_style(self, key: Key) -> Style:
         base = self.rich_style
         if key[0] == "link":
-            _, kind, joins = key
-            colour = TYPE_COLOURS.get(kind, OTHER_COLOUR)
-            touched = self.selected in joins
-            return base + Style(color=colour, bold=touched, dim=not touched and self.selected is not None)
+            # at a crossing, the line of the selected node's link sets the colour
+            touched = [kind for kind, joined in key[1] if self.selected in joined]
+            colour = TYPE_COLOURS.get(touched[0] if touched else key[1][0][0], OTHER_COLOUR)
+            return base + Style(color=colour, bold=bool(touched), dim=not touched and self.selected is not None)
         if key[0] == "box":
             _, node_id, part = key
             component = {"fill": "border", "status": "running"}.get(part, part)
