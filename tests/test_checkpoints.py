@@ -72,7 +72,7 @@ def test_file_carries_the_keys_real_files_have(models_dir: Path) -> None:
 def test_sizes_come_from_shapes_and_heads_from_convention(models_dir: Path) -> None:
     path = models_dir / "checkpoints" / TINY
     header = read_header(path)
-    files = sd1_configs(header, detect_family(header), str(path))
+    files = sd1_configs(header, str(path))
     unet = files["unet/config.json"]
     assert unet["block_out_channels"] == [32, 64] and unet["layers_per_block"] == 1
     assert unet["down_block_types"] == ["CrossAttnDownBlock2D", "DownBlock2D"]

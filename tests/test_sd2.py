@@ -36,7 +36,7 @@ def test_openclip_text_tower_loads_back_tensor_for_tensor(models_dir: Path, tmp_
         a = {k.removeprefix("text_model."): v for k, v in ours.state_dict().items()}
         b = {k.removeprefix("text_model."): v for k, v in theirs.state_dict().items()}
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert loaded.model.family == "sd2" and loaded.clip.layer == -2  # ComfyUI reads SD2's penultimate layer
+    assert loaded.model.family.id == "sd2" and loaded.clip.layer == -2  # ComfyUI reads SD2's penultimate layer
     assert loaded.clip.encoders[0].tokenizer.pad_token_id == 0
 
 

@@ -51,7 +51,7 @@ def test_sdxl_file_loads_back_tensor_for_tensor(models_dir: Path, tmp_path: Path
         a, b = _state(ours), _state(theirs)
         assert set(a) == set(b)
         assert all(torch.equal(a[k], b[k]) for k in a), type(ours).__name__
-    assert loaded.model.family == "sdxl" and loaded.vae.scaling_factor == pytest.approx(0.13025)
+    assert loaded.model.family.id == "sdxl" and loaded.model.family.latent_format.scale_factor == pytest.approx(0.13025)
     assert loaded.clip.encoders[1].tokenizer.pad_token_id == 0  # OpenCLIP pads with "!"
 
 
@@ -123,7 +123,7 @@ def test_refiner_file_loads_back_tensor_for_tensor(models_dir: Path, tmp_path: P
     a = _state(text_2)
     b = _state(loaded.clip.encoders[0].model)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert loaded.model.family == "sdxl-refiner" and len(loaded.clip.encoders) == 1
+    assert loaded.model.family.id == "sdxl-refiner" and len(loaded.clip.encoders) == 1
     assert loaded.model.unet.config.projection_class_embeddings_input_dim == 5 * 8 + 128
 
 

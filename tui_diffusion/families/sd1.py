@@ -89,9 +89,9 @@ class UNetFamily(Family):
         return load_single_file_pipeline(self, path, folder, device)
 
     def default_model_sampling(self, model: Any) -> Any:
-        from tui_diffusion.pipeline.model_sampling import discrete_from_config
+        from tui_diffusion.pipeline.model_sampling import DiscreteSampling
 
-        return discrete_from_config(model.scheduler_config)
+        return DiscreteSampling.from_scheduler_config(model.scheduler_config)
 
     # -- conditioning -> UNet call -----------------------------------------------------------------------
     def check_conditioning(self, model: Any, entries: list[tuple[Any, dict]]) -> None:

@@ -16,23 +16,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tui_diffusion.modelfiles.family import (
-    SD1_TEXT,
-    SD2_TEXT,
-    SDXL_REFINER_TEXT_G,
-    SDXL_TEXT_G,
-    SDXL_TEXT_L,
-    UNET,
-    VAE,
-    Family,
-)
+from tui_diffusion.families.sd1 import SD1_LATENT, SD1_TEXT, UNET, VAE
+from tui_diffusion.families.sd2 import SD2_TEXT
+from tui_diffusion.families.sdxl import SDXL_LATENT, SDXL_REFINER_TEXT_G, SDXL_TEXT_G, SDXL_TEXT_L
 from tui_diffusion.modelfiles.header import CheckpointError, TensorInfo
 
 CONFIG_PACKAGE = "tui_diffusion.configs"
-FAMILY_TEMPLATE = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base", "sdxl-refiner": "sdxl-refiner"}
-#: Scale of the latents (not stored in the files): SD1.x/SD2.x, and SDXL.
-SD_VAE_SCALING = 0.18215
-SDXL_VAE_SCALING = 0.13025
+#: The latent scale diffusers' pipelines read from the VAE config. The models here never use it (the
+#: family's latent format scales latents in the sampler); it keeps the built pipelines true to diffusers'.
+#: where a VAE's tensors sit in a single file: SD checkpoints, Flux all-in-one checkpoints
+VAE_PREFIXES = (VAE, "vae.")
+SD_VAE_SCALING = SD1_LATENT.scale_factor
+SDXL_VAE_SCALING = SDXL_LATENT.scale_factor
 #: SD1.x/SD2.x pipelines without a safety checker or feature extractor (never loaded here)
 SD_MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -65,8 +60,11 @@ def _shape(h: dict[str, TensorInfo], key: str, file: str) -> tuple[int, ...]:
         raise CheckpointError(f"{file}: incomplete checkpoint: tensor {key!r} is missing") from None
 
 
-def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Family, file: str,
-                pooled_width: int | None = None) -> dict[str, Any]:
+def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str, pooled_width: int | None = None,
+                size_numbers: int = 6, heads_per_level: int | None = None) -> dict[str, Any]:
+    """A UNet2DConditionModel config from an LDM-layout UNet's shapes. ``heads_per_level``: SD1.x's convention
+    of a fixed head count (8); otherwise 64 channels per head. ``size_numbers``: how many size numbers follow
+    the pooled text in an SDXL UNet's added embedding (6; the refiner 5)."""
     keys = [k for k in h if k.startswith(UNET)]
     p = UNET
     conv_in = _shape(h, p + "input_blocks.0.0.weight", file)
@@ -103,17 +101,16 @@ def unet_config(h: dict[str, TensorInfo], template: dict[str, Any], family: Fami
     if mid_depth != depth[-1]:
         # diffusers' mid block takes the last level's depth; say so instead of loading wrong weights
         raise CheckpointError(f"{file}: unsupported UNet: middle block depth {mid_depth} differs from the last level's")
-    if family.id.startswith("sd1"):
-        cfg["attention_head_dim"] = 8  # SD1.x convention: 8 heads at every level
+    if heads_per_level is not None:
+        cfg["attention_head_dim"] = heads_per_level
     else:
         cfg["attention_head_dim"] = [max(1, c // 64) for c in channels]  # 64 channels per head
     label = h.get(p + "label_emb.0.0.weight")
     if label is not None:  # SDXL: pooled text + size numbers (6; the refiner 5), each embedded alike
         if pooled_width is None:
             raise CheckpointError(f"{file}: a size-conditioned UNet without a pooled text projection")
-        numbers = 5 if family.id == "sdxl-refiner" else 6
         cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=label.shape[1],
-                   addition_time_embed_dim=(label.shape[1] - pooled_width) // numbers)
+                   addition_time_embed_dim=(label.shape[1] - pooled_width) // size_numbers)
     return cfg
 
 
@@ -129,7 +126,9 @@ def vae_config(h: dict[str, TensorInfo], template: dict[str, Any], file: str, pr
     cfg.update(
         in_channels=_shape(h, p + "encoder.conv_in.weight", file)[1],
         out_channels=_shape(h, p + "decoder.conv_out.weight", file)[0],
-        latent_channels=_shape(h, p + "post_quant_conv.weight", file)[0],
+        latent_channels=_shape(h, p + "decoder.conv_in.weight", file)[1],
+        use_quant_conv=p + "quant_conv.weight" in h,
+        use_post_quant_conv=p + "post_quant_conv.weight" in h,
         block_out_channels=channels,
         layers_per_block=_count(keys, re.escape(p) + r"encoder\.down\.0\.block\.(\d+)\."),
         down_block_types=["DownEncoderBlock2D"] * n_levels,
@@ -180,14 +179,14 @@ def openclip_config(h: dict[str, TensorInfo], prefix: str, template: dict[str, A
     return cfg
 
 
-def sdxl_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:
-    base = package_config_dir(FAMILY_TEMPLATE["sdxl"])
+def sdxl_configs(h: dict[str, TensorInfo], file: str) -> dict[str, dict[str, Any]]:
+    base = package_config_dir("sdxl-base")
     text = clip_config(h, SDXL_TEXT_L, _load_json(base / "text_encoder" / "config.json"), file)
     text.pop("torch_dtype", None)
     text_2 = openclip_config(h, SDXL_TEXT_G, _load_json(base / "text_encoder_2" / "config.json"), file)
     files = {
         "model_index.json": _load_json(base / "model_index.json"),
-        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file,
+        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), file,
                                         pooled_width=text_2["projection_dim"]),
         "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file, scaling=SDXL_VAE_SCALING),
         "text_encoder/config.json": text,
@@ -200,9 +199,9 @@ def sdxl_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[st
     return files
 
 
-def sd2_configs(h: dict[str, TensorInfo], family: Family, file: str, prediction: str) -> dict[str, dict[str, Any]]:
+def sd2_configs(h: dict[str, TensorInfo], file: str, prediction: str) -> dict[str, dict[str, Any]]:
     """SD2.x: OpenCLIP ViT-H text tower with all of its layers (the penultimate is read, as ComfyUI does)."""
-    base = package_config_dir(FAMILY_TEMPLATE["sd2"])
+    base = package_config_dir("sd21-v")
     text = openclip_config(h, SD2_TEXT, _load_json(base / "text_encoder" / "config.json"), file)
     text["projection_dim"] = text["hidden_size"]
     tok = _load_json(base / "tokenizer" / "tokenizer_config.json")
@@ -211,7 +210,7 @@ def sd2_configs(h: dict[str, TensorInfo], family: Family, file: str, prediction:
     scheduler["prediction_type"] = prediction
     return {
         "model_index.json": SD_MODEL_INDEX,
-        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file),
+        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), file),
         "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file),
         "text_encoder/config.json": text,
         "tokenizer/tokenizer_config.json": tok,
@@ -220,13 +219,13 @@ def sd2_configs(h: dict[str, TensorInfo], family: Family, file: str, prediction:
     }
 
 
-def sdxl_refiner_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:
-    base = package_config_dir(FAMILY_TEMPLATE["sdxl-refiner"])
+def sdxl_refiner_configs(h: dict[str, TensorInfo], file: str) -> dict[str, dict[str, Any]]:
+    base = package_config_dir("sdxl-refiner")
     text_2 = openclip_config(h, SDXL_REFINER_TEXT_G, _load_json(base / "text_encoder_2" / "config.json"), file)
     return {
         "model_index.json": _load_json(base / "model_index.json"),
-        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file,
-                                        pooled_width=text_2["projection_dim"]),
+        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), file,
+                                        pooled_width=text_2["projection_dim"], size_numbers=5),
         "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file, scaling=SDXL_VAE_SCALING),
         "text_encoder_2/config.json": text_2,
         "tokenizer_2/tokenizer_config.json": _load_json(base / "tokenizer_2" / "tokenizer_config.json"),
@@ -235,26 +234,15 @@ def sdxl_refiner_configs(h: dict[str, TensorInfo], family: Family, file: str) ->
     }
 
 
-def family_configs(h: dict[str, TensorInfo], family: Family, file: str,
-                   prediction: str = "epsilon") -> dict[str, dict[str, Any]]:
-    if family.id == "sdxl":
-        return sdxl_configs(h, family, file)
-    if family.id == "sdxl-refiner":
-        return sdxl_refiner_configs(h, family, file)
-    if family.id.startswith("sd2"):
-        return sd2_configs(h, family, file, prediction)
-    return sd1_configs(h, family, file)
-
-
-def sd1_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str, dict[str, Any]]:
+def sd1_configs(h: dict[str, TensorInfo], file: str) -> dict[str, dict[str, Any]]:
     """Config file contents keyed by relative path inside a diffusers config folder."""
-    base = package_config_dir(FAMILY_TEMPLATE["sd1"])
+    base = package_config_dir("sd15")
     text = clip_config(h, SD1_TEXT, _load_json(base / "text_encoder" / "config.json"), file)
     tok = _load_json(base / "tokenizer" / "tokenizer_config.json")
     tok["model_max_length"] = text["max_position_embeddings"]
     return {
         "model_index.json": SD_MODEL_INDEX,
-        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), family, file),
+        "unet/config.json": unet_config(h, _load_json(base / "unet" / "config.json"), file, heads_per_level=8),
         "vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file),
         "text_encoder/config.json": text,
         "tokenizer/tokenizer_config.json": tok,
@@ -264,9 +252,13 @@ def sd1_configs(h: dict[str, TensorInfo], family: Family, file: str) -> dict[str
 
 
 def standalone_vae_configs(h: dict[str, TensorInfo], file: str) -> dict[str, dict[str, Any]]:
-    """Config of a VAE file from models/vae in the original layout (with or without its prefix)."""
-    prefix = VAE if any(k.startswith(VAE) for k in h) else ""
-    base = package_config_dir(FAMILY_TEMPLATE["sd1"])
+    """Config of a VAE file from models/vae in the original layout (with or without a checkpoint's prefix).
+
+    Any latent width: 4-channel VAEs (SD1.x, SD2.x, SDXL) and 16-channel ones (SD3, Flux; no quant convs)
+    read the same way. No latent scale belongs to the VAE: the model's family applies its own.
+    """
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in h)), "")
+    base = package_config_dir("sd15")
     return {"vae/config.json": vae_config(h, _load_json(base / "vae" / "config.json"), file, prefix)}
 
 

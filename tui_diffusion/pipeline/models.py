@@ -7,7 +7,6 @@ config folder derived from the file's tensor shapes; diffusers folders through
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,8 +15,9 @@ from typing import Any
 
 import torch
 
-from tui_diffusion.modelfiles.configs import family_configs, standalone_vae_configs, write_config_folder
-from tui_diffusion.modelfiles.family import V_PRED_PROBE, detect_family
+from tui_diffusion.families import Family, detect
+from tui_diffusion.modelfiles.configs import standalone_vae_configs, write_config_folder
+from tui_diffusion.modelfiles.diffusers_folder import folder_family
 from tui_diffusion.modelfiles.header import CheckpointError, TensorInfo, read_header
 from tui_diffusion.paths import PICKLE_SUFFIXES, is_diffusers_folder
 from tui_diffusion.pipeline.device import Device
@@ -28,15 +28,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelHandle:
-    """MODEL: the UNet and the noise schedule it was trained with."""
+    """MODEL: the denoising network, its family and the noise schedule it was trained with."""
 
+    #: the network (a UNet for the SD families; another family may hold its transformer here)
     unet: Any
     scheduler_config: dict[str, Any]
-    family: str
+    family: Family
     device: Device
     source: str
     #: LoRA patches added while sampling (the cached UNet itself is never changed)
     patches: tuple = ()
+    #: set by the ModelSampling* nodes; None: the family's default for this model
+    model_sampling_override: Any = None
+
+    @property
+    def model_sampling(self) -> Any:
+        """How sigmas map to the network's timesteps and outputs to x0 (``pipeline/model_sampling.py``)."""
+        if self.model_sampling_override is not None:
+            return self.model_sampling_override
+        return self.family.default_model_sampling(self)
 
 
 @dataclass
@@ -71,22 +81,30 @@ class ClipHandle:
 
 @dataclass
 class VaeHandle:
+    """VAE: encodes to and decodes from LATENT as it is, unscaled (the model's family scales latents)."""
+
     vae: Any
     device: Device
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
 
     @property
     def downscale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
     def encode(self, pixels: Any) -> Any:
-        """IMAGE [B,H,W,3] in 0..1 -> scaled latent (the distribution's mean, as ComfyUI takes)."""
+        """IMAGE [B,H,W,3] in 0..1 -> latent (the distribution's mean, as ComfyUI takes)."""
         x = pixels.movedim(-1, 1).to(self.device.torch_device, self.device.vae_dtype) * 2 - 1
         with in_use(self.vae):
-            return self.vae.encode(x).latent_dist.mean.float().cpu() * self.scaling_factor
+            return self.vae.encode(x).latent_dist.mean.float().cpu()
+
+    def decode(self, latent: Any) -> Any:
+        """latent [1,C,h,w] -> pixels [1,3,H,W] in -1..1 (float, on the CPU)."""
+        z = latent.to(self.device.torch_device, self.device.vae_dtype)
+        with in_use(self.vae):
+            return self.vae.decode(z, return_dict=False)[0].float().cpu()
 
 
 @dataclass
@@ -155,57 +173,43 @@ def _read_checkpoint_header(path: Path, allow_pickle: bool) -> tuple[dict[str, T
 
 def load_checkpoint(path: Path, device: Device, config_cache: Path, allow_pickle: bool = False) -> LoadedCheckpoint:
     """Load a checkpoint file or diffusers folder; CheckpointError names the file on failure."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
     _quiet_libraries()
-    common: dict[str, Any] = dict(
-        torch_dtype=device.dtype, local_files_only=True, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path}: a folder in checkpoints/ must be a diffusers model (model_index.json)")
+        family = folder_family(path)  # from the folder's configs: SD1.x, SD2.x eps/v, SDXL base or refiner
         try:
-            index = json.loads((path / "model_index.json").read_text())
-            family = "sdxl" if index.get("_class_name") == "StableDiffusionXLPipeline" else "sd1"
-            cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-            pipe = cls.from_pretrained(str(path), **_pipeline_kwargs(family, common))
+            pipe = family.pipeline_class().from_pretrained(str(path), **_pipeline_kwargs(family, device))
         except Exception as exc:  # diffusers raises many types for bad folders
             raise CheckpointError(f"{path}: cannot load this diffusers folder: {exc}") from None
-    else:
-        header, tensor = _read_checkpoint_header(path, allow_pickle)
-        conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight")
-        fam = detect_family(header, conv_in.shape[1] if conv_in else None)
-        if not fam.supported:
-            raise CheckpointError(f"{path}: {fam.reason}")
-        family = fam.id
-        prediction = detect_prediction(header, tensor) if family == "sd2" else "epsilon"  # as ComfyUI: 4-channel only
-        folder = write_config_folder(family_configs(header, fam, str(path), prediction), config_cache)
-        cls = {"sdxl": StableDiffusionXLPipeline,
-               "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(family, StableDiffusionPipeline)
-        del tensor  # a pickle's tensors: diffusers reads the file again, also with weights_only=True
-        try:
-            pipe = cls.from_single_file(str(path), config=str(folder), **_pipeline_kwargs(family, common))
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot load this checkpoint: {exc}") from None
-    if family == "sdxl":
-        encoders = [TextEncoder(pipe.tokenizer, pipe.text_encoder, norm_hidden=False),
-                    TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, norm_hidden=False, pooled=True)]
-        clip = ClipHandle(encoders, device, layer=-2)
-    elif family == "sdxl-refiner":  # the bigG encoder alone
-        encoders = [TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, norm_hidden=False, pooled=True)]
-        clip = ClipHandle(encoders, device, layer=-2)
-    elif family.startswith("sd2"):  # the penultimate layer, through the final norm (ComfyUI's SD2 CLIP)
-        clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device, layer=-2)
-    else:
-        clip = ClipHandle([TextEncoder(pipe.tokenizer, pipe.text_encoder)], device)
+        return finish_pipeline(family, pipe, device, str(path))
+    header, tensor = _read_checkpoint_header(path, allow_pickle)
+    family = detect(header)
+    if not family.supported:
+        raise CheckpointError(f"{path}: {family.reason}")
+    return family.load_checkpoint(path, header, tensor, device, config_cache)
+
+
+def load_single_file_pipeline(family: Any, path: Path, folder: Path, device: Device) -> LoadedCheckpoint:
+    """A UNet family's checkpoint through diffusers' ``from_single_file`` with a local config folder."""
+    try:
+        pipe = family.pipeline_class().from_single_file(str(path), config=str(folder),
+                                                        **_pipeline_kwargs(family, device))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load this checkpoint: {exc}") from None
+    return finish_pipeline(family, pipe, device, str(path))
+
+
+def finish_pipeline(family: Any, pipe: Any, device: Device, source: str) -> LoadedCheckpoint:
+    """Place a loaded pipeline's models by the device policy and wrap them as MODEL, CLIP and VAE."""
+    clip = family.make_clip(pipe, device)
     for module in [pipe.unet] + [e.model for e in clip.encoders]:
         place(module, device, device.dtype)
     _place_vae(pipe.vae, device)
     if device.compile:
         compile_unet(pipe.unet, device)
     return LoadedCheckpoint(
-        model=ModelHandle(pipe.unet, dict(pipe.scheduler.config), family, device, str(path)),
+        model=ModelHandle(pipe.unet, dict(pipe.scheduler.config), family, device, source),
         clip=clip,
         vae=VaeHandle(pipe.vae, device),
     )
@@ -231,27 +235,8 @@ def unet_call(unet: Any, patched: bool) -> Any:
     return unet
 
 
-def detect_prediction(header: dict[str, Any], tensor: Any) -> str:
-    """epsilon or v_prediction for an SD2.x file, the way ComfyUI tells them apart.
-
-    A ``v_pred`` marker tensor decides; otherwise the spread of one norm bias deep in the UNet, which
-    training with the v objective leaves much wider (ComfyUI's heuristic). Files where neither tells can
-    be overridden in the workflow with a ModelSamplingDiscrete node.
-    """
-    if "v_pred" in header:
-        return "v_prediction"
-    if V_PRED_PROBE not in header:
-        return "epsilon"
-    bias = tensor(V_PRED_PROBE).float()
-    return "v_prediction" if float(bias.std(unbiased=False)) > 0.09 else "epsilon"
-
-
-def _pipeline_kwargs(family: str, common: dict[str, Any]) -> dict[str, Any]:
-    if family.startswith("sdxl"):
-        return {k: v for k, v in common.items() if k not in ("safety_checker", "feature_extractor",
-                                                                 "requires_safety_checker")} | {
-            "add_watermarker": False}
-    return common
+def _pipeline_kwargs(family: Any, device: Device) -> dict[str, Any]:
+    return {"torch_dtype": device.dtype, "local_files_only": True, **family.pipeline_kwargs()}
 
 
 def load_vae(path: Path, device: Device, config_cache: Path) -> VaeHandle:
@@ -272,11 +257,13 @@ def load_vae(path: Path, device: Device, config_cache: Path) -> VaeHandle:
                                            and k.startswith("encoder.down_blocks.")))]
             vae = AutoencoderKL(block_out_channels=channels, down_block_types=["DownEncoderBlock2D"] * len(channels),
                                 up_block_types=["UpDecoderBlock2D"] * len(channels),
-                                latent_channels=state["post_quant_conv.weight"].shape[0],
+                                latent_channels=state["decoder.conv_in.weight"].shape[1],
+                                use_quant_conv="quant_conv.weight" in state,
+                                use_post_quant_conv="post_quant_conv.weight" in state,
                                 layers_per_block=sum(1 for k in state if k.startswith("encoder.down_blocks.0.resnets.")
-                                                     and k.endswith(".conv1.weight")),
-                                scaling_factor=0.18215)
+                                                     and k.endswith(".conv1.weight")))
             vae.load_state_dict(state)
+            vae.to(device.vae_dtype)
         else:
             folder = write_config_folder(standalone_vae_configs(header, str(path)), config_cache)
             vae = AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae",
@@ -285,6 +272,9 @@ def load_vae(path: Path, device: Device, config_cache: Path) -> VaeHandle:
         raise
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot load this VAE: {exc}") from None
+    if vae.config.latent_channels not in (4, 16):
+        raise CheckpointError(f"{path}: a VAE with {vae.config.latent_channels} latent channels; 4 (SD1.x, SD2.x, "
+                              "SDXL) and 16 (SD3, Flux) are supported")
     _place_vae(vae, device)
     return VaeHandle(vae, device)
 

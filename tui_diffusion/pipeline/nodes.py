@@ -194,7 +194,7 @@ def model_sampling_discrete(ctx: NodeContext, model: ModelHandle, sampling: str 
         raise NodeError("zsnr (zero terminal SNR) is not supported yet")
     prediction = {"eps": "epsilon", "v_prediction": "v_prediction"}[sampling]
     config = {**model.scheduler_config, "prediction_type": prediction}
-    return NodeResult((dataclasses.replace(model, scheduler_config=config),))
+    return NodeResult((dataclasses.replace(model, scheduler_config=config, model_sampling_override=None),))
 
 
 # -- LoRA ----------------------------------------------------------------------------------------------------------
@@ -239,13 +239,16 @@ def lora_loader_model_only(ctx: NodeContext, model: ModelHandle, lora_name: str,
 @node("VAEDecode")
 @torch.inference_mode()
 def vae_decode(ctx: NodeContext, samples: dict, vae: VaeHandle) -> NodeResult:
-    z = samples["samples"].to(vae.device.torch_device, vae.device.vae_dtype) / vae.scaling_factor
+    """LATENT is what the VAE encodes (unscaled), so any VAE of the latent's width decodes it."""
+    z = samples["samples"]
+    if z.shape[1] != vae.latent_channels:
+        raise NodeError(f"the latent has {z.shape[1]} channels but this VAE takes {vae.latent_channels}: use the "
+                        "VAE of the model family that made it")
     images = []
     with in_use(vae.vae):
         for i in range(z.shape[0]):  # one at a time: decoding is the memory peak
             ctx.check_interrupt()
-            img = vae.vae.decode(z[i:i + 1], return_dict=False)[0]
-            images.append((img.float() / 2 + 0.5).clamp(0, 1).cpu())
+            images.append((vae.decode(z[i:i + 1]) / 2 + 0.5).clamp(0, 1))
     return NodeResult((torch.cat(images).permute(0, 2, 3, 1).contiguous(),))
 
 
