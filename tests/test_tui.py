@@ -97,7 +97,7 @@ async def test_missing_model_marks_the_node_and_blocks(home: Path) -> None:
         await settle(pilot)
         assert FakeClient.instances[-1].submitted == []
         tree = app.screen.query_one(NodeTree)
-        loader = next(n for n in tree.root.children if n.data[0] == "4")
+        loader = next(n for n in tree.root.children if n.data[1] == "4")
         assert str(loader.label).startswith("! ")
         assert "problem" in app.sub_title
 
@@ -126,7 +126,7 @@ async def test_queue_progress_preview_and_result(home: Path) -> None:
         await settle(pilot, 6)
         assert record.status == "done" and pane.path == image
         tree = app.screen.query_one(NodeTree)
-        sampler = next(n for n in tree.root.children if n.data[0] == "3")
+        sampler = next(n for n in tree.root.children if n.data[1] == "3")
         assert "executed 0.50s" in str(sampler.label)
         queue = app.screen.query_one(QueuePanel)
         assert queue.row_count == 1 and "done" in str(queue.get_row_at(0)[1])
@@ -294,8 +294,8 @@ async def test_keyboard_only_edit_from_the_tree(home: Path) -> None:
         await settle(pilot)
         tree = app.screen.query_one(NodeTree)
         tree.focus()
-        sampler = next(n for n in tree.root.children if n.data[0] == "3")
-        seed_leaf = next(c for c in sampler.children if c.data[1] == "seed")
+        sampler = next(n for n in tree.root.children if n.data[1] == "3")
+        seed_leaf = next(c for c in sampler.children if c.data[2] == "seed")
         tree.move_cursor(seed_leaf)
         await settle(pilot)
         await pilot.press("enter")

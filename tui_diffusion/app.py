@@ -14,14 +14,13 @@ from textual.binding import Binding
 from textual.reactive import reactive
 
 from tui_diffusion.bridge import EngineBridge
+from tui_diffusion.catalogue import resolve_workflow, shipped_workflows_dir
 from tui_diffusion.document import WorkflowDocument
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.paths import ModelPaths
 from tui_diffusion.screens.dialogs import ConfirmDialog
 from tui_diffusion.settings import WorkerConfig
 from tui_diffusion.state import load_state, save_state
-
-PACKAGE_WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 
 class TuiDiffusionApp(App):
@@ -58,10 +57,26 @@ class TuiDiffusionApp(App):
     # -- start-up -------------------------------------------------------------------------------------------
     def _default_workflow(self) -> Path:
         local = Path("workflows") / "txt2img.json"
-        return local if local.is_file() else PACKAGE_WORKFLOWS / "txt2img.json"
+        return local if local.is_file() else shipped_workflows_dir() / "txt2img.json"
+
+    def workflow_folders(self) -> list[Path]:
+        """Where the open dialog lists workflows: ./workflows, the configured folder, the shipped ones."""
+        return [Path("workflows"), self.workflows_dir, shipped_workflows_dir()]
+
+    def workflow_path(self, text: str) -> Path:
+        """What the open dialog's typed answer means: a path, or a shipped workflow's name."""
+        try:
+            return resolve_workflow(Path(text).expanduser())
+        except WorkflowError:
+            return Path(text).expanduser()  # opening it then says what is wrong
 
     def _open_initial(self, path: Path | None) -> tuple[WorkflowDocument, str | None]:
-        candidates = [path] if path else []
+        candidates: list[Path] = []
+        if path:
+            try:  # a file, or a shipped workflow's name
+                candidates.append(resolve_workflow(path))
+            except WorkflowError as exc:
+                return WorkflowDocument(Workflow.load(self.default_workflow), None), str(exc)
         last = load_state().get("last_workflow")
         if path is None and last:
             candidates.append(Path(last))
@@ -184,6 +199,16 @@ class TuiDiffusionApp(App):
         for label, action in (("Add node", "add"), ("Delete selected node", "delete"), ("Rename node", "rename")):
             yield SystemCommand(label, f"{label} (node tree)",
                                 lambda a=action: main.post_message(_tree_request(main, a)))
+
+    def _fatal_error(self) -> None:
+        """A bug in UI code (Textual then exits): keep the workflow and the traceback in files and say where,
+        rather than drawing a traceback over the terminal."""
+        from tui_diffusion.crash import crash_report
+
+        screen = self._main()
+        self.bell()
+        self._exit_renderables.append(crash_report(screen.document if screen else self.document, self._exception))
+        self._close_messages_no_wait()
 
     async def on_unmount(self) -> None:
         self.bridge.close()

@@ -7,6 +7,7 @@ edit snapshots the nodes first; undo and redo swap snapshots.
 from __future__ import annotations
 
 import copy
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +45,22 @@ class WorkflowDocument:
     # -- files -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path) -> WorkflowDocument:
-        """A workflow file, or the workflow inside a PNG (then untitled: saving must not overwrite the image)."""
+        """A workflow file, or the workflow inside a PNG (then untitled: saving must not overwrite the image).
+
+        A ComfyUI UI-format file's groups are kept in each node's ``_meta["group"]`` (the tree shows them as
+        levels; saving in the API format keeps them).
+        """
         workflow = Workflow.load(path)
         with open(path, "rb") as f:
             is_image = f.read(8).startswith(b"\x89PNG")
+        if not is_image and workflow.source_format == "ui":
+            try:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError):
+                data = None
+            for node_id, group in ui_groups(data).items():
+                if node_id in workflow.nodes:
+                    workflow.nodes[node_id].setdefault("_meta", {})["group"] = group
         return cls(workflow, None if is_image else path)
 
     def save(self, path: Path | None = None) -> Path:
@@ -161,6 +174,15 @@ class WorkflowDocument:
                     refs.append(OutputRef(other, index, out.type, f"{self.workflow.title(other)}.{out.name}"))
         return refs
 
+    def group_path(self, node_id: str) -> tuple[str, ...]:
+        """The groups a node sits in, outermost first (empty when ungrouped)."""
+        group = self.workflow.nodes[node_id].get("_meta", {}).get("group")
+        if isinstance(group, str):
+            return (group,)
+        if isinstance(group, list) and all(isinstance(g, str) for g in group):
+            return tuple(group)
+        return ()
+
     def link_label(self, link: Link) -> str:
         if link.node_id not in self.workflow:
             return f"from missing node {link.node_id}"
@@ -208,3 +230,36 @@ class WorkflowDocument:
                 self.set_value(node_id, name, max(value - 1, 0))
             elif mode == "randomize":
                 self.set_value(node_id, name, rng.randint(0, 2**50))
+
+
+def ui_groups(data: Any) -> dict[str, list[str]]:
+    """Which groups of a ComfyUI UI-format file each node sits in, outermost first.
+
+    As in ComfyUI's editor, a node belongs to a group when it lies inside the group's bounding box
+    (``[x, y, width, height]``); here its centre decides. Nested groups give a path of titles.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("groups"), list) or not isinstance(data.get("nodes"),
+                                                                                                 list):
+        return {}
+    boxes: list[tuple[float, str, tuple[float, float, float, float]]] = []
+    for group in data["groups"]:
+        try:
+            x, y, w, h = (float(v) for v in group["bounding"][:4])
+        except (KeyError, TypeError, ValueError):
+            continue
+        boxes.append((w * h, str(group.get("title") or "Group"), (x, y, w, h)))
+    boxes.sort(key=lambda b: -b[0])  # outermost first
+    out: dict[str, list[str]] = {}
+    for node in data["nodes"]:
+        try:
+            px, py = (float(v) for v in node["pos"][:2])
+            sw, sh = (float(v) for v in (node.get("size") or [0, 0])[:2]) if isinstance(node.get("size"), list) \
+                else (0.0, 0.0)
+            node_id = str(node["id"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        cx, cy = px + sw / 2, py + sh / 2
+        path = [title for _, title, (x, y, w, h) in boxes if x <= cx <= x + w and y <= cy <= y + h]
+        if path:
+            out[node_id] = path
+    return out

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from textual import on
 from textual.app import ComposeResult
+from textual.await_complete import AwaitComplete
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
@@ -22,7 +24,19 @@ Dialog .title { text-style: bold; margin-bottom: 1; }
 """
 
 
-class Dialog(ModalScreen):
+class DismissOnce:
+    """A screen that closes once. ``Screen.dismiss`` pops whatever screen is on top, so a key queued behind
+    the one that closed a dialog (escape, enter typed fast, or a loaded machine) would close the main screen
+    under it and leave a blank terminal; later calls do nothing here."""
+
+    def dismiss(self, result: Any = None) -> AwaitComplete:
+        if getattr(self, "_dismissed", False) or self.app.screen is not self:  # type: ignore[attr-defined]
+            return AwaitComplete.nothing()
+        self._dismissed = True
+        return super().dismiss(result)  # type: ignore[misc]
+
+
+class Dialog(DismissOnce, ModalScreen):
     DEFAULT_CSS = _CSS
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 

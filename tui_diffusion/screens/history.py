@@ -13,12 +13,12 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
-from tui_diffusion.screens.dialogs import ConfirmDialog
+from tui_diffusion.screens.dialogs import ConfirmDialog, DismissOnce
 from tui_diffusion.store.history import History, JobRow
 from tui_diffusion.widgets.image_pane import ImagePane
 
 
-class HistoryScreen(Screen):
+class HistoryScreen(DismissOnce, Screen):
     DEFAULT_CSS = """
     #filter { margin: 0 1; }
     #history-body { height: 1fr; }
@@ -106,7 +106,7 @@ class HistoryScreen(Screen):
         self.query_one("#filter", Input).focus()
 
     def action_back(self) -> None:
-        self.app.pop_screen()
+        self.dismiss(None)
 
     def action_reopen(self) -> None:
         row = self.selected()

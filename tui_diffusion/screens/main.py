@@ -23,25 +23,33 @@ from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.jobs import DONE, HELD, PENDING, RUNNING, JobBook
 from tui_diffusion.screens.dialogs import ChoiceDialog, ConfirmDialog, OpenDialog, PromptDialog
 from tui_diffusion.widgets.image_pane import ImagePane
+from tui_diffusion.widgets.jump_bar import JumpBar
 from tui_diffusion.widgets.node_tree import NodeStatus, NodeTree
 from tui_diffusion.widgets.param_form import ParamForm, SeedModeChanged, ValueEdited
 from tui_diffusion.widgets.queue_panel import QueuePanel
 
-NARROW = 110  # columns below which the panels switch instead of sitting side by side
+NARROW = 100  # columns below which the panels switch instead of sitting side by side
+WIDE = 140  # columns from which the form gets the room it wants; below, the image keeps a third
 
 
 class MainScreen(Screen):
     DEFAULT_CSS = """
     #panels { height: 1fr; }
-    #tree { width: 30%; border: round $primary; }
+    #left { width: 30%; }
+    #tree { height: 1fr; border: round $primary; }
+    #jump { display: none; border: round $accent; height: 3; }
     #form { width: 38%; border: round $primary; }
     #right { width: 1fr; }
     #image { height: 1fr; border: round $primary; }
     #queue { height: 12; border: round $primary; }
-    #panels.narrow #tree { width: 40%; }
+    #panels.medium #left { width: 28%; }
+    #panels.medium #form { width: 1fr; }
+    #panels.medium #right { width: 34%; }
+    #panels.medium #queue { height: 8; }
+    #panels.narrow #left { width: 40%; }
     #panels.narrow #form { width: 1fr; }
     #panels.narrow #right { display: none; }
-    #panels.narrow.outputs #tree, #panels.narrow.outputs #form { display: none; }
+    #panels.narrow.outputs #left, #panels.narrow.outputs #form { display: none; }
     #panels.narrow.outputs #right { display: block; width: 1fr; }
     #panels.narrow #queue { height: 9; }
     """
@@ -60,6 +68,8 @@ class MainScreen(Screen):
         Binding("ctrl+o", "open", "Open", priority=True, tooltip="Open a workflow"),
         Binding("ctrl+n", "new", "New", priority=True, show=False, tooltip="New workflow from the default graph"),
         Binding("f4", "history", "History", priority=True, tooltip="Past jobs with their images"),
+        Binding("f5", "graph", "Graph", priority=True, show=False,
+                tooltip="The workflow as a graph: arrows move, enter opens the node, f5 or escape closes"),
         Binding("R", "resume", "Resume", show=False,
                 tooltip="Queue again the jobs a worker left unfinished (a crash, a reboot, a closed terminal)"),
         Binding("escape", "focus_tree", "Tree", show=False, tooltip="Back to the node tree"),
@@ -75,12 +85,16 @@ class MainScreen(Screen):
         self.selected_node: str | None = None
         self.selected_job: str | None = None
         self.follow_latest = True
+        self.auto_outputs = False  # the narrow layout switched to the image by itself (a job is sampling)
+        self._jump_from: tuple[str | None, str | None] = (None, None)
 
     # -- layout --------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="panels"):
-            yield NodeTree(id="tree")
+            with Vertical(id="left"):
+                yield NodeTree(id="tree")
+                yield JumpBar(id="jump")
             yield ParamForm(id="form")
             with Vertical(id="right"):
                 yield ImagePane(id="image")
@@ -100,7 +114,7 @@ class MainScreen(Screen):
         first = next(iter(self.document.workflow), None)
         self.selected_node = next((n for n in self.document.workflow if self.document.workflow.class_type(n)
                                    == "KSampler"), first)
-        await self.refresh_all()
+        await self.refresh_all(select=True)
         self.query_one(NodeTree).focus()
         self.run_worker(self._find_left_over, thread=True, exclusive=True, group="left-over")
 
@@ -161,7 +175,9 @@ class MainScreen(Screen):
         self._apply_size(event.size.width)
 
     def _apply_size(self, width: int) -> None:
-        self.query_one("#panels").set_class(width < NARROW, "narrow")
+        panels = self.query_one("#panels")
+        panels.set_class(width < NARROW, "narrow")
+        panels.set_class(NARROW <= width < WIDE, "medium")
 
     # -- refresh helpers ---------------------------------------------------------------------------------------
     def revalidate(self) -> None:
@@ -169,9 +185,15 @@ class MainScreen(Screen):
         self.issues = self.document.validate(self.models, config.limits, config.allow_pickle)
         self.app.update_title()
 
-    async def refresh_all(self, focus: str | None = None) -> None:
+    async def refresh_all(self, focus: str | None = None, select: bool = False) -> None:
+        """Bring tree and form up to date with the document, in place (``select``: move the tree's cursor to
+        ``selected_node``, after a node was added, deleted or a workflow opened)."""
         self.revalidate()
-        self.query_one(NodeTree).show(self.document, self.issues, self.node_status, self.selected_node)
+        if self.selected_node is not None and self.selected_node not in self.document.workflow:
+            self.selected_node = next(iter(self.document.workflow), None)
+            select = True
+        self.query_one(NodeTree).show(self.document, self.issues, self.node_status,
+                                      self.selected_node if select else None)
         await self.query_one(ParamForm).show_node(self.document, self.selected_node, self.models, self.issues,
                                                   focus=focus)
 
@@ -184,9 +206,36 @@ class MainScreen(Screen):
     # -- tree and form events --------------------------------------------------------------------------------
     @on(NodeTree.NodeSelected)
     async def _node_selected(self, event: NodeTree.NodeSelected) -> None:
-        if event.node_id != self.selected_node:
+        if event.node_id != self.selected_node or self.query_one(ParamForm).node_id != event.node_id:
             self.selected_node = event.node_id
             await self.query_one(ParamForm).show_node(self.document, event.node_id, self.models, self.issues)
+
+    @on(NodeTree.JumpRequested)
+    def _jump_requested(self) -> None:
+        tree = self.query_one(NodeTree)
+        self._jump_from = (tree.selected_node_id(), tree.selected_input())
+        self.query_one(JumpBar).open()
+
+    @on(JumpBar.Search)
+    def _jump_search(self, event: JumpBar.Search) -> None:
+        from tui_diffusion.widgets.node_tree import find_nodes
+
+        bar = self.query_one(JumpBar)
+        matches = find_nodes(self.document, event.query)
+        if not matches:
+            bar.border_title = "no match" if event.query.strip() else "jump"
+            return
+        index = event.index % len(matches)
+        bar.border_title = f"{index + 1}/{len(matches)}"
+        self.query_one(NodeTree).jump_to(matches[index])
+
+    @on(JumpBar.Done)
+    def _jump_done(self, event: JumpBar.Done) -> None:
+        tree = self.query_one(NodeTree)
+        self.query_one(JumpBar).close()
+        if not event.accepted and self._jump_from[0] is not None:
+            tree.jump_to(*self._jump_from)
+        tree.focus()
 
     @on(NodeTree.EditRequested)
     async def _edit_requested(self, event: NodeTree.EditRequested) -> None:
@@ -202,7 +251,7 @@ class MainScreen(Screen):
         if event.error is None and self.document.set_value(event.node_id, event.name, event.value, coalesce=typed):
             self.revalidate()
             self.query_one(ParamForm).show_issues(self.issues)
-            self.refresh_tree()
+            self.refresh_tree()  # labels only, in place
 
     @on(SeedModeChanged)
     def _seed_mode(self, event: SeedModeChanged) -> None:
@@ -235,14 +284,14 @@ class MainScreen(Screen):
             async def added(class_type: str | None) -> None:
                 if class_type:
                     self.selected_node = self.document.add_node(class_type)
-                    await self.refresh_all()
+                    await self.refresh_all(select=True)
 
             self.app.push_screen(ChoiceDialog("Add node", options), added)
         elif event.action == "delete" and event.node_id:
             self.document.delete_node(event.node_id)
             self.selected_node = next(iter(self.document.workflow), None)
             self.notify(f"deleted node {event.node_id} (ctrl+z to undo)")
-            self.call_later(self.refresh_all)
+            self.call_later(self.refresh_all, select=True)
         elif event.action == "rename" and event.node_id:
             async def renamed(title: str | None) -> None:
                 if title:
@@ -287,7 +336,7 @@ class MainScreen(Screen):
         self.follow_latest = True
         self.document.after_queue()
         self.refresh_queue()
-        await self.refresh_all(focus=self._focused_input())
+        await self.refresh_all()
 
     def action_queue_many(self) -> None:
         if self._blocked():
@@ -313,6 +362,12 @@ class MainScreen(Screen):
         self.app.push_screen(PromptDialog("Queue how many copies (seed +1 each)?", "4"), count)
 
     def action_interrupt(self) -> None:
+        from textual.widgets import TextArea
+
+        focused = self.app.focused
+        if isinstance(focused, TextArea) and focused.selected_text:  # ctrl+x on selected text: cut it
+            focused.action_cut()
+            return
         running = self.book.running()
         if running is None:
             self.notify("nothing is running")
@@ -417,6 +472,8 @@ class MainScreen(Screen):
             self.selected_job = job.job_id
             if isinstance(event, (m.Progress, m.JobFinished, m.JobFailed, m.JobStarted)):
                 self._show_job_image(job)
+            if isinstance(event, m.Progress) and event.preview_png:
+                self._show_outputs_while_sampling()
         self.refresh_queue()
 
     def _update_worker_state(self) -> None:
@@ -501,9 +558,9 @@ class MainScreen(Screen):
     def action_open(self) -> None:
         def chosen(answer: str | None) -> None:
             if answer:
-                self._confirm_discard(lambda: self.call_later(self.load, Path(answer).expanduser()))
+                self._confirm_discard(lambda: self.call_later(self.load, self.app.workflow_path(answer)))
 
-        self.app.push_screen(OpenDialog([Path("workflows"), self.app.workflows_dir]), chosen)
+        self.app.push_screen(OpenDialog(self.app.workflow_folders()), chosen)
 
     def action_new(self) -> None:
         self._confirm_discard(lambda: self.call_later(self.load, self.app.default_workflow, True))
@@ -520,7 +577,7 @@ class MainScreen(Screen):
                                   next(iter(doc.workflow), None))
         if not as_new:
             self.app.remember(path)
-        await self.refresh_all()
+        await self.refresh_all(select=True)
 
     def _confirm_discard(self, then: Any) -> None:
         if not self.document.dirty:
@@ -558,7 +615,24 @@ class MainScreen(Screen):
                 return ancestor.input_name
         return None
 
+    def _show_outputs_while_sampling(self) -> None:
+        """Narrow terminals: the live preview comes up by itself, unless the user is typing in a field."""
+        from textual.widgets import Input, TextArea
+
+        panels = self.query_one("#panels")
+        if not panels.has_class("narrow") or panels.has_class("outputs"):
+            return
+        if isinstance(self.app.focused, (Input, TextArea)) or self.app.screen is not self:
+            return
+        panels.add_class("outputs")
+        self.auto_outputs = True
+        self.query_one(QueuePanel).focus()
+
     def action_focus_tree(self) -> None:
+        panels = self.query_one("#panels")
+        if panels.has_class("narrow") and panels.has_class("outputs"):
+            panels.remove_class("outputs")
+        self.auto_outputs = False
         self.query_one(NodeTree).focus()
 
     def action_focus_queue(self) -> None:
@@ -568,7 +642,11 @@ class MainScreen(Screen):
         self.query_one(QueuePanel).focus()
 
     def action_switch_panels(self) -> None:
-        self.query_one("#panels").toggle_class("outputs")
+        panels = self.query_one("#panels")
+        panels.toggle_class("outputs")
+        self.auto_outputs = False
+        if panels.has_class("narrow"):  # focus follows the panels shown: keys never go to a hidden widget
+            (self.query_one(QueuePanel) if panels.has_class("outputs") else self.query_one(NodeTree)).focus()
 
     def action_history(self) -> None:
         from tui_diffusion.screens.history import HistoryScreen
@@ -593,8 +671,26 @@ class MainScreen(Screen):
         self.node_status = {}
         self.selected_node = next((n for n in self.document.workflow
                                    if self.document.workflow.class_type(n) == "KSampler"), None)
-        await self.refresh_all()
+        await self.refresh_all(select=True)
         self.notify("opened the job's workflow (unsaved)")
+
+    def action_graph(self) -> None:
+        """The graph view over the current workflow; the node chosen there (enter) becomes the selected one."""
+        from tui_diffusion.screens.graph import GraphScreen
+
+        if isinstance(self.app.screen, GraphScreen):  # from the palette while it is open
+            return
+
+        def running() -> str | None:
+            job = self.book.running()
+            return job.node_id if job is not None else None
+
+        async def chosen(node_id: str | None) -> None:
+            if node_id is not None and node_id in self.document.workflow:
+                self.selected_node = node_id
+                await self.refresh_all(select=True)
+
+        self.app.push_screen(GraphScreen(self.document, self.selected_node, running), chosen)
 
     def action_help(self) -> None:
         from tui_diffusion.screens.help import HelpScreen  # Markdown loads when help is first asked for

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from rich.markup import escape
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -18,6 +19,7 @@ from tui_diffusion.graph.validate import ValidationIssue, check_value
 from tui_diffusion.graph.values import parse_value
 from tui_diffusion.graph.workflow import as_link
 from tui_diffusion.paths import ModelPaths
+from tui_diffusion.widgets.prompt_editor import PromptBox
 
 
 class ValueEdited(Message):
@@ -105,11 +107,37 @@ class Field(Vertical):
         line.set_class(bool(text), "shown")
 
 
+class NodePage(Vertical):
+    """One node's fields. Pages are kept (hidden) while other nodes are shown and updated in place: a
+    widget is never removed under the user's fingers, only a page whose node changed shape, once hidden."""
+
+    DEFAULT_CSS = """
+    NodePage { height: auto; }
+    """
+
+    def __init__(self, node_id: str, shape: tuple, *children: Any) -> None:
+        super().__init__(*children)
+        self.node_id = node_id
+        self.shape = shape
+
+
+def _page_shape(doc: WorkflowDocument, node_id: str) -> tuple:
+    """What decides which editors a page holds: the node's type and, per input, link or literal."""
+    wf = doc.workflow
+    spec = get_spec(wf.class_type(node_id))
+    inputs = wf.inputs(node_id)
+    return (wf.class_type(node_id),
+            tuple((i.name, as_link(inputs.get(i.name)) is not None or not i.is_widget) for i in
+                  (spec.inputs if spec else ())))
+
+
 class ParamForm(VerticalScroll):
     DEFAULT_CSS = """
     ParamForm { padding: 0 1; }
     ParamForm .title { text-style: bold; margin-bottom: 1; }
     """
+
+    MAX_PAGES = 16  # hidden pages kept for quick switching; the least recently shown go first
 
     class LinkRequested(Message):
         def __init__(self, node_id: str, name: str) -> None:
@@ -121,33 +149,129 @@ class ParamForm(VerticalScroll):
         super().__init__(id=id)
         self.node_id: str | None = None
         self.errors: dict[tuple[str, str], str] = {}
-        self._building = False
+        self._doc: WorkflowDocument | None = None
+        self._pages: dict[str, NodePage] = {}
+
+    @property
+    def page(self) -> NodePage | None:
+        return self._pages.get(self.node_id) if self.node_id is not None else None
 
     async def show_node(self, doc: WorkflowDocument, node_id: str | None, models: ModelPaths | None,
                         issues: list[ValidationIssue], focus: str | None = None) -> None:
-        self._building = True
-        self.node_id = node_id
-        await self.remove_children()
-        if node_id is None or node_id not in doc.workflow:
-            await self.mount(Static("Select a node in the tree.", classes="hint"))
-            self._building = False
+        """Show a node's page: made once, then brought up to date in place."""
+        if doc is not self._doc:
+            self._doc = doc
+            self.errors.clear()
+            for stale in list(self._pages):
+                self._retire(stale)
+        for stale in [n for n in self._pages if n not in doc.workflow]:
+            self._retire(stale)
+        previous = self.page
+        self.node_id = node_id if node_id is not None and node_id in doc.workflow else None
+        page = self.page
+        if self.node_id is not None:
+            shape = _page_shape(doc, self.node_id)
+            if page is not None and page.shape != shape:
+                self._retire(self.node_id, keep_focus=True)
+                page = None
+            if page is None:
+                page = self._make_page(doc, self.node_id, shape, models)
+                self._pages[self.node_id] = page
+                await self.mount(page)
+            else:
+                self._sync(doc, page)
+                self._pages[self.node_id] = self._pages.pop(self.node_id)  # most recently shown last
+        if previous is not page:
+            for other in self._pages.values():
+                other.display = other is page
+            self.query_one("#hint").display = page is None
+            self.scroll_home(animate=False)
+        while len(self._pages) > self.MAX_PAGES:
+            self._retire(next(iter(self._pages)))
+        self.show_issues(issues)
+        if focus:
+            self.focus_input(focus)
+
+    def refresh_values(self, doc: WorkflowDocument, models: ModelPaths | None,
+                       issues: list[ValidationIssue]) -> Any:
+        """After an undo, a redo or a queued run changed values: the shown page follows in place (a
+        node whose links changed gets a new page); hidden pages catch up when shown."""
+        return self.show_node(doc, self.node_id, models, issues)
+
+    def _retire(self, node_id: str, keep_focus: bool = False) -> None:
+        """Hide a page now and remove it once it can no longer be rendering or focused."""
+        page = self._pages.pop(node_id, None)
+        if page is None:
             return
+        focused = self.app.focused
+        if focused is not None and page in focused.ancestors and not keep_focus:
+            self.focus()
+        page.display = False
+        self.set_timer(0.5, page.remove)
+
+    def _make_page(self, doc: WorkflowDocument, node_id: str, shape: tuple, models: ModelPaths | None) -> NodePage:
         wf = doc.workflow
         spec = get_spec(wf.class_type(node_id))
-        widgets: list[Any] = [Static(f"{wf.title(node_id)}  [dim]{wf.class_type(node_id)} · node {node_id}[/]",
-                                     classes="title")]
+        widgets: list[Any] = [Static(self._title(doc, node_id), classes="title")]
         if spec and spec.description:
             widgets.append(Static(spec.description, classes="hint"))
         for ispec in spec.inputs if spec else ():
             widgets.append(self._field(doc, node_id, ispec, models))
-        await self.mount_all(widgets)
-        self.show_issues(issues)
-        self._building = False
-        if focus:
-            self.focus_input(focus)
+        page = NodePage(node_id, shape, *widgets)
+        page.display = False
+        return page
+
+    @staticmethod
+    def _title(doc: WorkflowDocument, node_id: str) -> str:
+        wf = doc.workflow
+        return f"{escape(wf.title(node_id))}  [dim]{wf.class_type(node_id)} · node {node_id}[/]"
+
+    def _sync(self, doc: WorkflowDocument, page: NodePage) -> None:
+        """Set each editor to the document's value where they differ (the change events that follow are
+        recognised as ours and ignored)."""
+        wf = doc.workflow
+        node_id = page.node_id
+        page.query_one(".title", Static).update(self._title(doc, node_id))
+        inputs = wf.inputs(node_id)
+        for field in page.query(Field):
+            spec = field.spec
+            if spec is None or not spec.is_widget or as_link(inputs.get(field.input_name)) is not None:
+                continue
+            value = inputs.get(field.input_name, spec.default)
+            editor = field.query(".editor").first()
+            if isinstance(editor, NumberInput):
+                text = "" if value is None else str(value)
+                if _parsed(spec, editor.value) != value:
+                    _mark(editor, text)
+                    editor.value = text
+            elif isinstance(editor, TextArea):
+                if editor.text != str(value or ""):
+                    _mark(editor, str(value or ""))
+                    editor.load_text(str(value or ""))
+            elif isinstance(editor, Select):
+                if editor.value != value and value is not None:
+                    options = [o for o, _ in getattr(editor, "_options", []) if o is not Select.NULL]
+                    if value not in options:
+                        editor.set_options([(o, o) for o in [value, *options]])
+                    _mark(editor, value)
+                    editor.value = value
+            elif isinstance(editor, Switch):
+                if editor.value != bool(value):
+                    _mark(editor, bool(value))
+                    editor.value = bool(value)
+            elif isinstance(editor, Input):
+                if editor.value != str(value or ""):
+                    _mark(editor, str(value or ""))
+                    editor.value = str(value or "")
+            if spec.control_after_generate:
+                mode = field.query(".seed-mode")
+                if mode and mode.first().value != doc.seed_mode(node_id, field.input_name):
+                    _mark(mode.first(), doc.seed_mode(node_id, field.input_name))
+                    mode.first().value = doc.seed_mode(node_id, field.input_name)
 
     def focus_input(self, name: str) -> bool:
-        for field in self.query(Field):
+        page = self.page
+        for field in page.query(Field) if page is not None else ():
             if field.input_name == name:
                 editor = field.query(".editor")
                 if editor:
@@ -190,8 +314,7 @@ class ParamForm(VerticalScroll):
         elif ispec.type == BOOLEAN:
             children.append(Switch(bool(value), classes="editor"))
         elif ispec.multiline:
-            area = TextArea(str(value or ""), classes="editor", soft_wrap=True, tab_behavior="focus")
-            children.append(area)
+            children.append(PromptBox(str(value or ""), classes="editor"))
         else:
             children.append(Input(str(value or ""), classes="editor", compact=True))
         children.append(Static("", classes="error"))
@@ -199,7 +322,8 @@ class ParamForm(VerticalScroll):
 
     def show_issues(self, issues: list[ValidationIssue]) -> None:
         mine = {i.input: i.message for i in issues if i.node_id == self.node_id and i.input}
-        for field in self.query(Field):
+        page = self.page
+        for field in page.query(Field) if page is not None else ():
             local = self.errors.get((field.node_id, field.input_name))
             field.set_error(local or mine.get(field.input_name))
 
@@ -211,7 +335,7 @@ class ParamForm(VerticalScroll):
         return None
 
     def _edited(self, widget: Any, raw: Any) -> None:
-        if self._building:
+        if _ours(widget, raw):
             return
         field = self._field_of(widget)
         if field is None or field.spec is None:
@@ -250,7 +374,7 @@ class ParamForm(VerticalScroll):
     @on(Select.Changed, ".seed-mode")
     def _seed_mode(self, event: Select.Changed) -> None:
         field = self._field_of(event.select)
-        if field is not None and not self._building:
+        if field is not None and not _ours(event.select, event.value):
             self.post_message(SeedModeChanged(field.node_id, field.input_name, str(event.value)))
 
     @on(Button.Pressed, ".randomize")
@@ -267,7 +391,30 @@ class ParamForm(VerticalScroll):
             self.post_message(self.LinkRequested(field.node_id, field.input_name))
 
     def compose(self) -> ComposeResult:
-        yield Static("Select a node in the tree.", classes="hint")
+        yield Static("Select a node in the tree.", classes="hint", id="hint")
+
+
+_UNSET = object()
+
+
+def _mark(editor: Any, value: Any) -> None:
+    """Remember the value set from the document, so the change event it causes is not taken for an edit."""
+    editor._set_from_document = value
+
+
+def _ours(editor: Any, value: Any) -> bool:
+    expected = getattr(editor, "_set_from_document", _UNSET)
+    if expected is _UNSET:
+        return False
+    editor._set_from_document = _UNSET
+    return expected == value
+
+
+def _parsed(spec: InputSpec, text: str) -> Any:
+    try:
+        return parse_value(spec, text)
+    except ValueError:
+        return text
 
 
 class SeedModeChanged(Message):
