@@ -170,6 +170,7 @@ class _Link:
         if self.alive:
             self.alive = False
             self.out.put(None)
+            _hang_up(self.conn)  # the reading thread may be blocked in recv: close alone would not end it
             try:
                 self.conn.close()
             except OSError:
