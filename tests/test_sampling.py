@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tui_diffusion.graph.samplers import SAMPLERS
 from tui_diffusion.pipeline.sampling import (
+    RECIPES,
     ModelSampling,
     calculate_sigmas,
     initial_latent,
@@ -52,7 +52,7 @@ def test_partial_denoise_takes_the_tail_of_a_longer_schedule() -> None:
     torch.testing.assert_close(got, calculate_sigmas(ms, "normal", 20)[-11:])
 
 
-@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "pndm"])
+@pytest.mark.parametrize("sampler", [s for s in RECIPES if s != "pndm"])
 def test_installed_schedule_is_the_comfyui_one(sampler: str) -> None:
     prepared = prepare_sampler(sampler, "karras", 6, 1.0, SD15_SCHEDULER, seed=3)
     expected = ksampler_sigmas(ModelSampling(), sampler, "karras", 6, 1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,10 @@ class SamplerInfo:
     requires: str | None = None
 
 
-def _info(name: str, label: str, **flags: object) -> SamplerInfo:
+def _info(name: str, label: str, **flags: Any) -> SamplerInfo:
     if name.endswith("_cfg_pp"):
         flags.setdefault("cfg_pp", True)
-    return SamplerInfo(name, label, **flags)  # type: ignore[arg-type]
+    return SamplerInfo(name, label, **flags)
 
 
 _SDE = {"stochastic": True, "requires": "torchsde"}

@@ -155,14 +155,16 @@ class DiscreteSampling(ModelSampling):
                    config.get("trained_betas"), bool(config.get("rescale_betas_zero_snr", False)))
 
     def timestep(self, sigma: Any) -> torch.Tensor:
-        sigma = _as_tensor(sigma).float()
-        dists = sigma.clamp(min=1e-10).log().reshape(-1)[None, :] - self.log_sigmas[:, None]
-        return dists.abs().argmin(dim=0).view(sigma.shape)
+        sigma = _as_tensor(sigma)
+        log_sigma = sigma.float().clamp(min=1e-10).log().to(self.log_sigmas.device)
+        dists = log_sigma.reshape(-1)[None, :] - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
 
     def sigma(self, timestep: Any) -> torch.Tensor:
-        t = torch.clamp(_as_tensor(timestep).float(), min=0, max=len(self.sigmas) - 1)
+        timestep = _as_tensor(timestep)
+        t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=len(self.sigmas) - 1)
         low, high, w = t.floor().long(), t.ceil().long(), t.frac()
-        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp().to(timestep.device)
 
     def percent_to_sigma(self, percent: float) -> float:
         if percent <= 0.0:
