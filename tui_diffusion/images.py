@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from functools import cache
 from io import BytesIO
 from pathlib import Path
@@ -31,13 +33,95 @@ def _term_image() -> ModuleType:
     return term_image
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    from PIL import Image
+#: the most pixels an image may have to be decoded here (a 60000x60000 PNG of 437 KB would take gigabytes)
+MAX_PIXELS = 8192 * 8192
+#: the most bytes one PNG text chunk may hold, and all of them together, once decompressed
+MAX_TEXT_CHUNK = 32 * 1024 * 1024
+MAX_TEXT_TOTAL = 64 * 1024 * 1024
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-    if isinstance(source, bytes):
-        return Image.open(BytesIO(source)).convert("RGB")
-    with Image.open(source) as im:
-        return im.convert("RGB")
+
+class ImageFileError(ValueError):
+    """An image file that cannot be read safely; the message says why (the caller names the file)."""
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image as RGB; its size is checked from the header before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(BytesIO(source) if isinstance(source, bytes) else source)
+        with im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageFileError(f"{width}x{height} pixels is more than the {max_pixels} this program decodes")
+            return im.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageFileError(f"too many pixels to decode ({exc})") from None
+    except (UnidentifiedImageError, SyntaxError, struct.error, zlib.error) as exc:
+        raise ImageFileError(f"not a readable image ({exc})") from None
+
+
+def _inflate(data: bytes, budget: int) -> bytes:
+    """zlib data, refusing to grow past ``budget`` bytes (a compressed text chunk can be a zip bomb)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, budget)
+    except zlib.error as exc:
+        raise ImageFileError(f"a damaged compressed text chunk ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise ImageFileError(f"a text chunk holds more than {budget} bytes once decompressed")
+    return out
+
+
+def png_text_chunks(path: str | Path) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG, read without decoding a single pixel: what a workflow
+    loader needs, safe against decompression bombs in the pixels and in the text."""
+    total = 0
+    chunks: dict[str, str] = {}
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            raise ImageFileError("not a PNG file")
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ImageFileError("truncated (no IEND chunk)")
+            length, kind = struct.unpack(">I4s", head)
+            if length > 0x7FFFFFFF:
+                raise ImageFileError(f"a chunk claims {length} bytes")
+            if kind == b"IEND":
+                return chunks
+            if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+                f.seek(length + 4, os.SEEK_CUR)  # pixels and everything else: skipped, never decoded
+                continue
+            if length > MAX_TEXT_CHUNK:
+                raise ImageFileError(f"a {kind.decode()} chunk of {length} bytes is larger than {MAX_TEXT_CHUNK}")
+            data, crc = f.read(length), f.read(4)
+            if len(data) < length or len(crc) < 4:
+                raise ImageFileError(f"truncated in a {kind.decode()} chunk")
+            if zlib.crc32(kind + data) != struct.unpack(">I", crc)[0]:
+                raise ImageFileError(f"a {kind.decode()} chunk fails its checksum")
+            key, sep, rest = data.partition(b"\0")
+            if not sep:
+                raise ImageFileError(f"a {kind.decode()} chunk without a keyword")
+            budget = min(MAX_TEXT_CHUNK, MAX_TEXT_TOTAL - total)
+            if kind == b"tEXt":
+                text = rest.decode("latin-1")
+            elif kind == b"zTXt":
+                text = _inflate(rest[1:], budget).decode("latin-1")
+            else:
+                if len(rest) < 2:
+                    raise ImageFileError("a damaged iTXt chunk")
+                compressed, rest = rest[0], rest[2:]
+                _language, _, rest = rest.partition(b"\0")
+                _translated, _, raw = rest.partition(b"\0")
+                text = (_inflate(raw, budget) if compressed else raw).decode("utf-8", errors="replace")
+            total += len(text)
+            if total > MAX_TEXT_TOTAL:
+                raise ImageFileError(f"its text chunks hold more than {MAX_TEXT_TOTAL} bytes")
+            chunks[key.decode("latin-1")] = text
 
 
 def halfblock_ansi(image: Image.Image, columns: int, rows: int) -> str:

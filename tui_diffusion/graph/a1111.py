@@ -100,7 +100,51 @@ def parameters_text(info: dict[str, Any], width: int, height: int, model_hash: s
     return f"{text}\n{line}"
 
 
-_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
+#: integers as A1111 writes them; bounded, because int() refuses over 4300 digits (and no seed, step
+#: count or size needs more than these)
+_SEED = re.compile(r"-?[0-9]{1,30}")
+_COUNT = re.compile(r"[0-9]{1,9}")
+_SIZE = re.compile(r"([0-9]{1,9})x([0-9]{1,9})")
+
+
+def _is_key_char(ch: str) -> bool:
+    return ch.isalnum() or ch in "_ "
+
+
+def _fields(line: str) -> dict[str, str]:
+    """``Key: value, Key: "quoted, value", ...`` in one pass. A hand-written scan because the obvious
+    regular expression backtracks cubically on a long run of spaces (a hang on a crafted PNG)."""
+    fields: dict[str, str] = {}
+    pos, n = 0, len(line)
+    quote_scan = (-1, -1)  # where the last quoted value began and where its closing quote is
+    while pos < n:
+        colon = line.find(":", pos)
+        if colon < 0:
+            break
+        start = colon
+        while start > pos and _is_key_char(line[start - 1]):
+            start -= 1
+        key = line[start:colon].strip()
+        value_at = colon + 1
+        while value_at < n and line[value_at].isspace():
+            value_at += 1
+        end = -1
+        if value_at < n and line[value_at] == '"':  # a quoted value may hold commas and colons
+            if value_at >= quote_scan[1]:  # else: the last scan already found where this one would stop
+                i = value_at + 1
+                while i < n and line[i] != '"':
+                    i += 2 if line[i] == "\\" else 1
+                quote_scan = (value_at, i)
+            i = quote_scan[1]
+            if i < n and (i + 1 == n or line[i + 1] == ","):
+                end = i + 1
+        if end < 0:
+            comma = line.find(",", value_at)
+            end = n if comma < 0 else comma
+        if key:
+            fields[key] = line[value_at:end].strip().strip('"')
+        pos = end + 1
+    return fields
 
 
 def parse_parameters(text: str) -> dict[str, Any]:
@@ -108,7 +152,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
     lines = text.strip().split("\n")
     fields: dict[str, str] = {}
     if lines and re.match(r"^\s*Steps:", lines[-1]):
-        fields = {k.strip(): v.strip().strip('"') for k, v in _FIELD.findall(lines.pop())}
+        fields = _fields(lines.pop())
     prompt, negative, in_negative = [], [], False
     for line in lines:
         if line.startswith("Negative prompt:"):
@@ -157,9 +201,9 @@ def txt2img_from_parameters(text: str) -> dict[str, Any]:
     api["6"]["inputs"]["text"] = parsed["prompt"]
     api["7"]["inputs"]["text"] = parsed["negative"]
     sampler = api["3"]["inputs"]
-    if "Steps" in fields and fields["Steps"].isdigit():
+    if _COUNT.fullmatch(fields.get("Steps", "")):
         sampler["steps"] = int(fields["Steps"])
-    if "Seed" in fields and fields["Seed"].lstrip("-").isdigit():
+    if _SEED.fullmatch(fields.get("Seed", "")):
         sampler["seed"] = int(fields["Seed"])
     try:
         sampler["cfg"] = float(fields.get("CFG scale", sampler["cfg"]))
@@ -169,7 +213,7 @@ def txt2img_from_parameters(text: str) -> dict[str, Any]:
         sampler["sampler_name"], sampler["scheduler"] = _sampler_from_label(fields["Sampler"])
     if fields.get("Schedule type", "").lower() in ("karras", "exponential"):
         sampler["scheduler"] = fields["Schedule type"].lower()
-    size = re.match(r"(\d+)x(\d+)", fields.get("Size", ""))
+    size = _SIZE.match(fields.get("Size", ""))
     if size:
         api["5"]["inputs"].update(width=int(size.group(1)), height=int(size.group(2)))
     if fields.get("Model"):

@@ -17,6 +17,10 @@ from tui_diffusion.graph.specs import get_spec
 MUTED, BYPASSED = 2, 4
 VIRTUAL = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}
 SEED_MODES = ("fixed", "increment", "decrement", "randomize")
+#: a node property holding the API format's other ``_meta`` keys, so that API -> UI -> API loses nothing
+META_PROPERTY = "tui-diffusion meta"
+#: ``_meta`` keys the UI format already carries in its own way
+_META_IN_UI = ("title", "control_after_generate", "widgets_values")
 
 
 class UIFormatError(ValueError):
@@ -48,32 +52,36 @@ def ui_to_api(data: dict[str, Any], source: str = "<workflow>") -> dict[str, dic
     nodes = {n["id"]: n for n in data["nodes"]}
     links = _links(data)
 
-    def origin(link_id: int | None, seen: frozenset = frozenset()) -> tuple[str, Any] | None:
-        """Where a link's value comes from: ("link", [node id, slot]), ("value", x), or None (nothing)."""
-        if link_id is None or link_id not in links or link_id in seen:
-            return None
-        node_id, slot, _ = links[link_id]
-        node = nodes.get(node_id)
-        if node is None:
-            return None
-        kind = node.get("type")
-        mode = node.get("mode", 0)
-        if kind == "Reroute":
-            inputs = node.get("inputs") or []
-            return origin(inputs[0].get("link") if inputs else None, seen | {link_id})
-        if kind == "PrimitiveNode":
-            values = node.get("widgets_values") or []
-            return ("value", values[0]) if values else None
-        if mode == MUTED:
-            return None
-        if mode == BYPASSED:  # the output takes the first input of the same type
-            out_type = ((node.get("outputs") or [{}])[slot] if slot < len(node.get("outputs") or []) else {}).get(
-                "type", links[link_id][2])
-            for inp in node.get("inputs") or []:
-                if inp.get("type") == out_type and inp.get("link") is not None:
-                    return origin(inp["link"], seen | {link_id})
-            return None
-        return ("link", [str(node_id), slot])
+    def origin(link_id: int | None) -> tuple[str, Any] | None:
+        """Where a link's value comes from: ("link", [node id, slot]), ("value", x), or None (nothing).
+        A loop, not recursion: a chain of thousands of Reroutes cannot exhaust the stack."""
+        seen: set[Any] = set()
+        while True:
+            if link_id is None or link_id not in links or link_id in seen:
+                return None
+            seen.add(link_id)
+            node_id, slot, link_type = links[link_id]
+            node = nodes.get(node_id)
+            if node is None:
+                return None
+            kind = node.get("type")
+            mode = node.get("mode", 0)
+            if kind == "Reroute":
+                inputs = node.get("inputs") or []
+                link_id = inputs[0].get("link") if inputs else None
+                continue
+            if kind == "PrimitiveNode":
+                values = node.get("widgets_values") or []
+                return ("value", values[0]) if values else None
+            if mode == MUTED:
+                return None
+            if mode == BYPASSED:  # the output takes the first input of the same type
+                outs = node.get("outputs") or []
+                out_type = (outs[slot] if 0 <= slot < len(outs) else {}).get("type", link_type)
+                link_id = next((inp["link"] for inp in node.get("inputs") or []
+                                if inp.get("type") == out_type and inp.get("link") is not None), None)
+                continue
+            return ("link", [str(node_id), slot])
 
     api: dict[str, dict[str, Any]] = {}
     for node in data["nodes"]:
@@ -117,25 +125,38 @@ def ui_to_api(data: dict[str, Any], source: str = "<workflow>") -> dict[str, dic
                 inputs[name] = found[1]
             elif not (spec and spec.input(name) and spec.input(name).is_widget):
                 inputs.pop(name, None)  # its source is muted: missing, as in ComfyUI (validation says so)
+        props = node.get("properties")
+        if isinstance(props, dict) and isinstance(props.get(META_PROPERTY), dict):  # ours, from api_to_ui
+            meta.update({k: v for k, v in props[META_PROPERTY].items() if k not in meta})
         api[str(node["id"])] = {"inputs": inputs, "class_type": kind, "_meta": meta}
     return api
 
 
 def _depths(api: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Each node's column: one more than its deepest upstream node (0 for sources; a cycle is cut where
+    it closes). Iterative, so that a chain of thousands of nodes cannot exhaust the stack."""
+    def ups(node_id: str) -> list[str]:
+        return [str(v[0]) for v in api[node_id]["inputs"].values() if isinstance(v, list) and len(v) == 2
+                and str(v[0]) in api]
+
     depth: dict[str, int] = {}
-
-    def visit(node_id: str, stack: frozenset = frozenset()) -> int:
-        if node_id in depth:
-            return depth[node_id]
-        if node_id in stack or node_id not in api:
-            return 0
-        ups = [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list) and len(v) == 2
-               and str(v[0]) in api]
-        depth[node_id] = 1 + max((visit(str(u), stack | {node_id}) for u in ups), default=-1)
-        return depth[node_id]
-
-    for node_id in api:
-        visit(node_id)
+    for root in api:
+        if root in depth:
+            continue
+        on_path = {root}
+        stack: list[tuple[str, list[str]]] = [(root, ups(root))]
+        while stack:
+            node_id, pending = stack[-1]
+            while pending and (pending[-1] in depth or pending[-1] in on_path):
+                pending.pop()
+            if pending:
+                child = pending.pop()
+                on_path.add(child)
+                stack.append((child, ups(child)))
+                continue
+            stack.pop()
+            on_path.discard(node_id)
+            depth[node_id] = 1 + max((depth.get(u, -1) for u in ups(node_id) if u not in on_path), default=-1)
     return depth
 
 
@@ -188,11 +209,15 @@ def api_to_ui(api: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 entry["link"] = link_id
             ui_inputs.append(entry)
         column = depths.get(node_id, 0)
+        properties: dict[str, Any] = {"Node name for S&R": node["class_type"]}
+        extra = {k: v for k, v in meta.items() if k not in _META_IN_UI}
+        if extra:  # e.g. a shipped workflow's description and family: kept where ComfyUI keeps node extras
+            properties[META_PROPERTY] = extra
         nodes.append({
             "id": ids[node_id], "type": node["class_type"],
             "pos": [50 + 380 * column, 50 + 320 * rows[column]], "size": [320, 120 + 24 * len(widgets)],
             "flags": {}, "order": index, "mode": 0, "inputs": ui_inputs, "outputs": [],
-            "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
+            "properties": properties, "widgets_values": widgets,
             "title": meta.get("title") or (spec.display_name if spec else node["class_type"]),
         })
         rows[column] += 1

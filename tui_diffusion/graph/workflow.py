@@ -22,6 +22,47 @@ class WorkflowError(Exception):
     """A workflow file that cannot be read as a workflow; the message names the file."""
 
 
+#: deeper than any real workflow (a link is two levels inside its node); deeper data would exhaust the
+#: interpreter's stack when copied, compared or sent to the worker
+MAX_DEPTH = 64
+#: the largest workflow file read (ComfyUI's biggest real graphs are a few megabytes)
+MAX_WORKFLOW_BYTES = 64 * 2**20
+
+
+def nesting_error(data: Any, limit: int = MAX_DEPTH) -> str | None:
+    """Why ``data`` (parsed JSON) is too deep to handle, or None. Iterative: any depth is safe to check."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return f"nested more than {limit} levels deep"
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def parse_json(text: str | bytes, source: str) -> Any:
+    """JSON text to data, every failure a WorkflowError naming ``source``: malformed text, nesting that
+    would exhaust the stack, integers too long for Python to convert (over 4300 digits)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") \
+            from None
+    except RecursionError:
+        raise WorkflowError(f"{source}: not a workflow: its JSON is nested too deeply") from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise WorkflowError(f"{source}: not a workflow: {str(exc).split(';')[0]}") from None
+    if (why := nesting_error(data)) is not None:
+        raise WorkflowError(f"{source}: not a workflow: its JSON is {why}")
+    return data
+
+
 @dataclass(frozen=True)
 class Link:
     node_id: str
@@ -58,6 +99,9 @@ class Workflow:
     # -- reading -----------------------------------------------------------------------------
     @classmethod
     def from_data(cls, data: Any, source: str = "<workflow>") -> Workflow:
+        """A workflow from parsed JSON (API or UI format, or a /prompt body); WorkflowError names ``source``."""
+        if (why := nesting_error(data)) is not None:
+            raise WorkflowError(f"{source}: not a workflow: its data is {why}")
         if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "class_type" not in data:
             data = data["prompt"]  # the body ComfyUI's /prompt endpoint takes
         source_format = "api"
@@ -67,7 +111,7 @@ class Workflow:
                 data = ui_to_api(data, source)
             except UIFormatError as exc:
                 raise WorkflowError(str(exc)) from None
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
                 raise WorkflowError(f"{source}: a malformed ComfyUI UI-format file ({type(exc).__name__}: {exc})") \
                     from None
         if not isinstance(data, dict) or not data:
@@ -87,42 +131,44 @@ class Workflow:
         """A workflow file (API or UI format), or the workflow inside a PNG's metadata."""
         path = Path(path)
         try:
-            raw = path.read_bytes()
+            with path.open("rb") as f:
+                is_png = f.read(4) == b"\x89PNG"
+                f.seek(0)
+                raw = b"" if is_png else f.read(MAX_WORKFLOW_BYTES + 1)
         except FileNotFoundError:
             raise WorkflowError(f"{path}: no such file") from None
         except OSError as exc:
             raise WorkflowError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        if raw.startswith(b"\x89PNG"):
+        if is_png:
             return cls.from_png(path)
+        if len(raw) > MAX_WORKFLOW_BYTES:
+            raise WorkflowError(f"{path}: larger than {MAX_WORKFLOW_BYTES // 2**20} MB: not a workflow")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise WorkflowError(f"{path}: neither a JSON workflow nor a PNG image") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise WorkflowError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-        return cls.from_data(data, str(path))
+        return cls.from_data(parse_json(text, str(path)), str(path))
 
     @classmethod
     def from_png(cls, path: Path) -> Workflow:
-        """The workflow a PNG carries: ours or ComfyUI's chunks, else rebuilt from A1111 parameters."""
-        from PIL import Image, UnidentifiedImageError
+        """The workflow a PNG carries: ours or ComfyUI's chunks, else rebuilt from A1111 parameters. Only the
+        text chunks are read: no pixel is decoded, so an image's size cannot exhaust memory here."""
+        from tui_diffusion.images import ImageFileError, png_text_chunks
 
         try:
-            with Image.open(path) as image:
-                image.load()
-                chunks = dict(getattr(image, "text", {}) or {})
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            chunks = png_text_chunks(path)
+        except ImageFileError as exc:
             raise WorkflowError(f"{path}: a damaged PNG ({exc})") from None
+        except OSError as exc:
+            raise WorkflowError(f"{path}: cannot read: {exc.strerror or exc}") from None
         problems = []
         for key in ("prompt", "workflow"):
             if key in chunks:
                 try:
-                    wf = cls.from_data(json.loads(chunks[key]), str(path))
+                    wf = cls.from_data(parse_json(chunks[key], f"{path}, its '{key}' chunk"), str(path))
                     wf.source_format = "api"  # saving writes a workflow file, never into the image
                     return wf
-                except (json.JSONDecodeError, WorkflowError) as exc:
+                except WorkflowError as exc:
                     problems.append(f"its '{key}' chunk is unreadable ({exc})")
         if "parameters" in chunks:
             from tui_diffusion.graph.a1111 import txt2img_from_parameters

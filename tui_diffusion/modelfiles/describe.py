@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tui_diffusion.modelfiles.family import V_PRED_PROBE, detect_family
-from tui_diffusion.modelfiles.header import CheckpointError, read_header
+from tui_diffusion.modelfiles.header import CheckpointError, read_header, require_rank
 from tui_diffusion.paths import PICKLE_SUFFIXES
 
 _PIPELINE_FAMILY = {
@@ -34,12 +34,30 @@ def _sd2_prediction(path: Path, header: dict) -> str:
 
 
 def describe_checkpoint(path: Path, name: str) -> dict[str, Any]:
+    """The facts ``models`` lists for one file or folder. Never raises: a file it cannot read gets a row
+    saying why, so that one crafted file cannot hide the others."""
     row: dict[str, Any] = {"name": name, "path": str(path), "family": "unknown", "supported": False, "error": None}
+    try:
+        return _describe(path, row)
+    except CheckpointError as exc:
+        row["error"] = str(exc).removeprefix(f"{path}: ")
+    except OSError as exc:
+        row["error"] = f"cannot read: {exc.strerror or exc}"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, MemoryError) as exc:
+        row["error"] = f"unreadable ({type(exc).__name__}: {exc})"
+    row.update(family="unknown", supported=False)
+    return row
+
+
+def _describe(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     if path.is_dir():
         try:
             cls = json.loads((path / "model_index.json").read_text())["_class_name"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             row["error"] = f"unreadable model_index.json: {exc}"
+            return row
+        if not isinstance(cls, str):
+            row["error"] = "unreadable model_index.json: '_class_name' is not a string"
             return row
         row["family"] = _PIPELINE_FAMILY.get(cls, cls)
         row["supported"] = cls == "StableDiffusionPipeline"
@@ -47,12 +65,8 @@ def describe_checkpoint(path: Path, name: str) -> dict[str, Any]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         row["error"] = "pickle file: not loaded (use the .safetensors version)"
         return row
-    try:
-        header = read_header(path)
-    except CheckpointError as exc:
-        row["error"] = str(exc).removeprefix(f"{path}: ")
-        return row
-    conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight")
+    header = read_header(path)
+    conv_in = require_rank(path, header, "model.diffusion_model.input_blocks.0.0.weight", 4)
     fam = detect_family(header, conv_in.shape[1] if conv_in else None)
     row.update(family=fam.label, supported=fam.supported, error=None if fam.supported else fam.reason)
     if fam.id == "sd2":
