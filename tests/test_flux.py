@@ -1,0 +1,160 @@
+"""Flux.1 on tiny files in Black Forest Labs' layout: recognised, loaded from separate files and all-in-one
+checkpoints, conditioned as ComfyUI does (T5 padded to 256 tokens, CLIP-L's pooled output, embedded guidance), and
+equal to diffusers' Flux transformer and ``FluxPipeline`` on the same weights, noise and sigmas (issue 15,
+items 4, 6 and 10)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dit_helpers import CPU, run
+from tests.test_dit_loaders import _diffusers_flux_converter
+from tui_diffusion.families import detect
+from tui_diffusion.families.flux import pack
+from tui_diffusion.modelfiles import convert_dit
+from tui_diffusion.modelfiles.header import read_header
+from tui_diffusion.pipeline import checkpoint_writer_dit as w
+from tui_diffusion.pipeline import models_dit as md
+
+PROMPT = "a photo of a cat"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = Path(tmp_path_factory.mktemp("flux"))
+    out = {"dev": w.write_flux_transformer(root / "diffusion_models" / "flux1-dev.safetensors"),
+           "schnell": w.write_flux_transformer(root / "diffusion_models" / "flux1-schnell.safetensors",
+                                               w.TinyFlux(guidance=False)),
+           "vae": w.write_vae16(root / "vae" / "ae.safetensors", flux=True),
+           "checkpoint": w.write_flux_checkpoint(root / "checkpoints" / "flux1-dev-fp8.safetensors",
+                                                 dtype="fp8_e4m3fn")}
+    out.update(w.write_text_encoders(root / "text_encoders"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(files: dict[str, Path]) -> md.DitClip:
+    return md.load_text_encoders([files["t5xxl"], files["clip_l"]], "flux", CPU)
+
+
+def _model(path: Path):
+    kind, transformer = md.load_transformer(md.TensorReader(path), CPU)
+    return md.model_handle(kind, transformer, CPU, str(path))
+
+
+def test_recognised_from_its_header(files: dict[str, Path]) -> None:
+    for name in ("dev", "schnell", "checkpoint"):
+        assert detect(read_header(files[name])).id == "flux"
+
+
+def test_full_size_configs_are_what_the_shapes_say() -> None:
+    from diffusers import FluxTransformer2DModel
+
+    from tui_diffusion.modelfiles.header import TensorInfo
+
+    for name, guidance in (("flux1-dev", True), ("flux1-schnell", False)):
+        shipped = convert_dit.shipped_config(name)
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(shipped)
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.9e9, rel=0.01)
+        header = {k: TensorInfo("BF16", tuple(v.shape))
+                  for k, v in w.flux_to_original(model.state_dict(), 19, 38).items()}
+        derived = convert_dit.flux_config(header, name)
+        assert derived["guidance_embeds"] is guidance
+        assert {k: v for k, v in derived.items() if k in shipped and k != "out_channels"} == \
+            {k: v for k, v in shipped.items() if k != "out_channels"}
+        assert derived["out_channels"] == 64
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_transformer_output_equals_diffusers(files: dict[str, Path], variant: str) -> None:
+    """Our conversion and model call (packing, positions, guidance) against diffusers' converter and model."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    model = _model(files[variant])
+    config = convert_dit.flux_config(read_header(files[variant]), variant)
+    theirs = FluxTransformer2DModel.from_config(config).eval()
+    theirs.load_state_dict(_diffusers_flux_converter(256)(load_file(str(files[variant]))))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 8, 6, generator=g)
+    context, pooled = torch.randn(2, 20, 128, generator=g), torch.randn(2, 32, generator=g)
+    sigma = torch.tensor([0.8, 0.3])
+    entries = [(context[i:i + 1], {"pooled_output": pooled[i:i + 1], "guidance": 2.0 + i}) for i in range(2)]
+    kwargs = model.family.model_kwargs(model, entries, batch=1, latent_shape=(1, 16, 8, 6), negative=[False, False],
+                                       device=torch.device("cpu"), dtype=torch.float32)
+    assert ("guidance" in kwargs) == (variant == "dev")
+    ids = torch.zeros(4 * 3, 3)
+    ids[:, 1] = torch.arange(4).repeat_interleave(3).float()
+    ids[:, 2] = torch.arange(3).repeat(4).float()
+    with torch.no_grad():
+        ours = model.family.apply_model(model, x, sigma, kwargs)
+        ref = theirs(hidden_states=pack(x), encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma,
+                     img_ids=ids, txt_ids=torch.zeros(20, 3), return_dict=False,
+                     guidance=torch.tensor([2.0, 3.0]) if variant == "dev" else None)[0]
+    assert ours.shape == x.shape
+    torch.testing.assert_close(pack(ours), ref, rtol=0, atol=0)
+
+
+def test_model_sampling_defaults(files: dict[str, Path]) -> None:
+    assert _model(files["dev"]).model_sampling.describe() == "FluxSampling(shift=1.15)"
+    assert _model(files["schnell"]).model_sampling.describe() == "FluxSampling(shift=1)"
+
+
+def test_text_conditioning_as_comfyui(clip: md.DitClip) -> None:
+    emb, pooled = clip.encode_prompt(PROMPT)
+    assert emb.shape == (1, 256, 128)  # T5 padded to at least 256 tokens
+    assert pooled.shape == (1, 32)  # CLIP-L's pooled output, unprojected
+    long_emb, _ = clip.encode_prompt(" ".join(["cat"] * 300))
+    assert long_emb.shape == (1, 301, 128)  # no cut, no windows
+    t5_only, pooled_other = clip.encode_flux("something else", PROMPT)
+    torch.testing.assert_close(t5_only, emb)
+    assert not torch.allclose(pooled_other, pooled)
+
+
+def test_all_in_one_fp8_checkpoint(files: dict[str, Path], tmp_path: Path) -> None:
+    loaded = md.load_dit_checkpoint(files["checkpoint"], read_header(files["checkpoint"]), CPU, tmp_path)
+    assert loaded.model.family.id == "flux" and loaded.clip.kind == "flux" and loaded.vae.latent_channels == 16
+    reference = _model(files["dev"]).unet.state_dict()
+    for key, value in loaded.model.unet.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference[key].to(torch.float8_e4m3fn).float(), rtol=0, atol=0)
+    from tui_diffusion.pipeline.models import load_vae
+
+    z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    alone = load_vae(files["vae"], CPU, tmp_path)
+    # the checkpoint stores its VAE in fp8 too: compare with the same weights rounded the same way
+    fp8_vae = w.save(w.vae16_to_original(w.build_vae16(w.FLUX_VAE_FACTORS)), tmp_path / "ae8.safetensors",
+                     "fp8_e4m3fn")
+    torch.testing.assert_close(loaded.vae.decode(z), load_vae(fp8_vae, CPU, tmp_path).decode(z), rtol=0, atol=0)
+    assert alone.latent_channels == 16
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_sampling_matches_diffusers_pipeline(files: dict[str, Path], clip: md.DitClip, variant: str) -> None:
+    """A txt2img run (Euler; dev with guidance 3.5 embedded) equals FluxPipeline's on the same weights, noise and
+    sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTokenizer
+
+    from tui_diffusion.pipeline.schedules import calculate_sigmas
+
+    model = _model(files[variant])
+    sigmas = calculate_sigmas(model.model_sampling, "simple", 4)
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    emb, pooled = clip.encode_prompt(PROMPT)
+    ours = run(model, [[emb, {"pooled_output": pooled, "guidance": 3.5}]], None, 1.0, noise, sigmas)
+
+    encoders = w.build_text_encoders()
+    pipe = FluxPipeline(
+        transformer=model.unet, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
+        vae=w.build_vae16(w.FLUX_VAE_FACTORS), text_encoder=encoders["clip_l"],
+        tokenizer=CLIPTokenizer.from_pretrained(str(md.config_dir("clip_tokenizer")), model_max_length=77),
+        text_encoder_2=encoders["t5xxl"], tokenizer_2=md.t5_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt=PROMPT, height=64, width=64, latents=pack(noise), sigmas=sigmas[:-1].tolist(),
+                  guidance_scale=3.5, max_sequence_length=256, output_type="latent").images
+    torch.testing.assert_close(pack(ours), theirs, rtol=1e-4, atol=1e-4)
