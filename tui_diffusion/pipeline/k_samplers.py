@@ -20,10 +20,11 @@ The denoiser contract:
 
 ``x`` enters already noise-scaled (``model_sampling.noise_scaling``) and leaves before
 ``inverse_noise_scaling``; the caller applies both. ``callback(i, x, denoised, sigma)`` is called once
-per step with the step's first prediction. Ancestral samplers draw their per-step noise from a
-generator seeded as ComfyUI seeds it (seed + 1 on the CPU, seed on another device); SDE samplers from a
-torchsde Brownian tree with entropy ``seed`` over the schedule's sigma range (on the CPU, or on the
-latent's device for the ``*_gpu`` names), so the same seed gives ComfyUI's image.
+per step with the step's first prediction. Ancestral samplers draw their per-step noise from a CPU
+generator seeded with seed + 1, as ComfyUI does on the CPU (on any device here, so a seed means one
+image everywhere); SDE samplers from a torchsde Brownian tree with entropy ``seed`` over the schedule's
+sigma range, kept on the CPU, or on the latent's device for the ``*_gpu`` names as in ComfyUI. The same
+seed gives ComfyUI's CPU result.
 
 ``pndm`` has no ComfyUI counterpart: it is pseudo linear multistep (PLMS, Liu et al. 2022, the PNDM
 paper's fast variant) on the eps prediction, in sigma space. PLMS averages the last four eps
@@ -78,11 +79,14 @@ class _Run:
             self.callback(i, x, denoised, sigma)
 
     def step_noise(self, x: Tensor) -> NoiseFn:
-        """Ancestral noise: randn of x's shape from a generator seeded seed + 1 (CPU) or seed (other devices)."""
-        gen = torch.Generator(device=x.device)
-        gen.manual_seed(self.seed + 1 if x.device == torch.device("cpu") else self.seed)
-        return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
-                                                     generator=gen)
+        """Per-step noise: randn of x's shape from a CPU generator seeded with seed + 1, moved to x's device.
+
+        That is ComfyUI's noise on the CPU; ComfyUI on a GPU seeds a generator there instead, whose numbers
+        differ, so here a seed gives the same image on every device.
+        """
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(self.seed + 1)
+        return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, generator=gen).to(x.device)
 
     def brownian(self, x: Tensor, sigmas: Tensor, cpu: bool = True) -> NoiseFn:
         positive = sigmas[sigmas > 0]
@@ -1110,7 +1114,8 @@ def _unipc(run: _Run, x: Tensor, sigmas: Tensor, variant: str) -> Tensor:
     divided by that step's alpha; flow models are treated with the same VP conversion. ComfyUI makes that
     replacement in the caller's sigma tensor, so its inverse noise scaling then runs at sigma 0.001: a flow
     model's result comes out divided by 0.999. That is reproduced here (the caller's inverse scaling at
-    sigma 0 is the identity), so flow images match ComfyUI's.
+    sigma 0 is the identity), so flow images match ComfyUI's. With a single step (two sigmas) ComfyUI's UniPC
+    takes no step at all and returns the scaled noise; here it takes one first-order step.
     """
     ts = sigmas.clone()
     quirk = bool(ts[-1] == 0) and run.ms.is_flow
