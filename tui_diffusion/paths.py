@@ -23,11 +23,15 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "checkpoints": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "loras": (".safetensors",),
     "vae": (".safetensors",),
+    "diffusion_models": (".safetensors", ".sft"),
+    "text_encoders": (".safetensors",),
     "embeddings": (".safetensors", ".pt", ".bin"),
     "input": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+#: ComfyUI's older folder names, searched after the new ones (its "unet" and "clip" folders)
+FOLDER_ALIASES: dict[str, tuple[str, ...]] = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 
 
 class PathError(ValueError):
@@ -130,7 +134,8 @@ class ModelPaths:
         return self.root / kind
 
     def folders(self, kind: str) -> list[Path]:
-        return [self.folder(kind)] + [folder for k, folder in self.extra if k == kind]
+        aliases = [self.root / alias for alias in FOLDER_ALIASES.get(kind, ())]
+        return [self.folder(kind)] + aliases + [folder for k, folder in self.extra if k == kind]
 
     def list(self, kind: str) -> list[str]:
         """File names (relative, with sub-folders) in the model folders; diffusers folders for checkpoints."""
@@ -232,7 +237,9 @@ def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
 
 
 # ComfyUI's folder names in extra_model_paths.yaml, mapped to ours.
-_EXTRA_KINDS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vae", "embeddings": "embeddings"}
+_EXTRA_KINDS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vae", "embeddings": "embeddings",
+                "diffusion_models": "diffusion_models", "unet": "diffusion_models",
+                "text_encoders": "text_encoders", "clip": "text_encoders"}
 
 
 def read_extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:
