@@ -39,6 +39,8 @@ class Requirement:
 
     node_id: str
     title: str
+    #: the input that names the file
+    input: str
     kind: str
     #: model families this node is made for (checkpoints only; empty: any)
     families: tuple[str, ...] = ()
@@ -59,7 +61,8 @@ class ShippedWorkflow:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "description": self.description,
                 "families": list(self.families),
-                "needs": [{"node": r.node_id, "title": r.title, "folder": r.kind, "families": list(r.families)}
+                "needs": [{"node": r.node_id, "title": r.title, "input": r.input, "folder": r.kind,
+                           "families": list(r.families)}
                           for r in self.requirements]}
 
 
@@ -93,14 +96,14 @@ def describe(path: Path) -> ShippedWorkflow:
             if ispec.choices_from and not isinstance(inputs.get(ispec.name), list):  # a literal file name
                 families = meta.get("family") if ispec.choices_from == "checkpoints" else None
                 fams = tuple(str(f) for f in families) if isinstance(families, list) else ()
-                needs.append(Requirement(str(node_id), title, ispec.choices_from, fams))
+                needs.append(Requirement(str(node_id), title, ispec.name, ispec.choices_from, fams))
     return ShippedWorkflow(path.stem, path, description or "(no description)", tuple(needs))
 
 
 def shipped_workflows() -> list[ShippedWorkflow]:
     """Every shipped workflow, by name; one that cannot be read is left out (the tests read them all)."""
     out = []
-    for path in sorted(shipped_workflows_dir().glob("*.json")):
+    for path in sorted(shipped_workflows_dir().glob("*.json"), key=lambda p: p.stem):
         try:
             out.append(describe(path))
         except WorkflowError:

@@ -7,24 +7,29 @@ talks to the worker process through ``WorkerClient``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import math
 import os
+import re
+import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from tui_diffusion import __version__
 from tui_diffusion import messages as m
+from tui_diffusion.catalogue import resolve_workflow
 from tui_diffusion.config import BY_NAME, ConfigError, Settings, config_path, resolve
-from tui_diffusion.graph.specs import get_spec
+from tui_diffusion.graph.specs import INT, get_spec
 from tui_diffusion.graph.validate import validate_workflow
 from tui_diffusion.graph.values import parse_value
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.paths import ModelPaths
 from tui_diffusion.settings import PRECISIONS
+from tui_diffusion.text import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -34,7 +39,8 @@ class UsageError(Exception):
 
 
 def _err(text: str) -> None:
-    print(f"error: {text}", file=sys.stderr)
+    """An error on stderr; names in it (files, nodes, titles) cannot send escape sequences to the terminal."""
+    print(f"error: {printable(text, keep_newlines=True)}", file=sys.stderr)
 
 
 # -- argument parsing ----------------------------------------------------------------------------------------
@@ -110,17 +116,22 @@ def settings(args: argparse.Namespace) -> Settings:
     return resolve(options)
 
 
+WORKFLOW_HELP = ("a workflow file (ComfyUI API or UI format, or a PNG it made), or the name of a shipped workflow "
+                 "such as txt2img ('tui-diffusion workflows' lists them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tui-diffusion", description="Stable Diffusion node graphs in the terminal.")
     parser.add_argument("--version", action="version", version=f"tui-diffusion {__version__}")
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run a workflow headless")
-    run.add_argument("workflow", type=Path, help="API-format workflow JSON")
+    run.add_argument("workflow", type=Path, help=WORKFLOW_HELP)
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
                      help="override an input (repeatable)")
     run.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="NODE.INPUT=V1,V2,...",
-                     help="queue one job per value, in order (repeatable: all combinations)")
+                     help="queue one job per value, in order; an integer input also takes A..B (repeatable: all "
+                          f"combinations, at most {MAX_SWEEP_JOBS} jobs)")
     _add_folders(run)
     _add_device_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object per job on stdout, nothing else")
@@ -147,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_options(resume)
 
     val = sub.add_parser("validate", help="check a workflow without running it")
-    val.add_argument("workflow", type=Path)
+    val.add_argument("workflow", type=Path, help=WORKFLOW_HELP)
     val.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE")
     _add_folders(val, output=False)
 
@@ -174,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", choices=["sd15", "sd2", "sd2-v", "sdxl"], default="sd15")
     demo.add_argument("--name", default=None, help="file name (default demo-<family>-tiny.safetensors)")
     _add_folders(demo, output=False)
+
+    flows = sub.add_parser("workflows", help="the shipped workflows: name, model family, what each makes")
+    flows.add_argument("--json", action="store_true")
+
+    doctor = sub.add_parser("doctor", help="what this machine and its model folders can run (loads no model)")
+    _add_folders(doctor, output=False)
+    _add_device_options(doctor)
+    doctor.add_argument("--json", action="store_true")
     return parser
 
 
@@ -206,27 +225,77 @@ def apply_sets(wf: Workflow, sets: list[str]) -> None:
         wf.set_input(node_id, name, _typed(wf, node_id, name, value))
 
 
-def expand_sweeps(wf: Workflow, sweeps: list[str]) -> list[Workflow]:
+#: the most jobs one run may queue: a sweep's size is checked before a single job is built
+MAX_SWEEP_JOBS = 10_000
+_RANGE = re.compile(r"(-?[0-9]{1,20})\.\.(-?[0-9]{1,20})")
+
+
+class Sweep(Sequence[Workflow]):
+    """The jobs of a sweep, built one at a time when asked for (in ``itertools.product`` order): a large
+    sweep costs memory only for the jobs being validated or submitted, never for all of them at once."""
+
+    def __init__(self, wf: Workflow, axes: list[tuple[str, str, Sequence[Any]]]) -> None:
+        self.wf, self.axes = wf, axes
+        self._len = math.prod(len(values) for _, _, values in axes)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> Workflow: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Workflow]: ...
+    def __getitem__(self, index: int | slice) -> Workflow | list[Workflow]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if not -self._len <= index < self._len:
+            raise IndexError(index)
+        index %= self._len
+        job = self.wf.copy()
+        for node_id, name, values in reversed(self.axes):  # the last axis varies fastest, as in product()
+            index, position = divmod(index, len(values))
+            job.set_input(node_id, name, values[position])
+        return job
+
+    def __iter__(self) -> Iterator[Workflow]:
+        return (self[i] for i in range(self._len))
+
+
+def _sweep_values(wf: Workflow, node_id: str, name: str, text: str, limit: int) -> Sequence[Any]:
+    """One axis: ``V1,V2,...``, where an integer input also takes ``A..B`` (inclusive, kept as a range)."""
+    spec = get_spec(wf.class_type(node_id))
+    ispec = spec.input(name) if spec else None
+    if ispec is not None and ispec.type == INT and (match := _RANGE.fullmatch(text.strip())):
+        first, last = int(match.group(1)), int(match.group(2))
+        if abs(last - first) >= limit:
+            raise UsageError(f"{wf.describe(node_id)}, input {name!r}: {text.strip()} is {abs(last - first) + 1} "
+                             f"values, more than the {limit} jobs one run may queue")
+        return range(first, last + 1) if first <= last else range(first, last - 1, -1)
+    return [_typed(wf, node_id, name, v) for v in text.split(",")]
+
+
+def expand_sweeps(wf: Workflow, sweeps: list[str], limit: int = MAX_SWEEP_JOBS) -> Sweep:
+    """The jobs of ``--sweep`` options (all combinations), refused at once when there would be more than
+    ``limit``; the jobs themselves are built lazily."""
     axes = []
     for text in sweeps:
         node_id, name, values = _split_assignment(text, wf)
-        axes.append([(node_id, name, _typed(wf, node_id, name, v)) for v in values.split(",")])
-    jobs = []
-    for combo in itertools.product(*axes):
-        job = wf.copy()
-        for node_id, name, value in combo:
-            job.set_input(node_id, name, value)
-        jobs.append(job)
-    return jobs
+        axes.append((node_id, name, _sweep_values(wf, node_id, name, values, limit)))
+    size = math.prod(len(values) for _, _, values in axes)
+    if size > limit:
+        sizes = " x ".join(str(len(v)) for _, _, v in axes)
+        raise UsageError(f"the sweep makes {sizes} = {size} jobs, more than the {limit} one run may queue; "
+                         "sweep fewer values, or run it in parts")
+    return Sweep(wf, axes)
 
 
 def _load(args: argparse.Namespace) -> tuple[Workflow, ModelPaths]:
-    wf = Workflow.load(args.workflow)
+    wf = Workflow.load(resolve_workflow(args.workflow))
     apply_sets(wf, args.sets)
     return wf, settings(args).model_paths()
 
 
-def _report_issues(source: Path, issues: list) -> None:
+def _report_issues(source: Path | str, issues: list) -> None:
     for issue in issues:
         _err(f"{source}: {issue}")
 
@@ -251,14 +320,14 @@ class _Progress:
 
     def show(self, text: str) -> None:
         if self.enabled:
-            sys.stderr.write("\r\033[K" + text)
+            sys.stderr.write("\r\033[K" + printable(text))
             sys.stderr.flush()
 
     def done(self, text: str | None = None) -> None:
         if self.enabled:
             sys.stderr.write("\r\033[K")
         if text:
-            print(text, file=sys.stderr)
+            print(printable(text, keep_newlines=True), file=sys.stderr)
 
 
 def _bar(step: int, total: int, width: int = 24) -> str:
@@ -285,7 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             invalid = True
             if len(jobs) > 1:
                 _err(f"job {i} of {len(jobs)}:")
-            _report_issues(args.workflow, issues)
+            _report_issues(f"job {resumed[i - 1][0]}" if resumed else args.workflow, issues)
     if invalid:
         return EXIT_INVALID
 
@@ -402,7 +471,7 @@ def _print_result(number: int, event: Any, as_json: bool, progress: _Progress, w
         progress.done(f"job {number}: done in {event.seconds:.2f}s (ran {', '.join(event.executed) or 'nothing'}; "
                       f"cached {', '.join(event.cached) or 'nothing'})")
         for path in event.outputs:
-            print(path, flush=True)
+            print(printable(path), flush=True)
     elif isinstance(event, m.JobFailed):
         progress.done()
         _err(f"job {number}: {event.message}")
@@ -423,10 +492,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"no checkpoints in {models.folder('checkpoints')}: download one (e.g. from civitai.com) into it, "
               "or write a random-weight one with 'tui-diffusion demo-checkpoint'")
         return EXIT_OK
-    width = max(len(r["name"]) for r in rows)
+    width = max(len(printable(r["name"])) for r in rows)
     for r in rows:
-        note = f"  ({r['error']})" if r["error"] else ""
-        print(f"{r['name']:<{width}}  {r['family']}{note}")
+        note = f"  ({printable(r['error'])})" if r["error"] else ""
+        print(f"{printable(r['name']):<{width}}  {printable(r['family'])}{note}")
     return EXIT_OK
 
 
@@ -442,10 +511,41 @@ def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
         path = w.write_sd2_checkpoint(target, v_prediction=args.family == "sd2-v")
     else:
         path = w.write_sd1_checkpoint(target)
-    workflow = "sdxl.json" if args.family == "sdxl" else "txt2img.json"
+    workflow = "sdxl" if args.family == "sdxl" else "txt2img"  # shipped: found by name from any folder
     print(f"wrote {path} (random weights: its images are noise)")
-    print(f"try: tui-diffusion run workflows/{workflow} --set 4.ckpt_name={name} "
+    where = ""  # the default ./models is found from this folder; another one is named, so the hint works anywhere
+    if models.root.resolve() != Path("models").resolve():
+        where = f" --models-dir {shlex.quote(str(models.root.resolve()))}"
+    print(f"try: tui-diffusion run {workflow}{where} --set 4.ckpt_name={shlex.quote(name)} "
           "--set 5.width=64 --set 5.height=64 --set 3.steps=4")
+    return EXIT_OK
+
+
+def cmd_workflows(args: argparse.Namespace) -> int:
+    """The shipped workflows, so that ``run NAME`` can be used without a checkout of the repository."""
+    from tui_diffusion.catalogue import family_label, shipped_workflows, shipped_workflows_dir
+
+    flows = shipped_workflows()
+    if args.json:
+        print(json.dumps([w.as_dict() for w in flows], indent=2))
+        return EXIT_OK
+    if not flows:
+        _err(f"no shipped workflows found in {shipped_workflows_dir()} (a broken install?)")
+        return EXIT_FAILED
+    width = max(len(w.name) for w in flows)
+    fam_width = max(len(" / ".join(family_label(f) for f in w.families)) for w in flows)
+    for w in flows:
+        families = " / ".join(family_label(f) for f in w.families)
+        print(f"{w.name:<{width}}  {families:<{fam_width}}  {w.description}")
+    print(f"\n(in {shipped_workflows_dir()}; run one by name: tui-diffusion run txt2img --set 4.ckpt_name=...)")
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tui_diffusion.doctor import diagnose, render
+
+    report = diagnose(settings(args))
+    print(json.dumps(report, indent=2) if args.json else render(report))
     return EXIT_OK
 
 
@@ -453,12 +553,13 @@ def build_tui_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tui-diffusion",
         description="Open the terminal app (commands: run, validate, serve, resume, history, config, import, export, "
-                    "models, demo-checkpoint; "
+                    "models, demo-checkpoint, workflows, doctor; "
                     "'tui-diffusion COMMAND --help' for each).",
     )
     parser.add_argument("--version", action="version", version=f"tui-diffusion {__version__}")
     parser.add_argument("workflow", type=Path, nargs="?", default=None,
-                        help="workflow to open (default: the last one used, else workflows/txt2img.json)")
+                        help="workflow to open, a file or a shipped workflow's name (default: the last one used, else "
+                             "txt2img)")
     attach = parser.add_mutually_exclusive_group()
     attach.add_argument("--detach", action="store_true",
                         help="run the worker in a background server that outlives this terminal (started if none "
@@ -643,7 +744,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "import": cmd_import, "export": cmd_export,
             "history": cmd_history, "models": cmd_models, "demo-checkpoint": cmd_demo_checkpoint, "serve": cmd_serve,
-            "resume": cmd_resume}
+            "resume": cmd_resume, "workflows": cmd_workflows, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

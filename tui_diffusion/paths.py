@@ -141,10 +141,11 @@ class ModelPaths:
         """File names (relative, with sub-folders) in the model folders; diffusers folders for checkpoints."""
         names: list[str] = []
         for folder in self.folders(kind):
-            names.extend(n for n in self._list_one(kind, folder) if n not in names)
+            names.extend(n for n in self.list_folder(kind, folder) if n not in names)
         return sorted(names, key=str.lower)
 
-    def _list_one(self, kind: str, folder: Path) -> list[str]:
+    def list_folder(self, kind: str, folder: Path) -> list[str]:
+        """The names ``list`` finds in one of the folders of ``kind`` (each resolves with ``resolve``)."""
         if not folder.is_dir():
             return []
         suffixes = MODEL_FOLDERS.get(kind, (".safetensors",))
