@@ -261,6 +261,18 @@ def test_batch_items_are_sampled_independently() -> None:
     torch.testing.assert_close(both[1:], sample("uni_pc_bh2", ToyDenoiser(ms), x[1:], sigmas, seed=0))
 
 
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_every_sampler_runs_in_inference_mode(kind: str) -> None:
+    # the engine samples under torch.inference_mode; DEIS integrates its coefficients with autograd
+    ms = _model_sampling(kind)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sigmas = calculate_sigmas(ms, "karras", 5)
+        x = ms.noise_scaling(sigmas[0], _reference_noise(), torch.zeros(1, 4, 4, 4), True)
+        for name in SAMPLERS:
+            assert torch.isfinite(sample(name, ToyDenoiser(ms), x, sigmas, seed=1)).all(), name
+
+
 def test_unknown_sampler_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown sampler 'nope'"):
         sample("nope", ToyDenoiser(DiscreteSampling()), torch.zeros(1, 4, 2, 2), torch.tensor([1.0, 0.0]), seed=0)

@@ -439,9 +439,10 @@ def _deis_coefficients(sigmas: Tensor, max_order: int, n: int = 10000) -> list[l
         taus = torch.linspace(float(t_cur), float(t_next), n)
         dtau = (t_next - t_cur) / n
         prev = ts[[i - k for k in range(order)]]
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # the sampling loop may run in inference mode
             leaf = taus.clone().requires_grad_(True)
-            alpha = torch.exp(-0.5 * leaf**2 * (beta_1 - beta_0) - leaf * beta_0)
+            b0, b1 = beta_0.clone(), beta_1.clone()
+            alpha = torch.exp(-0.5 * leaf**2 * (b1 - b0) - leaf * b0)
             alpha.log().sum().backward()
             d_log_alpha = leaf.grad
             alpha = alpha.detach()
