@@ -90,3 +90,92 @@ def test_text_encoder_files_and_all_in_one_layouts(tmp_path: Path) -> None:
     assert "text_encoders.clip_g.transformer.text_projection.weight" in sd3
     assert "model.diffusion_model.double_blocks.0.img_attn.qkv.weight" in flux
     assert not any(k.startswith("text_encoders.clip_g.") for k in flux)
+
+
+# -- loader nodes -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ComfyUI's folders: a Flux transformer in the old unet/ folder, SD3.5's in diffusion_models/, text encoders
+    in text_encoders/ and one in the old clip/ folder."""
+    root = Path(tmp_path_factory.mktemp("models"))
+    w.write_flux_transformer(root / "unet" / "flux1-schnell.safetensors", w.TinyFlux(guidance=False))
+    w.write_sd3_transformer(root / "diffusion_models" / "sd3.5_large.safetensors",
+                            w.TinySD3(dual_attention_layers=()))
+    files = w.write_text_encoders(root / "text_encoders")
+    (root / "clip").mkdir()
+    files["clip_l"].rename(root / "clip" / "clip_l.safetensors")
+    return root
+
+
+def _ctx(root: Path, tmp_path: Path):
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState, NodeContext
+    from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.pipeline.models import ModelCache
+    from tui_diffusion.settings import DevicePolicy
+
+    engine = EngineState(resolve_device(DevicePolicy("cpu")), ModelCache(4), ModelPaths(root), tmp_path / "out",
+                         tmp_path / "tmp", tmp_path / "cfg")
+    return NodeContext(engine, "1", {}, lambda *a: None, lambda: False)
+
+
+def test_loader_and_conditioning_nodes(models_root: Path, tmp_path: Path) -> None:
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.errors import NodeError
+    from tui_diffusion.pipeline.registry import implementations
+
+    nodes = implementations()
+    ctx = _ctx(models_root, tmp_path)
+    paths = ModelPaths(models_root)
+    assert paths.list("diffusion_models") == ["flux1-schnell.safetensors", "sd3.5_large.safetensors"]
+    assert paths.list("text_encoders") == ["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
+
+    (flux,) = nodes["UNETLoader"](ctx, unet_name="flux1-schnell.safetensors", weight_dtype="fp8_e4m3fn").outputs
+    assert flux.family.id == "flux" and not flux.unet.config.guidance_embeds
+    (sampled,) = nodes["ModelSamplingFlux"](ctx, model=flux, max_shift=1.15, base_shift=0.5, width=1024,
+                                            height=1024).outputs
+    assert sampled.model_sampling.describe() == "FluxSampling(shift=1.15)"
+    (clip,) = nodes["DualCLIPLoader"](ctx, clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                                      type="flux").outputs
+    (cond,) = nodes["CLIPTextEncodeFlux"](ctx, clip=clip, clip_l="a cat", t5xxl="a photo of a cat",
+                                          guidance=3.5).outputs
+    assert cond[0][0].shape == (1, 256, 128) and cond[0][1]["guidance"] == 3.5
+    (cond,) = nodes["FluxGuidance"](ctx, conditioning=cond, guidance=2.0).outputs
+    assert cond[0][1]["guidance"] == 2.0
+    (zero,) = nodes["ConditioningZeroOut"](ctx, conditioning=cond).outputs
+    assert not zero[0][0].any() and not zero[0][1]["pooled_output"].any() and cond[0][0].any()
+    (latent,) = nodes["EmptySD3LatentImage"](ctx, width=64, height=48, batch_size=2).outputs
+    assert latent["samples"].shape == (2, 16, 6, 8)
+
+    (sd3,) = nodes["UNETLoader"](ctx, unet_name="sd3.5_large.safetensors").outputs
+    (sd3,) = nodes["ModelSamplingSD3"](ctx, model=sd3, shift=5.0).outputs
+    assert sd3.model_sampling.describe() == "DiscreteFlowSampling(shift=5, multiplier=1000)"
+    (clip3,) = nodes["TripleCLIPLoader"](ctx, clip_name1="t5xxl_fp16.safetensors", clip_name2="clip_l.safetensors",
+                                         clip_name3="clip_g.safetensors").outputs
+    (cond3,) = nodes["CLIPTextEncodeSD3"](ctx, clip=clip3, clip_l="a cat", clip_g="a cat", t5xxl="",
+                                          empty_padding="none").outputs
+    assert cond3[0][0].shape == (1, 77, 96) and cond3[0][1]["pooled_output"].shape == (1, 96)
+    with pytest.raises(NodeError, match="CLIPTextEncodeFlux needs FLUX text encoders"):
+        nodes["CLIPTextEncodeFlux"](ctx, clip=clip3, clip_l="", t5xxl="", guidance=3.5)
+    with pytest.raises(NodeError, match="ModelSamplingFlux needs a Flux model"):
+        nodes["ModelSamplingFlux"](ctx, model=sd3)
+    with pytest.raises(NodeError, match="type flux takes CLIP-L and T5-XXL"):
+        nodes["DualCLIPLoader"](ctx, clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors", type="flux")
+    with pytest.raises(NodeError, match="type 'wan' is not supported"):
+        nodes["CLIPLoader"](ctx, clip_name="t5xxl_fp16.safetensors", type="wan")
+    (sdxl_clip,) = nodes["DualCLIPLoader"](ctx, clip_name1="clip_g.safetensors", clip_name2="clip_l.safetensors",
+                                           type="sdxl").outputs
+    assert [e.pooled for e in sdxl_clip.encoders] == [False, True] and sdxl_clip.layer == -2
+    with pytest.raises(NodeError, match="not found"):
+        nodes["UNETLoader"](ctx, unet_name="missing.safetensors")
+
+
+def test_unet_loader_refuses_a_file_without_a_transformer(models_root: Path, tmp_path: Path) -> None:
+    from tui_diffusion.pipeline.errors import NodeError
+    from tui_diffusion.pipeline.registry import implementations
+
+    target = models_root / "diffusion_models" / "clip_by_mistake.safetensors"
+    target.write_bytes((models_root / "text_encoders" / "clip_g.safetensors").read_bytes())
+    with pytest.raises(NodeError, match="no SD3 or Flux diffusion model"):
+        implementations()["UNETLoader"](_ctx(models_root, tmp_path), unet_name="clip_by_mistake.safetensors")
+    target.unlink()

@@ -377,6 +377,122 @@ _SPECS: tuple[NodeSpec, ...] = (
         output_node=True,
         description="Writes the images to a temporary folder for viewing.",
     ),
+    # -- SD3/SD3.5 and Flux.1 (issue 15): separate-file loaders and the families' own nodes --------------------
+    NodeSpec(
+        "UNETLoader", "Load Diffusion Model", "advanced/loaders",
+        inputs=(
+            InputSpec("unet_name", COMBO, choices_from="diffusion_models",
+                      tooltip="A diffusion model alone (SD3.5, Flux.1) from diffusion_models/ (or unet/)."),
+            InputSpec("weight_dtype", COMBO, default="default",
+                      choices=("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),
+                      tooltip="fp8 rounds the weights to fp8 as stored; they are computed in the device's dtype."),
+        ),
+        outputs=(OutputSpec(MODEL, "MODEL"),),
+        description="Loads a diffusion model file without text encoders or VAE (SD3.5 and Flux.1 transformers).",
+    ),
+    NodeSpec(
+        "CLIPLoader", "Load CLIP", "advanced/loaders",
+        inputs=(
+            InputSpec("clip_name", COMBO, choices_from="text_encoders"),
+            InputSpec("type", COMBO, default="stable_diffusion",
+                      choices=("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart",
+                               "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image",
+                               "hunyuan_image", "flux2", "ovis"),
+                      tooltip="stable_diffusion (CLIP-L) and sd3 (any one of CLIP-L, CLIP-G, T5-XXL) load here."),
+            InputSpec("device", COMBO, default="default", choices=("default", "cpu"), optional=True),
+        ),
+        outputs=(OutputSpec(CLIP, "CLIP"),),
+        description="Loads one text encoder from text_encoders/ (or clip/).",
+    ),
+    NodeSpec(
+        "DualCLIPLoader", "DualCLIPLoader", "advanced/loaders",
+        inputs=(
+            InputSpec("clip_name1", COMBO, choices_from="text_encoders"),
+            InputSpec("clip_name2", COMBO, choices_from="text_encoders"),
+            InputSpec("type", COMBO, default="sdxl",
+                      choices=("sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image", "hunyuan_video_15",
+                               "kandinsky5", "kandinsky5_image", "ltxv", "newbie", "ace"),
+                      tooltip="sdxl: CLIP-L + CLIP-G; sd3: two of CLIP-L, CLIP-G, T5; flux: CLIP-L + T5."),
+            InputSpec("device", COMBO, default="default", choices=("default", "cpu"), optional=True),
+        ),
+        outputs=(OutputSpec(CLIP, "CLIP"),),
+        description="Loads two text encoders as one CLIP (SDXL, SD3, Flux).",
+    ),
+    NodeSpec(
+        "TripleCLIPLoader", "TripleCLIPLoader", "advanced/loaders",
+        inputs=(
+            InputSpec("clip_name1", COMBO, choices_from="text_encoders"),
+            InputSpec("clip_name2", COMBO, choices_from="text_encoders"),
+            InputSpec("clip_name3", COMBO, choices_from="text_encoders"),
+        ),
+        outputs=(OutputSpec(CLIP, "CLIP"),),
+        description="Loads CLIP-L, CLIP-G and T5-XXL as SD3's CLIP.",
+    ),
+    NodeSpec(
+        "EmptySD3LatentImage", "EmptySD3LatentImage", "latent/sd3",
+        inputs=(
+            InputSpec("width", INT, default=1024, min=16, max=MAX_RESOLUTION, step=16),
+            InputSpec("height", INT, default=1024, min=16, max=MAX_RESOLUTION, step=16),
+            InputSpec("batch_size", INT, default=1, min=1, max=4096, step=1),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="An empty 16-channel latent (SD3, Flux).",
+    ),
+    NodeSpec(
+        "ModelSamplingSD3", "ModelSamplingSD3", "advanced/model",
+        inputs=(InputSpec("model", MODEL), InputSpec("shift", FLOAT, default=3.0, min=0.0, max=100.0, step=0.01)),
+        outputs=(OutputSpec(MODEL, "MODEL"),),
+        description="Rectified-flow sampling with this shift (larger: more steps at high noise).",
+    ),
+    NodeSpec(
+        "CLIPTextEncodeSD3", "CLIPTextEncodeSD3", "advanced/conditioning",
+        inputs=(
+            InputSpec("clip", CLIP),
+            InputSpec("clip_l", STRING, default="", multiline=True),
+            InputSpec("clip_g", STRING, default="", multiline=True),
+            InputSpec("t5xxl", STRING, default="", multiline=True),
+            InputSpec("empty_padding", COMBO, default="none", choices=("none", "empty_prompt"),
+                      tooltip="none: an empty text leaves its encoder out."),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="SD3 prompt with a text per encoder.",
+    ),
+    NodeSpec(
+        "ConditioningZeroOut", "ConditioningZeroOut", "advanced/conditioning",
+        inputs=(InputSpec("conditioning", CONDITIONING),),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="The conditioning with its embeddings and pooled output set to zero (SD3's negative).",
+    ),
+    NodeSpec(
+        "FluxGuidance", "FluxGuidance", "advanced/conditioning/flux",
+        inputs=(InputSpec("conditioning", CONDITIONING),
+                InputSpec("guidance", FLOAT, default=3.5, min=0.0, max=100.0, step=0.1)),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="The guidance value Flux dev embeds (distilled guidance; use CFG 1).",
+    ),
+    NodeSpec(
+        "ModelSamplingFlux", "ModelSamplingFlux", "advanced/model",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("max_shift", FLOAT, default=1.15, min=0.0, max=100.0, step=0.01),
+            InputSpec("base_shift", FLOAT, default=0.5, min=0.0, max=100.0, step=0.01),
+            InputSpec("width", INT, default=1024, min=16, max=MAX_RESOLUTION, step=8),
+            InputSpec("height", INT, default=1024, min=16, max=MAX_RESOLUTION, step=8),
+        ),
+        outputs=(OutputSpec(MODEL, "MODEL"),),
+        description="Flux sampling with the shift for this image size (base_shift at 256x256, max_shift at 1024x1024).",
+    ),
+    NodeSpec(
+        "CLIPTextEncodeFlux", "CLIPTextEncodeFlux", "advanced/conditioning/flux",
+        inputs=(
+            InputSpec("clip", CLIP),
+            InputSpec("clip_l", STRING, default="", multiline=True),
+            InputSpec("t5xxl", STRING, default="", multiline=True),
+            InputSpec("guidance", FLOAT, default=3.5, min=0.0, max=100.0, step=0.1),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="Flux prompt: CLIP-L's text gives the pooled vector, T5's the tokens; with Flux dev's guidance.",
+    ),
 )
 
 NODE_SPECS: dict[str, NodeSpec] = {s.class_type: s for s in _SPECS}
