@@ -157,3 +157,13 @@ def test_sd_turbo_sigmas_start_at_timestep_999() -> None:
     sigmas = sd_turbo_sigmas(ms, 1)
     assert len(sigmas) == 2 and float(sigmas[0]) == pytest.approx(ms.sigma_max) and float(sigmas[1]) == 0.0
     assert float(sd_turbo_sigmas(ms, 1, denoise=0.5)[0]) == pytest.approx(float(ms.sigma(torch.tensor(499.0))))
+
+
+def test_auraflow_sampling_is_discrete_flow_with_multiplier_one() -> None:
+    # ComfyUI's ModelSamplingAuraFlow: the SD3 flow sampling with timestep = sigma (multiplier 1.0)
+    ms = DiscreteFlowSampling(shift=1.73, multiplier=1.0)
+    assert float(ms.timestep(torch.tensor(0.5))) == pytest.approx(0.5)
+    assert ms.sigma_max == pytest.approx(1.0)
+    assert ms.sigma_min == pytest.approx(1.73 * 0.001 / (1 + 0.73 * 0.001), rel=1e-5)
+    sd3_like = DiscreteFlowSampling(shift=1.73)
+    torch.testing.assert_close(calculate_sigmas(ms, "simple", 4), calculate_sigmas(sd3_like, "simple", 4))
