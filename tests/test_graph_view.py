@@ -269,9 +269,11 @@ def test_arrows_go_to_the_nearest_node_that_way() -> None:
 
 def test_layout_imports_no_textual_and_no_torch() -> None:
     code = ("import sys, tui_diffusion.graph.layout\n"
-            "print(','.join(m for m in ('torch', 'textual', 'rich') if m in sys.modules))")
+            "print(','.join(m for m in ('torch', 'textual', 'rich') if m in sys.modules))\n"
+            "import tui_diffusion.screens.graph\n"
+            "print(','.join(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    assert out.stdout.split("\n")[:2] == ["", ""]
 
 
 # -- the canvas --------------------------------------------------------------------------------------------------------
@@ -497,3 +499,29 @@ def test_the_graph_is_in_the_command_palette(main_app) -> None:
     main_app.main_screen = MainScreen(main_app.document)
     titles = [command.title for command in main_app.get_system_commands(main_app.main_screen)]
     assert "Graph" in titles
+
+
+async def test_a_storm_of_keys_never_breaks_the_graph_screen() -> None:
+    """Random keys at speed, the screen closed and opened again whenever a key closes it: no exception, and the
+    selection is always a node of the workflow, in view."""
+    rng = random.Random(13)
+    keys = ["up", "down", "left", "right", "shift+up", "shift+down", "shift+left", "shift+right", "enter",
+            "escape", "f5", "r", "tab", "shift+tab", "pageup", "pagedown", "home", "end", "x", "space"]
+    workflow = big_workflow()
+
+    class Reopening(GraphApp):
+        def reopen(self, result: str | None) -> None:
+            self.results.append(result)
+            self.push_screen(GraphScreen(workflow, result or "1", "14"), self.reopen)
+
+        def on_mount(self) -> None:
+            self.push_screen(GraphScreen(workflow, "1", "14"), self.reopen)
+
+    app = Reopening(workflow)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for _ in range(60):
+            await pilot.press(rng.choice(keys))
+        await pilot.pause()
+        view = app.screen.query_one(GraphView)
+        assert view.selected in workflow.nodes
+    assert app.results and all(r is None or r in workflow.nodes for r in app.results)

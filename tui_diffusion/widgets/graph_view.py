@@ -240,7 +240,8 @@ class GraphView(ScrollView, can_focus=True):
         self.set_reactive(GraphView.running, running if running in boxes else None)
         self._redraw(self.selected)
         self._redraw(self.running)
-        self._styles: dict[int, Style] = {}
+        self._styles: dict[int, Style] = {}  # per cell key, for the current selection and running node
+        self._components: dict[str, Style] = {}  # the CSS's styles, until the CSS changes
 
     # -- state --------------------------------------------------------------------------------------------------
     def _redraw(self, node_id: str | None) -> None:
@@ -273,6 +274,7 @@ class GraphView(ScrollView, can_focus=True):
     def notify_style_update(self) -> None:
         super().notify_style_update()
         self._styles.clear()
+        self._components.clear()
 
     def scroll_to_node(self, node_id: str | None, center: bool = False) -> None:
         """Pan just enough that the node's box (and a margin for its links) is in view; or put it in the middle
@@ -319,31 +321,38 @@ class GraphView(ScrollView, can_focus=True):
             style = self._styles[key_id] = self._make_style(self.canvas.keys()[key_id])
         return style
 
+    def _component(self, name: str) -> Style:
+        style = self._components.get(name)
+        if style is None:
+            base = self._components.get("") or self._components.setdefault("", self.rich_style)
+            style = self._components[name] = base + self.get_component_rich_style(f"graph-view--{name}") \
+                if name else base
+        return style
+
     def _make_style(self, key: Key) -> Style:
-        base = self.rich_style
         if key[0] == "link":
             # at a crossing, the line of the selected node's link sets the colour
             touched = [kind for kind, joined in key[1] if self.selected in joined]
             colour = TYPE_COLOURS.get(touched[0] if touched else key[1][0][0], OTHER_COLOUR)
-            return base + Style(color=colour, bold=bool(touched), dim=not touched and self.selected is not None)
+            return self._component("") + Style(color=colour, bold=bool(touched),
+                                               dim=not touched and self.selected is not None)
         if key[0] == "box":
             _, node_id, part = key
-            component = {"fill": "border", "status": "running"}.get(part, part)
-            style = base + self.get_component_rich_style(f"graph-view--{component}")
+            style = self._component({"fill": "border", "status": "running"}.get(part, part))
             if part in ("border", "id", "status"):
                 if node_id == self.running:
-                    style += self.get_component_rich_style("graph-view--running")
+                    style += self._component("running")
                 if node_id == self.selected:
-                    style += self.get_component_rich_style("graph-view--selected")
+                    style += self._component("selected")
             return style
-        return base
+        return self._component("")
 
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         row = y + scroll_y
         width = self.scrollable_content_region.width
         if not 0 <= row < self.canvas.height:
-            return Strip.blank(width, self.rich_style)
+            return Strip.blank(width, self._component(""))
         chars, key_ids = self.canvas.row(row)
         return Strip(list(self._segments(chars, key_ids, scroll_x, scroll_x + width)), width)
 
@@ -363,4 +372,4 @@ class GraphView(ScrollView, can_focus=True):
                 x += 1
             yield Segment("".join(text), self._style(key_id))
         if end > stop:
-            yield Segment(" " * (end - max(stop, start)), self.rich_style)
+            yield Segment(" " * (end - max(stop, start)), self._component(""))
