@@ -16,6 +16,7 @@ from typing import Any
 
 from tui_diffusion.graph.specs import get_spec
 from tui_diffusion.graph.ui_format import UIFormatError, api_to_ui, is_ui_format, ui_to_api
+from tui_diffusion.text import printable
 
 
 class WorkflowError(Exception):
@@ -214,11 +215,12 @@ class Workflow:
         return self.nodes[node_id]["class_type"]
 
     def title(self, node_id: str) -> str:
+        """The node's title as shown: control characters escaped (a title is the workflow author's text)."""
         meta = self.nodes[node_id].get("_meta")
         if isinstance(meta, dict) and isinstance(meta.get("title"), str) and meta["title"]:
-            return meta["title"]
+            return printable(meta["title"])
         spec = get_spec(self.class_type(node_id))
-        return spec.display_name if spec else self.class_type(node_id)
+        return spec.display_name if spec else printable(self.class_type(node_id))
 
     def inputs(self, node_id: str) -> dict[str, Any]:
         return self.nodes[node_id]["inputs"]
@@ -236,4 +238,4 @@ class Workflow:
 
     def describe(self, node_id: str) -> str:
         """How messages name a node: ``node 3 'KSampler'``."""
-        return f"node {node_id} {self.title(node_id)!r}"
+        return f"node {printable(node_id)} {self.title(node_id)!r}"
