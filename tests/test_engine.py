@@ -15,8 +15,10 @@ from tui_diffusion.paths import ModelPaths
 from tui_diffusion.pipeline.context import EngineState
 from tui_diffusion.pipeline.device import resolve_device
 from tui_diffusion.pipeline.executor import Executor, Hooks, JobError, execution_order
+from tui_diffusion.pipeline.model_sampling import DiscreteSampling
 from tui_diffusion.pipeline.models import ModelCache, load_checkpoint
-from tui_diffusion.pipeline.sampling import ModelSampling, ksampler_sigmas, noise_for
+from tui_diffusion.pipeline.sampling import noise_for
+from tui_diffusion.pipeline.schedules import ksampler_sigmas
 from tui_diffusion.settings import DevicePolicy
 
 CPU = resolve_device(DevicePolicy("cpu"))
@@ -70,7 +72,7 @@ def test_image_matches_the_diffusers_pipeline(engine: EngineState, models_dir: P
                                    tokenizer=loaded.clip.encoders[0].tokenizer, unet=loaded.model.unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    ms = ModelSampling.from_scheduler_config(loaded.model.scheduler_config)
+    ms = DiscreteSampling.from_scheduler_config(loaded.model.scheduler_config)
     sigmas = ksampler_sigmas(ms, sampler, "simple", steps, 1.0)
     sched.set_timesteps(steps)
     assert sched.timesteps.tolist() == [float(t) for t in ms.timestep(sigmas[:-1])]

@@ -16,8 +16,10 @@ from tui_diffusion.pipeline.checkpoint_writer import write_kohya_lora
 from tui_diffusion.pipeline.context import EngineState
 from tui_diffusion.pipeline.device import resolve_device
 from tui_diffusion.pipeline.executor import Executor, Hooks, JobError, execution_order
+from tui_diffusion.pipeline.model_sampling import DiscreteSampling
 from tui_diffusion.pipeline.models import ModelCache, load_checkpoint
-from tui_diffusion.pipeline.sampling import ModelSampling, ksampler_sigmas, noise_for
+from tui_diffusion.pipeline.sampling import noise_for
+from tui_diffusion.pipeline.schedules import ksampler_sigmas
 from tui_diffusion.settings import DevicePolicy
 
 CPU = resolve_device(DevicePolicy("cpu"))
@@ -89,7 +91,7 @@ def test_lora_at_strength_one_matches_diffusers_with_the_lora_loaded(engine: Eng
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(lora_models / "loras" / "unet-only.safetensors"))
-    ms = ModelSampling.from_scheduler_config(loaded.model.scheduler_config)
+    ms = DiscreteSampling.from_scheduler_config(loaded.model.scheduler_config)
     s0 = float(ksampler_sigmas(ms, "euler", "simple", 4, 1.0)[0])
     sched.set_timesteps(4)
     latents = noise_for(9, (1, 4, 8, 8)) * (1 + s0 * s0) ** 0.5 / float(sched.init_noise_sigma)

@@ -15,9 +15,11 @@ from tui_diffusion.pipeline.checkpoint_writer import TinySD2, build_sd2_models
 from tui_diffusion.pipeline.context import EngineState
 from tui_diffusion.pipeline.device import resolve_device
 from tui_diffusion.pipeline.executor import Executor, Hooks, execution_order
+from tui_diffusion.pipeline.model_sampling import DiscreteSampling
 from tui_diffusion.pipeline.models import ModelCache, load_checkpoint
 from tui_diffusion.pipeline.nodes import encode_text
-from tui_diffusion.pipeline.sampling import ModelSampling, ksampler_sigmas, noise_for
+from tui_diffusion.pipeline.sampling import noise_for
+from tui_diffusion.pipeline.schedules import ksampler_sigmas
 from tui_diffusion.settings import DevicePolicy
 
 CPU = resolve_device(DevicePolicy("cpu"))
@@ -64,7 +66,7 @@ def test_v_prediction_sampling_matches_diffusers(engine: EngineState, models_dir
                                    unet=loaded.model.unet, scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    ms = ModelSampling.from_scheduler_config(loaded.model.scheduler_config)
+    ms = DiscreteSampling.from_scheduler_config(loaded.model.scheduler_config)
     s0 = float(ksampler_sigmas(ms, "euler", "simple", 5, 1.0)[0])
     sched.set_timesteps(5)
     latents = noise_for(4, (1, 4, 8, 8)) * (1 + s0 * s0) ** 0.5 / float(sched.init_noise_sigma)

@@ -16,8 +16,10 @@ from tui_diffusion.pipeline.checkpoint_writer import TinySDXL, build_sdxl_models
 from tui_diffusion.pipeline.context import EngineState
 from tui_diffusion.pipeline.device import resolve_device
 from tui_diffusion.pipeline.executor import Executor, Hooks, JobError, execution_order
+from tui_diffusion.pipeline.model_sampling import DiscreteSampling
 from tui_diffusion.pipeline.models import ModelCache, load_checkpoint
-from tui_diffusion.pipeline.sampling import ModelSampling, ksampler_sigmas, noise_for
+from tui_diffusion.pipeline.sampling import noise_for
+from tui_diffusion.pipeline.schedules import ksampler_sigmas
 from tui_diffusion.settings import DevicePolicy
 
 CPU = resolve_device(DevicePolicy("cpu"))
@@ -73,7 +75,7 @@ def test_sdxl_txt2img_matches_the_diffusers_sdxl_pipeline(engine: EngineState, m
                                      tokenizer=l_enc.tokenizer, tokenizer_2=g_enc.tokenizer, unet=loaded.model.unet,
                                      scheduler=sched, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
-    ms = ModelSampling.from_scheduler_config(loaded.model.scheduler_config)
+    ms = DiscreteSampling.from_scheduler_config(loaded.model.scheduler_config)
     sigmas = ksampler_sigmas(ms, "euler", "simple", 5, 1.0)
     sched.set_timesteps(5)
     assert sched.timesteps.tolist() == [float(t) for t in ms.timestep(sigmas[:-1])]

@@ -162,7 +162,7 @@ def test_saved_png_carries_api_ui_a1111_and_reproducibility_chunks(models_dir: P
     assert fields["Size"] == "64x64" and fields["Model hash"] == digest[:10] and fields["Model"] == "tiny-sd15"
     extra = json.loads(image.text["tui-diffusion"])
     assert extra["device"].startswith("cpu") and extra["dtype"] == "float32" and "torch" in extra
-    assert extra["samplers"]["3"]["diffusers_scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert extra["samplers"]["3"]["sampler_name"] == "euler_ancestral"
     assert len(extra["samplers"]["3"]["sigmas"]) == 5 and "CPU torch.Generator" in extra["noise"]
     assert Workflow.load(report.outputs[0]).to_data() == Workflow.from_data(data).to_data()  # re-opens
 

@@ -1,15 +1,18 @@
-"""KSampler and KSamplerAdvanced: a diffusers denoising loop with ComfyUI's semantics.
+"""KSampler and KSamplerAdvanced: one denoiser wrapper in sigma space and ComfyUI's samplers.
 
-What ComfyUI does and this loop reproduces: noise from a CPU generator (per batch index when a
-latent came out of a batch), each conditioning of a list evaluated and averaged (ConditioningCombine),
-conditionings limited to a part of the schedule (ConditioningSetTimestepRange), classifier-free
-guidance skipped at cfg 1, a noise mask that keeps the unmasked latent (inpainting), and partial
-walks that stop with noise left over for a second sampler.
+The loop is ComfyUI's: the latent enters the model's space through the family's latent format, the
+initial noise (``prepare_noise``) is mixed in by the model sampling's ``noise_scaling``, a sampler of
+``k_samplers`` walks the sigmas calling ``Denoiser`` for x0, and the result leaves through
+``inverse_noise_scaling`` and the latent format again. ``Denoiser`` holds what ComfyUI spreads over its
+CFGGuider and KSamplerX0Inpaint: each conditioning of a list evaluated and averaged (ConditioningCombine),
+conditionings limited to a part of the schedule (ConditioningSetTimestepRange), classifier-free guidance
+in one batch (skipped at cfg 1 unless a CFG++ sampler needs the unconditional prediction), a noise mask
+that keeps the unmasked latent (inpainting), and the extra input channels of inpainting models. What the
+network is given and how its output becomes x0 are the family's and the model sampling's business.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -18,19 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from tui_diffusion.families.base import LatentFormat
+from tui_diffusion.graph.samplers import SAMPLERS
+from tui_diffusion.pipeline import k_samplers
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.lora import patched
 from tui_diffusion.pipeline.models import ModelHandle
 from tui_diffusion.pipeline.placement import in_use
-from tui_diffusion.pipeline.sampling import (
-    ModelSampling,
-    PreparedSampler,
-    advanced_sigmas,
-    initial_latent,
-    prepare_sampler,
-    step_generator,
-)
+from tui_diffusion.pipeline.sampling import prepare_noise
+from tui_diffusion.pipeline.schedules import advanced_sigmas, ksampler_sigmas
+
+__all__ = ["Denoiser", "ksampler", "ksampler_advanced", "latent_preview", "prepare_noise", "run_sampler"]
 
 
 def latent_preview(latent: torch.Tensor, latent_format: LatentFormat) -> np.ndarray:
@@ -42,38 +43,16 @@ def latent_preview(latent: torch.Tensor, latent_format: LatentFormat) -> np.ndar
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
 
 
-def prepare_noise(latent: torch.Tensor, seed: int, batch_index: list[int] | None = None) -> torch.Tensor:
-    """ComfyUI's prepare_noise: one CPU generator; per-index draws when the latent came from a batch."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    if batch_index is None:
-        return torch.randn(latent.shape, generator=gen, dtype=torch.float32)
-    unique, inverse = np.unique(batch_index, return_inverse=True)
-    draws = []
-    for i in range(int(unique[-1]) + 1):
-        noise = torch.randn([1, *latent.shape[1:]], generator=gen, dtype=torch.float32)
-        if i in unique:
-            draws.append(noise)
-    return torch.cat([draws[i] for i in inverse.reshape(-1)])
-
-
-def _percent_to_sigma(ms: ModelSampling, percent: float) -> float:
-    if percent <= 0.0:
-        return math.inf
-    if percent >= 1.0:
-        return 0.0
-    return float(ms.sigma(torch.tensor((1.0 - percent) * 999.0)))
-
-
 class _Conds:
     """A conditioning list with each entry's sigma window."""
 
-    def __init__(self, conds: list, ms: ModelSampling, name: str) -> None:
+    def __init__(self, conds: list, ms: Any, name: str) -> None:
         if not conds:
             raise NodeError(f"{name}: empty conditioning")
         self.entries = []
         for emb, extras in conds:
-            high = _percent_to_sigma(ms, extras.get("timestep_start", 0.0))
-            low = _percent_to_sigma(ms, extras.get("timestep_end", 1.0))
+            high = ms.percent_to_sigma(extras.get("timestep_start", 0.0))
+            low = ms.percent_to_sigma(extras.get("timestep_end", 1.0))
             self.entries.append(((emb, extras), low, high))
 
     def active(self, sigma: float) -> list[tuple[torch.Tensor, dict]]:
@@ -90,104 +69,126 @@ def _mask_for(latent: dict, shape: torch.Size) -> torch.Tensor | None:
     return mask.expand(shape[0] if mask.shape[0] == 1 else mask.shape[0], shape[1], -1, -1)[: shape[0]]
 
 
-def sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, seed: int, add_noise: bool, cfg: float,
-           positive: list, negative: list, latent_image: dict) -> dict:
+class Denoiser:
+    """x0 for a noisy model-space latent at a sigma: the one model wrapper every sampler calls.
+
+    ``latent`` and ``noise`` (model space) are what a noise mask keeps outside the mask, noised to the
+    current sigma on the way in and clean on the way out, as ComfyUI's KSamplerX0Inpaint does.
+    """
+
+    def __init__(self, model: ModelHandle, positive: list, negative: list | None, cfg: float, latent: torch.Tensor,
+                 noise: torch.Tensor, mask: torch.Tensor | None, need_uncond: bool = False) -> None:
+        self.model = model
+        self.family = model.family
+        self.model_sampling = model.model_sampling
+        dev = model.device
+        self.device, self.dtype = dev.torch_device, dev.dtype
+        self.cfg = cfg
+        self.pos = _Conds(positive, self.model_sampling, "positive")
+        self.use_uncond = negative is not None and (need_uncond or not math.isclose(cfg, 1.0))
+        self.neg = _Conds(negative, self.model_sampling, "negative") if self.use_uncond else None
+        self.latent_shape = tuple(latent.shape)
+        self.family.check_conditioning(model, [c for c, _, _ in self.pos.entries + (self.neg.entries if self.neg
+                                                                                     else [])])
+        self.mask = mask.to(self.device) if mask is not None else None
+        self.keep = latent.to(self.device)
+        self.noise = noise.to(self.device)
+        concat = self.family.extra_channels(model, latent, mask)
+        self.concat = concat.to(self.device, self.dtype) if concat is not None else None
+        #: the unconditional x0 of the last call (CFG++ samplers); None without an unconditional branch
+        self.uncond_denoised: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        ms = self.model_sampling
+        mask = self.mask
+        if mask is not None:  # outside the mask the latent stays the input latent at this noise level
+            x = x * mask + ms.noise_scaling(sigma, self.noise, self.keep) * (1 - mask)
+        s = float(sigma.reshape(-1)[0])
+        conds = self.pos.active(s)
+        unconds = self.neg.active(s) if self.neg is not None else []
+        entries = unconds + conds
+        n = len(entries)
+        batch = x.shape[0]
+        kwargs = self.family.model_kwargs(self.model, entries, batch=batch, latent_shape=self.latent_shape,
+                                          negative=[i < len(unconds) for i in range(n)], device=self.device,
+                                          dtype=self.dtype)
+        x_all = torch.cat([x] * n)
+        sigma_all = torch.cat([sigma.to(x.device)] * n)
+        x_in = ms.calculate_input(sigma_all, x_all).to(self.dtype)
+        if self.concat is not None:
+            x_in = torch.cat([x_in, self.concat.repeat(n, 1, 1, 1)], dim=1)
+        timestep = ms.timestep(sigma_all).to(self.device).float()
+        out = self.family.apply_model(self.model, x_in, timestep, kwargs).float()
+        denoised = ms.calculate_denoised(sigma_all, out, x_all).chunk(n)
+        cond = torch.stack(denoised[len(unconds):]).mean(0)
+        if unconds:
+            uncond = torch.stack(denoised[: len(unconds)]).mean(0)
+            result = uncond + (cond - uncond) * self.cfg
+        else:
+            uncond, result = None, cond
+        if mask is not None:  # outside the mask the prediction is the input latent itself
+            result = result * mask + self.keep * (1 - mask)
+            if uncond is not None:
+                uncond = uncond * mask + self.keep * (1 - mask)
+        self.uncond_denoised = uncond
+        return result
+
+
+def run_sampler(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.Tensor, noise_seed: int,
+                add_noise: bool, positive: list, negative: list | None, cfg: float, latent_image: dict) -> dict:
+    """Sample ``latent_image`` along ``sigmas`` with one of ComfyUI's samplers (KSampler, KSamplerAdvanced and
+    the custom sampling nodes all end here). ``negative`` None: no unconditional branch (BasicGuider)."""
+    if sampler_name not in SAMPLERS:
+        raise NodeError(f"unknown sampler {sampler_name!r}")
+    if len(sigmas) < 2:
+        return {**latent_image, "samples": latent_image["samples"].clone()}
     with in_use(model.unet), patched({"unet": model.unet}, list(model.patches)):
-        return _sample(ctx, model, prepared, seed, add_noise, cfg, positive, negative, latent_image)
+        return _run(ctx, model, sampler_name, sigmas, noise_seed, add_noise, positive, negative, cfg, latent_image)
 
 
 @torch.inference_mode()
-def _sample(ctx: NodeContext, model: ModelHandle, prepared: PreparedSampler, seed: int, add_noise: bool, cfg: float,
-           positive: list, negative: list, latent_image: dict) -> dict:
-    dev = model.device
-    sched = prepared.scheduler
-    family = model.family
-    fmt = family.latent_format
-    ms = ModelSampling.from_scheduler_config(model.scheduler_config)
-    latent = fmt.process_in(latent_image["samples"].float())
+def _run(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.Tensor, seed: int, add_noise: bool,
+         positive: list, negative: list | None, cfg: float, latent_image: dict) -> dict:
+    fmt = model.family.latent_format
+    samples = latent_image["samples"].float()
+    if samples.shape[1] != fmt.channels:
+        raise NodeError(f"the latent has {samples.shape[1]} channels but a {model.family.label} model takes "
+                        f"{fmt.channels}")
+    ms = model.model_sampling
+    latent = fmt.process_in(samples)
     noise = (prepare_noise(latent, seed, latent_image.get("batch_index")) if add_noise
              else torch.zeros_like(latent))
-    x = initial_latent(prepared, latent, noise, ms.sigma_max).to(dev.torch_device)
     mask = _mask_for(latent_image, latent.shape)
-    if mask is not None:
-        mask, keep, noise_dev = mask.to(dev.torch_device), latent.to(dev.torch_device), noise.to(dev.torch_device)
+    denoiser = Denoiser(model, positive, negative, cfg, latent, noise, mask,
+                        need_uncond=SAMPLERS[sampler_name].cfg_pp)
+    dev = model.device.torch_device
+    sigmas = sigmas.float()
+    x = ms.noise_scaling(sigmas[0], noise, latent, ms.is_max_denoise(float(sigmas[0]))).to(dev)
+    total = len(sigmas) - 1
 
-    concat = family.extra_channels(model, latent, mask)
-    if concat is not None:
-        concat = concat.to(dev.torch_device, dev.dtype)
-    pos, neg = _Conds(positive, ms, "positive"), _Conds(negative, ms, "negative")
-    use_cfg = not math.isclose(cfg, 1.0)
-    batch = latent.shape[0]
-    extra: dict[str, Any] = {"return_dict": False}
-    if "generator" in inspect.signature(sched.step).parameters:
-        extra["generator"] = step_generator(seed)
-    vp = prepared.space in ("vp", "own")
-    v_pred = model.scheduler_config.get("prediction_type") == "v_prediction"
-    family.check_conditioning(model, [c for c, _, _ in pos.entries + neg.entries])
-
-    timesteps = sched.timesteps[: prepared.evaluations]
-    total = len(timesteps)
-    for i, t in enumerate(timesteps):
+    def callback(i: int, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> None:
         ctx.check_interrupt()
-        sigma = float(ms.sigma(t.float().cpu()))
-        if mask is not None:  # outside the mask the latent stays the input latent at this noise level
-            outside = keep + sigma * noise_dev
-            x = x * mask + (outside / math.sqrt(1 + sigma * sigma) if vp else outside) * (1 - mask)
-        conds = pos.active(sigma)
-        unconds = neg.active(sigma) if use_cfg else []
-        entries = unconds + conds
-        kwargs = family.model_kwargs(model, entries, batch=batch, latent_shape=tuple(latent.shape),
-                                     negative=[j < len(unconds) for j in range(len(entries))],
-                                     device=dev.torch_device, dtype=dev.dtype)
-        x_in = sched.scale_model_input(torch.cat([x] * len(entries)), t).to(dev.dtype)
-        if concat is not None:
-            x_in = torch.cat([x_in, concat.repeat(len(entries), 1, 1, 1)], dim=1)
-        out = family.apply_model(model, x_in, t.to(dev.torch_device), kwargs).float()
-        parts = out.chunk(len(entries))
-        eps_cond = torch.stack(parts[len(unconds):]).mean(0)
-        if use_cfg:
-            eps_uncond = torch.stack(parts[: len(unconds)]).mean(0)
-            eps = eps_uncond + cfg * (eps_cond - eps_uncond)
-        else:
-            eps = eps_cond
-        if mask is not None:  # outside the mask the prediction is the one that keeps the input latent
-            if v_pred:
-                target = (noise_dev - sigma * keep) / math.sqrt(1 + sigma * sigma)
-            else:
-                target = noise_dev
-            eps = eps * mask + target * (1 - mask)
-        step = sched.step(eps, t, x, **extra)
-        x = step[0]
-        preview = None
-        if ctx.want_previews:
-            denoised = step[1] if len(step) > 1 and isinstance(step[1], torch.Tensor) else x
-            preview = latent_preview(denoised, fmt)
-        ctx.report(i + 1, total, preview)
-    end = float(prepared.sigmas[-1])
-    if vp and end > 0:
-        x = x * math.sqrt(1 + end * end)  # hand leftover noise on in ComfyUI's (k-diffusion) scale
-    return {**latent_image, "samples": fmt.process_out(x.float().cpu())}
+        ctx.report(i + 1, total, latent_preview(denoised, fmt) if ctx.want_previews else None)
+
+    ctx.check_interrupt()
+    out = k_samplers.sample(sampler_name, denoiser, x, sigmas.to(dev), seed=seed, callback=callback)
+    out = ms.inverse_noise_scaling(sigmas[-1], out.float().cpu())
+    return {**latent_image, "samples": fmt.process_out(out)}
 
 
 def ksampler(ctx: NodeContext, model: ModelHandle, seed: int, steps: int, cfg: float, sampler_name: str,
              scheduler: str, positive: list, negative: list, latent_image: dict, denoise: float = 1.0) -> dict:
     if denoise <= 0:
         return {**latent_image, "samples": latent_image["samples"].clone()}
-    prepared = prepare_sampler(sampler_name, scheduler, steps, denoise, model.scheduler_config, seed)
-    return sample(ctx, model, prepared, seed, True, cfg, positive, negative, latent_image)
+    sigmas = ksampler_sigmas(model.model_sampling, sampler_name, scheduler, steps, denoise)
+    return run_sampler(ctx, model, sampler_name, sigmas, seed, True, positive, negative, cfg, latent_image)
 
 
 def ksampler_advanced(ctx: NodeContext, model: ModelHandle, add_noise: str, noise_seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, positive: list, negative: list, latent_image: dict,
                       start_at_step: int = 0, end_at_step: int = 10000,
                       return_with_leftover_noise: str = "disable") -> dict:
-    if sampler_name == "pndm" and (start_at_step > 0 or end_at_step < steps):
-        raise NodeError("the pndm sampler runs on its own fixed grid and cannot sample part of a schedule")
-    ms = ModelSampling.from_scheduler_config(model.scheduler_config)
-    sigmas = advanced_sigmas(ms, sampler_name, scheduler, steps, start_at_step, end_at_step,
+    sigmas = advanced_sigmas(model.model_sampling, sampler_name, scheduler, steps, start_at_step, end_at_step,
                              force_full_denoise=return_with_leftover_noise != "enable")
-    if len(sigmas) < 2:
-        return {**latent_image, "samples": latent_image["samples"].clone()}
-    prepared = prepare_sampler(sampler_name, scheduler, steps, 1.0, model.scheduler_config, noise_seed,
-                               sigmas=None if sampler_name == "pndm" else sigmas)
-    return sample(ctx, model, prepared, noise_seed, add_noise == "enable", cfg, positive, negative, latent_image)
+    return run_sampler(ctx, model, sampler_name, sigmas, noise_seed, add_noise == "enable", positive, negative, cfg,
+                       latent_image)

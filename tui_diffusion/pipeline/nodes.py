@@ -190,11 +190,15 @@ def ksampler_advanced(ctx: NodeContext, **inputs: Any) -> NodeResult:
 @node("ModelSamplingDiscrete")
 def model_sampling_discrete(ctx: NodeContext, model: ModelHandle, sampling: str = "eps",
                             zsnr: bool = False) -> NodeResult:
-    if zsnr:
-        raise NodeError("zsnr (zero terminal SNR) is not supported yet")
-    prediction = {"eps": "epsilon", "v_prediction": "v_prediction"}[sampling]
-    config = {**model.scheduler_config, "prediction_type": prediction}
-    return NodeResult((dataclasses.replace(model, scheduler_config=config, model_sampling_override=None),))
+    """What the model predicts (eps or v) on its own betas, optionally rescaled to zero terminal SNR."""
+    from tui_diffusion.pipeline.model_sampling import DiscreteSampling
+
+    if not isinstance(model.family.default_model_sampling(model), DiscreteSampling):
+        raise NodeError(f"a {model.family.label} model does not use discrete (eps/v) sampling")
+    prediction = {"eps": "eps", "v_prediction": "v"}[sampling]
+    config = {**model.scheduler_config, "rescale_betas_zero_snr": zsnr}
+    sampling_object = DiscreteSampling.from_scheduler_config(config, prediction)
+    return NodeResult((dataclasses.replace(model, model_sampling_override=sampling_object),))
 
 
 # -- LoRA ----------------------------------------------------------------------------------------------------------
@@ -262,29 +266,30 @@ def _reproducibility(ctx: NodeContext) -> dict[str, Any]:
     import diffusers
 
     from tui_diffusion import __version__
-    from tui_diffusion.pipeline.sampling import RECIPES, ModelSampling, ksampler_sigmas
+    from tui_diffusion.pipeline.model_sampling import DiscreteSampling
+    from tui_diffusion.pipeline.schedules import ksampler_sigmas
 
     dev = ctx.engine.device
     samplers = {}
     for node_id, entry_node in ctx.workflow.items():
         inputs = entry_node.get("inputs", {})
         name, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
-        if entry_node.get("class_type") in ("KSampler", "KSamplerAdvanced") and name in RECIPES:
-            recipe = RECIPES[name]
-            entry: dict[str, Any] = {"sampler_name": name, "scheduler": scheduler,
-                                     "diffusers_scheduler": recipe.class_name, "options": recipe.options}
-            if recipe.space != "own" and isinstance(inputs.get("steps"), int):
-                sigmas = ksampler_sigmas(ModelSampling(), name, scheduler, inputs["steps"],
-                                         float(inputs.get("denoise", 1.0)))
-                entry["sigmas"] = [round(float(x), 6) for x in sigmas]
+        if entry_node.get("class_type") in ("KSampler", "KSamplerAdvanced") and isinstance(name, str):
+            entry: dict[str, Any] = {"sampler_name": name, "scheduler": scheduler}
+            if isinstance(inputs.get("steps"), int):
+                with contextlib.suppress(ValueError):  # the sigmas of SD1.5's discrete schedule, for reference
+                    sigmas = ksampler_sigmas(DiscreteSampling(), name, scheduler, inputs["steps"],
+                                             float(inputs.get("denoise", 1.0)))
+                    entry["sigmas"] = [round(float(x), 6) for x in sigmas]
             samplers[node_id] = entry
     return {
         "generator": f"tui-diffusion {__version__}",
         "device": f"{dev.torch_device} ({dev.name})", "dtype": str(dev.dtype).replace("torch.", ""),
         "vae_dtype": str(dev.vae_dtype).replace("torch.", ""),
         "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "noise": "torch.randn of the whole batch on a CPU torch.Generator seeded with the seed; ancestral and "
-                 "SDE samplers draw per-step noise from a CPU generator seeded with seed + 1",
+        "noise": "torch.randn of the whole batch on a CPU torch.Generator seeded with the seed; ancestral "
+                 "samplers draw per-step noise from a CPU generator seeded with seed + 1, SDE samplers from a "
+                 "torchsde Brownian tree seeded with the seed",
         "samplers": samplers,
     }
 
