@@ -21,6 +21,11 @@ CONDITIONING = "CONDITIONING"
 LATENT = "LATENT"
 IMAGE = "IMAGE"
 MASK = "MASK"
+# Custom sampling (issue 15): a sampler choice, a sigma sequence, a noise source and a guider (model + conds + cfg).
+SAMPLER = "SAMPLER"
+SIGMAS = "SIGMAS"
+NOISE = "NOISE"
+GUIDER = "GUIDER"
 
 # Widget (literal) types.
 INT = "INT"
@@ -492,6 +497,120 @@ _SPECS: tuple[NodeSpec, ...] = (
         ),
         outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
         description="Flux prompt: CLIP-L's text gives the pooled vector, T5's the tokens; with Flux dev's guidance.",
+    ),
+    # -- custom sampling (ComfyUI's nodes_custom_sampler and nodes_model_advanced; issue 15 item 7) ---------------
+    NodeSpec(
+        "KSamplerSelect", "KSamplerSelect", "sampling/custom_sampling/samplers",
+        inputs=(InputSpec("sampler_name", COMBO, default="euler", choices=tuple(SAMPLERS)),),
+        outputs=(OutputSpec(SAMPLER, "SAMPLER"),),
+        description="Picks one of the samplers for SamplerCustom / SamplerCustomAdvanced.",
+    ),
+    NodeSpec(
+        "BasicScheduler", "BasicScheduler", "sampling/custom_sampling/schedulers",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("scheduler", COMBO, default="normal", choices=SCHEDULERS),
+            InputSpec("steps", INT, default=20, min=1, max=10000, step=1),
+            InputSpec("denoise", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01),
+        ),
+        outputs=(OutputSpec(SIGMAS, "SIGMAS"),),
+        description="The sigmas of a scheduler for this model (the tail of a longer schedule when denoise < 1).",
+    ),
+    NodeSpec(
+        "SDTurboScheduler", "SDTurboScheduler", "sampling/custom_sampling/schedulers",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("steps", INT, default=1, min=1, max=10, step=1),
+            InputSpec("denoise", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01),
+        ),
+        outputs=(OutputSpec(SIGMAS, "SIGMAS"),),
+        description="SD Turbo's schedule: timesteps 999, 899, ... (one to ten steps).",
+    ),
+    NodeSpec(
+        "SplitSigmas", "SplitSigmas", "sampling/custom_sampling/sigmas",
+        inputs=(InputSpec("sigmas", SIGMAS), InputSpec("step", INT, default=0, min=0, max=10000, step=1)),
+        outputs=(OutputSpec(SIGMAS, "high_sigmas"), OutputSpec(SIGMAS, "low_sigmas")),
+        description="Splits the sigmas at a step: the first part up to it, the second from it.",
+    ),
+    NodeSpec(
+        "FlipSigmas", "FlipSigmas", "sampling/custom_sampling/sigmas",
+        inputs=(InputSpec("sigmas", SIGMAS),),
+        outputs=(OutputSpec(SIGMAS, "SIGMAS"),),
+        description="Reverses the sigmas (a leading 0 becomes 0.0001): sampling towards noise.",
+    ),
+    NodeSpec(
+        "RandomNoise", "RandomNoise", "sampling/custom_sampling/noise",
+        inputs=(_seed("noise_seed"),),
+        outputs=(OutputSpec(NOISE, "NOISE"),),
+        description="Initial noise from this seed (as KSampler draws it).",
+    ),
+    NodeSpec(
+        "DisableNoise", "DisableNoise", "sampling/custom_sampling/noise",
+        inputs=(),
+        outputs=(OutputSpec(NOISE, "NOISE"),),
+        description="No initial noise: the latent is sampled as it is (for a second stage).",
+    ),
+    NodeSpec(
+        "BasicGuider", "BasicGuider", "sampling/custom_sampling/guiders",
+        inputs=(InputSpec("model", MODEL), InputSpec("conditioning", CONDITIONING)),
+        outputs=(OutputSpec(GUIDER, "GUIDER"),),
+        description="The model guided by one conditioning, without CFG (Flux, distilled models).",
+    ),
+    NodeSpec(
+        "CFGGuider", "CFGGuider", "sampling/custom_sampling/guiders",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("positive", CONDITIONING),
+            InputSpec("negative", CONDITIONING),
+            InputSpec("cfg", FLOAT, default=8.0, min=0.0, max=100.0, step=0.1),
+        ),
+        outputs=(OutputSpec(GUIDER, "GUIDER"),),
+        description="The model with classifier-free guidance between a positive and a negative conditioning.",
+    ),
+    NodeSpec(
+        "SamplerCustom", "SamplerCustom", "sampling/custom_sampling",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("add_noise", BOOLEAN, default=True),
+            _seed("noise_seed"),
+            InputSpec("cfg", FLOAT, default=8.0, min=0.0, max=100.0, step=0.1),
+            InputSpec("positive", CONDITIONING),
+            InputSpec("negative", CONDITIONING),
+            InputSpec("sampler", SAMPLER),
+            InputSpec("sigmas", SIGMAS),
+            InputSpec("latent_image", LATENT),
+        ),
+        outputs=(OutputSpec(LATENT, "output"), OutputSpec(LATENT, "denoised_output")),
+        description="Samples along given sigmas with a chosen sampler; also gives the last denoised prediction.",
+    ),
+    NodeSpec(
+        "SamplerCustomAdvanced", "SamplerCustomAdvanced", "sampling/custom_sampling",
+        inputs=(
+            InputSpec("noise", NOISE),
+            InputSpec("guider", GUIDER),
+            InputSpec("sampler", SAMPLER),
+            InputSpec("sigmas", SIGMAS),
+            InputSpec("latent_image", LATENT),
+        ),
+        outputs=(OutputSpec(LATENT, "output"), OutputSpec(LATENT, "denoised_output")),
+        description="Samples with a noise source, a guider, a sampler and sigmas (ComfyUI's Flux workflows).",
+    ),
+    NodeSpec(
+        "ModelSamplingAuraFlow", "ModelSamplingAuraFlow", "advanced/model",
+        inputs=(InputSpec("model", MODEL), InputSpec("shift", FLOAT, default=1.73, min=0.0, max=100.0, step=0.01)),
+        outputs=(OutputSpec(MODEL, "MODEL"),),
+        description="Rectified-flow sampling with this shift, the network given sigma itself (flow models only).",
+    ),
+    NodeSpec(
+        "ModelSamplingContinuousEDM", "ModelSamplingContinuousEDM", "advanced/model",
+        inputs=(
+            InputSpec("model", MODEL),
+            InputSpec("sampling", COMBO, default="v_prediction", choices=("v_prediction", "edm", "eps")),
+            InputSpec("sigma_max", FLOAT, default=120.0, min=0.0, max=1000.0, step=0.001),
+            InputSpec("sigma_min", FLOAT, default=0.002, min=0.0, max=1000.0, step=0.001),
+        ),
+        outputs=(OutputSpec(MODEL, "MODEL"),),
+        description="Continuous-time (EDM) sampling between these sigmas (UNet models trained that way).",
     ),
 )
 
