@@ -460,3 +460,278 @@ async def test_losing_the_background_server_falls_back_to_an_own_worker(home: Pa
         await settle(pilot, 8)
         assert app.attached_to is None and isinstance(FakeClient.instances[-1], OwnWorker)
         assert app.screen.book.jobs["theirs"].status == "held"
+
+
+# -- robust by construction: widgets update in place ------------------------------------------------------------
+def prompt_leaf(app: TuiDiffusionApp, node_id: str = "6"):
+    tree = app.screen.query_one(NodeTree)
+    return tree.branch(node_id), tree
+
+
+async def test_typing_a_prompt_while_the_tree_moves_never_rebuilds_or_crashes(home: Path) -> None:
+    """The issue's sequence (enter, type, escape, down down up up, enter, type, escape), twelve times: the tree
+    keeps its nodes, the prompt keeps its editor, and every keystroke lands in the workflow."""
+    from textual.widgets import TextArea
+
+    app = make_app(home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        branch, tree = prompt_leaf(app)
+        tree.focus()
+        tree.jump_to("6", "text")
+        await settle(pilot)
+        leaves_before = list(tree._leaves.values())
+        editor = None
+        for _ in range(12):
+            await pilot.press("enter", *"abc", "escape", "down", "down", "up", "up", "enter", *"more", "escape")
+            focused_editor = app.screen.query_one(ParamForm).page.query_one(TextArea)
+            editor = editor or focused_editor
+            assert focused_editor is editor  # the same widget every time: never removed and remounted
+        await settle(pilot)
+        assert list(tree._leaves.values()) == leaves_before and tree.branch("6") is branch
+        text = app.screen.document.workflow.inputs("6")["text"]
+        assert text.startswith("abcmore" * 12)  # the editor keeps its cursor: each edit goes on the last
+        assert str(tree._leaves[("6", "text")].label).startswith("text: ")
+
+
+async def test_tree_labels_follow_edits_and_undo_in_place(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        steps_leaf = tree._leaves[("3", "steps")]
+        editor = field(app, "steps").query_one(NumberInput)
+        editor.focus()
+        await pilot.press("plus")
+        await settle(pilot)
+        assert str(steps_leaf.label) == "steps: 21"
+        await pilot.press("ctrl+z")
+        await settle(pilot)
+        assert tree._leaves[("3", "steps")] is steps_leaf and str(steps_leaf.label) == "steps: 20"
+        assert field(app, "steps").query_one(NumberInput) is editor and editor.value == "20"
+        assert app.focused is editor  # undo kept the user where they were
+
+
+async def test_a_key_queued_behind_the_one_closing_a_dialog_leaves_the_main_screen(home: Path) -> None:
+    """A second escape (or enter) reaching a dialog that is already closing used to pop the main screen too,
+    leaving a blank terminal: found by the key storm on a loaded machine."""
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        app.screen.query_one(NodeTree).focus()
+        await pilot.press("a")
+        await settle(pilot)
+        dialog = app.screen
+        assert type(dialog).__name__ == "ChoiceDialog"
+        dialog.action_cancel()
+        dialog.action_cancel()
+        await settle(pilot)
+        assert type(app.screen).__name__ == "MainScreen"
+
+
+async def test_a_ui_error_keeps_the_workflow_and_logs_instead_of_a_traceback(home: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from tui_diffusion.crash import crash_log_dir
+    from tui_diffusion.screens.main import MainScreen
+    from tui_diffusion.state import load_state
+
+    def broken(self) -> None:
+        raise KeyError("No 'text-area--gutter' key in COMPONENT_CLASSES")
+
+    monkeypatch.setattr(MainScreen, "action_help", broken)
+    before = set(crash_log_dir().glob("crash-*.log")) if crash_log_dir().is_dir() else set()
+    app = make_app(home)
+    with pytest.raises(KeyError):
+        async with app.run_test(size=(120, 40)) as pilot:
+            await settle(pilot)
+            app.screen.document.set_value("3", "seed", 4242)
+            await pilot.press("f1")
+            await settle(pilot)
+    logs = set(crash_log_dir().glob("crash-*.log")) - before
+    assert len(logs) == 1 and "text-area--gutter" in logs.pop().read_text()
+    recovered = Path(load_state()["recovered"])
+    assert json.loads(recovered.read_text())["3"]["inputs"]["seed"] == 4242
+    told = "".join(str(r) for r in app._exit_renderables)
+    assert "traceback" not in told.lower() or "internal error" in told
+
+
+# -- the image in view -----------------------------------------------------------------------------------------
+async def test_at_100_columns_the_image_shares_the_screen_and_a_finished_job_shows_itself(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        for panel in ("#tree", "#form", "#image"):
+            assert screen.query_one(panel).region.width > 0, panel
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        fake = FakeClient.instances[-1]
+        image = fake.run_job(fake.submitted[0][0], home / "out")
+        await settle(pilot, 6)
+        pane = screen.query_one(ImagePane)
+        assert pane.path == image and pane.region.width >= 30 and pane.region.height >= 12
+        assert isinstance(app.focused, NodeTree)  # the user kept their place
+
+
+async def test_at_80_columns_the_preview_comes_up_while_sampling_unless_typing(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        panels = screen.query_one("#panels")
+        field(app, "cfg").query_one(NumberInput).focus()  # typing in a field: left alone
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        fake = FakeClient.instances[-1]
+        fake.run_job(fake.submitted[0][0], home / "out", finish=False)
+        await settle(pilot, 6)
+        assert not panels.has_class("outputs") and screen.query_one("#image").region.width == 0
+        await pilot.press("escape")  # back in the tree: the next job's preview comes up by itself
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        fake.run_job(fake.submitted[1][0], home / "out", finish=False)
+        await settle(pilot, 6)
+        assert panels.has_class("outputs") and screen.query_one("#image").region.width > 0
+        assert screen.query_one("#tree").region.width == 0 and not isinstance(app.focused, NodeTree)
+        await pilot.press("f2")  # one key back to the editor, focus with it
+        await settle(pilot)
+        assert screen.query_one("#tree").region.width > 0 and isinstance(app.focused, NodeTree)
+
+
+# -- big workflows ---------------------------------------------------------------------------------------------------
+BIG = Path(__file__).parent / "data" / "sdxl-40-nodes.ui.json"
+
+
+def big_app(home: Path) -> TuiDiffusionApp:
+    shutil.copy(BIG, home / "workflows" / "big.ui.json")
+    return make_app(home, "workflows/big.ui.json")
+
+
+def line_texts(tree: NodeTree) -> list[str]:
+    return [str(line.node.label) for line in tree._tree_lines]
+
+
+async def test_a_40_node_ui_file_shows_its_groups_as_levels(home: Path) -> None:
+    app = big_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        tops = [str(n.label) for n in tree.root.children]
+        assert tops == ["▣ Models", "▣ Base sampling", "▣ Prompts", "▣ Refiner", "▣ Output", "▣ Hires fix",
+                        "▣ Img2img"]
+        prompts = tree.root.children[2]
+        style = next(c for c in prompts.children if c.data[0] == "group")
+        assert str(style.label) == "▣ Style" and {c.data[1] for c in style.children} == {"34", "35", "36", "37"}
+        assert len(tree._branches) == 32  # 40 UI nodes less reroutes and notes
+
+
+async def test_type_to_jump_finds_nodes_by_title_type_and_id(home: Path) -> None:
+    app = big_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        tree.focus()
+        await pilot.press("slash", *"hires s")
+        await settle(pilot)
+        assert tree.selected_node_id() == "41"  # "Hires sampler"
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.focused is tree and app.screen.query_one(ParamForm).node_id == "41"
+        await pilot.press("slash", *"vaeloader", "enter")  # by class
+        await settle(pilot)
+        assert tree.selected_node_id() == "32"
+        await pilot.press("slash", *"47", "enter")  # by id
+        await settle(pilot)
+        assert tree.selected_node_id() == "47"
+        await pilot.press("slash", *"decode", "down", "down")  # the third match
+        await settle(pilot)
+        assert tree.selected_node_id() == "48"
+        await pilot.press("escape")  # escape: back where the jump started
+        await settle(pilot)
+        assert tree.selected_node_id() == "47" and app.focused is tree
+
+
+async def test_right_and_left_open_and_close_without_moving_other_lines(home: Path) -> None:
+    app = big_app(home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        tree.focus()
+        tree.jump_to("12")
+        await settle(pilot)
+        before = line_texts(tree)
+        cursor = tree.cursor_line
+        await pilot.press("right")
+        await settle(pilot)
+        after = line_texts(tree)
+        assert tree.cursor_line == cursor and tree.scroll_x == 0
+        assert after[: cursor + 1] == before[: cursor + 1] and after[cursor + 2:][-len(before[cursor + 1:]):] == \
+            before[cursor + 1:]
+        assert after[cursor + 1] == "ckpt_name: sd_xl_refiner_1.0.safetensors"
+        await pilot.press("down", "up")  # moving does not open or close anything
+        await settle(pilot)
+        assert line_texts(tree) == after
+        await pilot.press("left")
+        await settle(pilot)
+        assert line_texts(tree) == before and tree.cursor_line == cursor
+        await pilot.press("left")  # again: up to the group
+        await settle(pilot)
+        assert str(tree.cursor_node.label) == "▣ Models"
+
+
+async def test_follow_a_link_to_its_source_and_come_back(home: Path) -> None:
+    app = big_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        tree.focus()
+        tree.jump_to("10", "positive")
+        await settle(pilot)
+        await pilot.press("g")
+        await settle(pilot)
+        assert tree.selected_node_id() == "35" and tree.selected_input() is None
+        await pilot.press("g")  # on a node line: nothing to follow, a hint
+        await pilot.press("down", "g")  # conditioning_1 of "Subject + style" comes from the positive prompt
+        await settle(pilot)
+        assert tree.selected_node_id() == "6"
+        await pilot.press("b")
+        await settle(pilot)
+        assert (tree.selected_node_id(), tree.selected_input()) == ("35", "conditioning_1")
+        await pilot.press("b")
+        await settle(pilot)
+        assert (tree.selected_node_id(), tree.selected_input()) == ("10", "positive")
+
+
+# -- the prompt editor ---------------------------------------------------------------------------------------------
+async def test_prompt_editor_keys_highlight_and_token_count(home: Path) -> None:
+    from tui_diffusion.widgets.prompt_editor import EMBEDDING, WEIGHT, PromptBox, PromptEditor
+
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        tree.focus()
+        tree.jump_to("6", "text")
+        await pilot.press("enter")
+        await settle(pilot)
+        editor = app.focused
+        assert isinstance(editor, PromptEditor)
+        await pilot.press("ctrl+a")
+        assert editor.selected_text == editor.text
+        await pilot.press(*"a (red:1.2) fox embedding:night")
+        await settle(pilot, 6)
+        assert app.screen.document.workflow.inputs("6")["text"] == "a (red:1.2) fox embedding:night"
+        names = {name for _, _, name in editor._highlights[0]}
+        assert {WEIGHT, EMBEDDING} <= names
+        box = editor.parent
+        assert isinstance(box, PromptBox)
+        assert str(box.query_one(".tokens").render()) == "4/75 tokens (an embedding counts as 1)"
+        await pilot.press("ctrl+left", "ctrl+shift+left")  # word-wise: select "night"... back to "embedding:"
+        assert editor.selected_text
+        await pilot.press("ctrl+a", "ctrl+c")
+        await pilot.press("ctrl+x")  # with text selected ctrl+x cuts (it does not interrupt)
+        await settle(pilot)
+        assert app.screen.document.workflow.inputs("6")["text"] == ""
+        await pilot.press("ctrl+v", "ctrl+v")
+        await settle(pilot)
+        assert app.screen.document.workflow.inputs("6")["text"] == "a (red:1.2) fox embedding:night" * 2

@@ -84,3 +84,87 @@ def test_real_app_in_tmux_draws_the_image_in_half_blocks(home: Path) -> None:
         _tmux("send-keys", "C-q")
     finally:
         _tmux("kill-server")
+
+
+# -- the key storm: a fast, careless typist against the real app, worker and tiny checkpoint ----------------------
+#: (tmux key, weight): tree moves, fields, typing, undo/redo, panels, help, palette, queue and interrupt
+STORM_KEYS = [
+    ("Up", 12), ("Down", 14), ("Right", 5), ("Left", 5), ("Enter", 8), ("Escape", 8), ("Tab", 5), ("BTab", 4),
+    ("C-z", 3), ("C-y", 2), ("F2", 2), ("?", 1), ("C-p", 1), ("C-r", 3), ("C-x", 2), ("BSpace", 3), ("Space", 3),
+    ("/", 1), ("g", 1), ("b", 1), ("C-a", 1), ("C-c", 1), ("C-v", 1), ("C-Left", 1), ("C-Right", 1), ("+", 2),
+    ("-", 1), ("1", 2), ("7", 1), ("e", 2), ("i", 2), ("o", 2), ("n", 2), ("s", 2), ("(", 1), (")", 1), (":", 1),
+    ("a", 1), ("x", 1), ("F4", 1), ("C-t", 1), ("d", 1), ("t", 1),
+]
+SIZES = [(100, 30), (80, 24), (120, 40), (160, 48)]
+
+
+def _tmux_alive() -> bool:
+    return "EXITED" not in _tmux("capture-pane", "-p", "-S", "-200")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run installs it)")
+def test_key_storm_against_the_real_app_in_tmux(home: Path) -> None:
+    """Random keys at typing speed, jobs queued and interrupted, the terminal resized now and then: the app
+    never exits, never shows a traceback, writes no crash log and still answers at the end.
+
+    TUI_DIFFUSION_STORM_SECONDS sets the length (30 here; the issue's check is 120), TUI_DIFFUSION_STORM_SEED
+    replays a storm (the seed used is printed)."""
+    import random
+
+    seconds = float(os.environ.get("TUI_DIFFUSION_STORM_SECONDS", "30"))
+    seed = int(os.environ.get("TUI_DIFFUSION_STORM_SEED", str(random.randrange(10**6))))
+    print(f"key storm: {seconds:.0f} s, seed {seed}")
+    rng = random.Random(seed)
+    wf = json.loads((home / "workflows" / "small.json").read_text())
+    wf["3"]["inputs"]["steps"] = 12
+    wf["5"]["inputs"].update(width=128, height=128)
+    (home / "workflows" / "small.json").write_text(json.dumps(wf, indent=2))
+    state = home / "state"
+    env = f"HF_HUB_OFFLINE=1 COLORTERM=truecolor TUI_DIFFUSION_STATE_DIR={state} PYTHONPATH={ROOT}"
+    command = f"cd {home} && {env} {sys.executable} -m tui_diffusion workflows/small.json; echo EXITED $?; sleep 60"
+    _tmux("kill-server")
+    subprocess.run(["tmux", "-L", "tui-diffusion-test", "new-session", "-d", "-x", "100", "-y", "30", command],
+                   check=True, timeout=20, env={**os.environ, "TERM": "xterm-256color"})
+    keys, weights = zip(*STORM_KEYS, strict=True)
+    sent = 0
+    try:
+        deadline = time.monotonic() + 120
+        while "worker ready" not in _tmux("capture-pane", "-p") and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "worker ready" in _tmux("capture-pane", "-p")
+        _tmux("send-keys", "C-r")  # jobs for the storm to interrupt and queue behind
+        time.sleep(0.3)
+        _tmux("send-keys", "C-r")
+        end = time.monotonic() + seconds
+        next_check = time.monotonic() + 5
+        while time.monotonic() < end:
+            key = rng.choices(keys, weights)[0]
+            _tmux("send-keys", *(["-l", key] if len(key) == 1 else [key]))
+            sent += 1
+            if rng.random() < 0.01:
+                width, height = rng.choice(SIZES)
+                _tmux("resize-window", "-x", str(width), "-y", str(height))
+            time.sleep(rng.uniform(0.05, 0.2))  # about eight keys a second
+            if time.monotonic() > next_check:
+                next_check = time.monotonic() + 5
+                assert _tmux_alive(), _tmux("capture-pane", "-p", "-S", "-200")
+        time.sleep(1)
+        screen = _tmux("capture-pane", "-p", "-S", "-200")
+        assert _tmux_alive() and "Traceback" not in screen and "internal error" not in screen, screen
+        assert not list((state / "logs").glob("crash-*.log")), "a UI error was logged"
+        _tmux("resize-window", "-x", "100", "-y", "30")
+        for _ in range(4):  # close whatever dialog, palette or help is open; then the main screen answers
+            _tmux("send-keys", "Escape")
+            time.sleep(0.4)
+        time.sleep(1)
+        screen = _tmux("capture-pane", "-p")
+        assert "Nodes" in screen and "Parameters" in screen, screen
+        from collections import Counter
+
+        from tui_diffusion.store.history import History
+
+        ran = Counter(row.status for row in History(Path(os.environ["TUI_DIFFUSION_DB"])).jobs(limit=1000))
+        print(f"key storm: {sent} keys; jobs meanwhile: {dict(ran)}")
+        assert sum(n for status, n in ran.items() if status not in ("pending", "running")) >= 1, ran
+    finally:
+        _tmux("kill-server")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -151,6 +152,7 @@ class ParamForm(VerticalScroll):
         self.errors: dict[tuple[str, str], str] = {}
         self._doc: WorkflowDocument | None = None
         self._pages: dict[str, NodePage] = {}
+        self._lock = asyncio.Lock()
 
     @property
     def page(self) -> NodePage | None:
@@ -158,7 +160,13 @@ class ParamForm(VerticalScroll):
 
     async def show_node(self, doc: WorkflowDocument, node_id: str | None, models: ModelPaths | None,
                         issues: list[ValidationIssue], focus: str | None = None) -> None:
-        """Show a node's page: made once, then brought up to date in place."""
+        """Show a node's page: made once, then brought up to date in place. One call at a time: a page being
+        mounted is not seen half-built by the next keystroke's call."""
+        async with self._lock:
+            await self._show_node(doc, node_id, models, issues, focus)
+
+    async def _show_node(self, doc: WorkflowDocument, node_id: str | None, models: ModelPaths | None,
+                         issues: list[ValidationIssue], focus: str | None) -> None:
         if doc is not self._doc:
             self._doc = doc
             self.errors.clear()
@@ -231,7 +239,8 @@ class ParamForm(VerticalScroll):
         recognised as ours and ignored)."""
         wf = doc.workflow
         node_id = page.node_id
-        page.query_one(".title", Static).update(self._title(doc, node_id))
+        for title in page.query(".title").results(Static):
+            title.update(self._title(doc, node_id))
         inputs = wf.inputs(node_id)
         for field in page.query(Field):
             spec = field.spec
