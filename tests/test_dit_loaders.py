@@ -179,3 +179,33 @@ def test_unet_loader_refuses_a_file_without_a_transformer(models_root: Path, tmp
     with pytest.raises(NodeError, match="no SD3 or Flux diffusion model"):
         implementations()["UNETLoader"](_ctx(models_root, tmp_path), unet_name="clip_by_mistake.safetensors")
     target.unlink()
+
+
+def test_comfyui_scaled_fp8_weights_are_dequantised_on_load(tmp_path: Path) -> None:
+    """ComfyUI's scaled fp8 files (``scaled_fp8`` marker, fp8 ``weight`` times a per-layer ``scale_weight``) load as
+    the dequantised weights."""
+    from tui_diffusion.pipeline import models_dit as md
+    from tui_diffusion.pipeline.device import Device
+
+    cpu = Device(torch.device("cpu"), torch.float32, torch.float32, "CPU")
+    sizes = w.TinyFlux(guidance=False)
+    state = w.flux_to_original(w.build_flux_transformer(sizes).state_dict(), 1, 1)
+    scaled: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    expected: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max() / 448.0
+            q = (value / scale).to(torch.float8_e4m3fn)
+            scaled[key], scaled[key[: -len(".weight")] + ".scale_weight"] = q, scale.reshape(1)
+            expected[key] = q.float() * scale
+        else:
+            scaled[key] = expected[key] = value
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in scaled.items()}, str(tmp_path / "scaled.safetensors"))
+    w.save(expected, tmp_path / "expected.safetensors")
+    _, ours = md.load_transformer(md.TensorReader(tmp_path / "scaled.safetensors"), cpu)
+    _, reference = md.load_transformer(md.TensorReader(tmp_path / "expected.safetensors"), cpu)
+    _equal_states(ours.state_dict(), reference.state_dict())
+    assert not torch.equal(ours.state_dict()["proj_out.weight"], w.build_flux_transformer(sizes).state_dict()[
+        "proj_out.weight"])

@@ -158,3 +158,48 @@ def test_sampling_matches_diffusers_pipeline(files: dict[str, Path], clip: md.Di
     theirs = pipe(prompt=PROMPT, height=64, width=64, latents=pack(noise), sigmas=sigmas[:-1].tolist(),
                   guidance_scale=3.5, max_sequence_length=256, output_type="latent").images
     torch.testing.assert_close(pack(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+# -- the shipped workflows, on tiny files under the names they expect -------------------------------------------------
+def _encodes_dit_prompts() -> bool:
+    """Whether CLIPTextEncode hands an SD3/Flux CLIP's prompt to the CLIP's own encoding (``encode_prompt``)."""
+    import inspect
+
+    from tui_diffusion.pipeline import nodes
+
+    return "encode_prompt" in inspect.getsource(nodes)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = Path(tmp_path_factory.mktemp("home")) / "models"
+    w.write_flux_transformer(root / "diffusion_models" / "flux1-schnell.safetensors", w.TinyFlux(guidance=False))
+    w.write_flux_transformer(root / "diffusion_models" / "flux1-dev.safetensors")
+    w.write_vae16(root / "vae" / "ae.safetensors", flux=True)
+    w.write_text_encoders(root / "text_encoders")
+    w.write_sd3_checkpoint(root / "checkpoints" / "sd3.5_large_fp8_scaled.safetensors", dtype="fp8_e4m3fn")
+    return root
+
+
+@pytest.mark.parametrize("name,latent", [("flux-schnell", "27"), ("flux-dev", "48"), ("sd3.5", "53")])
+def test_shipped_workflow_runs(home: Path, tmp_path: Path, name: str, latent: str) -> None:
+    """The shipped SD3.5 and Flux workflows (ComfyUI's templates' node ids) validate and run on tiny files."""
+    import json
+
+    from tests.conftest import ROOT
+    from tui_diffusion.graph.validate import validate_workflow
+    from tui_diffusion.graph.workflow import Workflow
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+
+    data = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    if name != "flux-schnell" and not _encodes_dit_prompts():
+        pytest.skip("CLIPTextEncode does not yet encode SD3/Flux CLIPs with their own encoding")
+    data[latent]["inputs"].update(width=64, height=64)
+    paths = ModelPaths(home)
+    assert not validate_workflow(Workflow.from_data(data), paths)
+    engine = EngineState(CPU, ModelCache(4), paths, tmp_path / "out", tmp_path / "tmp", tmp_path / "cfg")
+    Executor(engine).run(data, Hooks(), lambda: False)
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from tui_diffusion.families.base import LatentFormat
-from tui_diffusion.families.sd3 import DiTFamily, batched, pad_to_patch
+from tui_diffusion.families.sd3 import DiTFamily, batched, pad_to_patch, to_model_dtype
 from tui_diffusion.modelfiles.convert_dit import FLUX_KEY
 
 FLUX_LATENT = LatentFormat(
@@ -59,6 +59,17 @@ class FluxFamily(DiTFamily):
     text_encoders = ("clip_l", "t5xxl")
     probe = FLUX_KEY
 
+    def check_conditioning(self, model: Any, entries: list[tuple[Any, dict]]) -> None:
+        """Flux's context is T5's tokens: conditioning of another width (CLIP hidden states) is refused."""
+        from tui_diffusion.pipeline.errors import NodeError
+
+        super().check_conditioning(model, entries)
+        width = int(model.unet.config.joint_attention_dim)
+        for emb, _ in entries:
+            if emb.shape[-1] != width:
+                raise NodeError(f"a Flux model takes T5's tokens ({width} wide) as its context, not {emb.shape[-1]}: "
+                                "encode the prompts with Flux's text encoders (DualCLIPLoader, type flux)")
+
     def default_model_sampling(self, model: Any) -> Any:
         from tui_diffusion.pipeline.model_sampling import FluxSampling
 
@@ -80,6 +91,7 @@ class FluxFamily(DiTFamily):
     def apply_model(self, model: Any, x: Any, timestep: Any, kwargs: dict[str, Any]) -> Any:
         net = model.unet
         h, w = x.shape[-2:]
+        x, kwargs = to_model_dtype(net, x, kwargs)
         x = pad_to_patch(x, 2)
         hp, wp = x.shape[-2:]
         t = timestep.reshape(-1).to(x.dtype)

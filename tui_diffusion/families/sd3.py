@@ -42,6 +42,14 @@ def pad_to_patch(x: Any, patch: int) -> Any:
     return torch.nn.functional.pad(x, (0, pw, 0, ph), mode="circular")
 
 
+def to_model_dtype(net: Any, x: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The input and floating arguments in the network's own dtype (T5 and Flux run in bf16 where the device's
+    dtype is fp16)."""
+    dtype = net.dtype
+    return x.to(dtype), {k: v.to(dtype) if getattr(v, "is_floating_point", lambda: False)() and k != "guidance"
+                         else v for k, v in kwargs.items()}
+
+
 def batched(entries: list[tuple[Any, dict]], batch: int, width: int | None, device: Any, dtype: Any) -> tuple[Any, Any]:
     """The contexts (repeated to a common length, zero-padded to ``width``) and pooled vectors of a batched call."""
     import torch
@@ -109,6 +117,7 @@ class SD3Family(DiTFamily):
     def apply_model(self, model: Any, x: Any, timestep: Any, kwargs: dict[str, Any]) -> Any:
         net = model.unet
         h, w = x.shape[-2:]
+        x, kwargs = to_model_dtype(net, x, kwargs)
         x = pad_to_patch(x, int(net.config.patch_size))
         t = timestep.reshape(-1).to(x.dtype).expand(x.shape[0]) if timestep.numel() == 1 else timestep.to(x.dtype)
         out = net(hidden_states=x, timestep=t, return_dict=False, **kwargs)[0]
