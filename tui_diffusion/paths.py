@@ -27,6 +27,9 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoders": (".safetensors",),
     "embeddings": (".safetensors", ".pt", ".bin"),
     "input": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+    # ComfyUI's .latent files (SaveLatent writes them), read by LoadLatent from the input folder
+    "input_latents": (".latent",),
+    "upscale_models": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -129,7 +132,7 @@ class ModelPaths:
     extra: tuple[tuple[str, Path], ...] = ()
 
     def folder(self, kind: str) -> Path:
-        if kind == "input":
+        if kind in ("input", "input_latents"):
             return self.input_dir if self.input_dir is not None else default_input_dir()
         return self.root / kind
 
@@ -240,7 +243,7 @@ def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
 # ComfyUI's folder names in extra_model_paths.yaml, mapped to ours.
 _EXTRA_KINDS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vae", "embeddings": "embeddings",
                 "diffusion_models": "diffusion_models", "unet": "diffusion_models",
-                "text_encoders": "text_encoders", "clip": "text_encoders"}
+                "text_encoders": "text_encoders", "clip": "text_encoders", "upscale_models": "upscale_models"}
 
 
 def read_extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:

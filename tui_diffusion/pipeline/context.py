@@ -26,6 +26,8 @@ class EngineState:
     config_cache: Path
     #: loaded LoRA files (small; kept apart so they never push a checkpoint out)
     loras: ModelCache = field(default_factory=lambda: ModelCache(8))
+    #: loaded upscale models (kept on the CPU between uses, apart from the checkpoints)
+    upscale_models: ModelCache = field(default_factory=lambda: ModelCache(2))
     #: run history and the model-hash cache (None: not recorded)
     history: Any = None
     #: load pickle checkpoints (weights only); refused when False

@@ -29,6 +29,15 @@ def node(class_type: str) -> Callable[[NodeFn], NodeFn]:
 
 def implementations() -> dict[str, NodeFn]:
     """Every registered node (importing the modules that define them)."""
-    from tui_diffusion.pipeline import nodes, nodes_dit, nodes_image, nodes_latent  # noqa: F401  (they register)
+    from tui_diffusion.pipeline import (  # noqa: F401  (they register)
+        nodes,
+        nodes_dit,
+        nodes_image,
+        nodes_images,
+        nodes_latent,
+        nodes_latent_ops,
+        nodes_masks,
+        upscale,
+    )
 
     return IMPLEMENTATIONS
