@@ -30,11 +30,14 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     # ComfyUI's .latent files (SaveLatent writes them), read by LoadLatent from the input folder
     "input_latents": (".latent",),
     "upscale_models": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
+    # ControlNets and T2I-Adapters (ComfyUI also reads models/t2i_adapter for this kind)
+    "controlnet": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 #: ComfyUI's older folder names, searched after the new ones (its "unet" and "clip" folders)
-FOLDER_ALIASES: dict[str, tuple[str, ...]] = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
+FOLDER_ALIASES: dict[str, tuple[str, ...]] = {"diffusion_models": ("unet",), "text_encoders": ("clip",),
+                                               "controlnet": ("t2i_adapter",)}
 
 
 class PathError(ValueError):
@@ -243,7 +246,8 @@ def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
 # ComfyUI's folder names in extra_model_paths.yaml, mapped to ours.
 _EXTRA_KINDS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vae", "embeddings": "embeddings",
                 "diffusion_models": "diffusion_models", "unet": "diffusion_models",
-                "text_encoders": "text_encoders", "clip": "text_encoders", "upscale_models": "upscale_models"}
+                "text_encoders": "text_encoders", "clip": "text_encoders", "upscale_models": "upscale_models",
+                "controlnet": "controlnet", "t2i_adapter": "controlnet"}
 
 
 def read_extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:

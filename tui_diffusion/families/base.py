@@ -21,6 +21,7 @@ The hooks, in the order a checkpoint meets them:
   network's keyword arguments; ``extra_channels(...)`` gives channels concatenated to its input
   (inpainting models); ``apply_model(model, x, timestep, kwargs)`` calls the network and returns its
   raw output (eps, v or flow), which the model sampling turns into x0.
+- ``control_kwargs(model, residuals)``: ControlNet and T2I-Adapter outputs as the network's arguments.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ class Family:
     def apply_model(self, model: Any, x: Any, timestep: Any, kwargs: dict[str, Any]) -> Any:
         """The network's raw output for input ``x`` at ``timestep`` (what the model sampling is given)."""
         raise NotImplementedError(f"{self.label}: no network call")
+
+    def control_kwargs(self, model: Any, residuals: dict[str, list[Any]]) -> dict[str, Any]:
+        """The network's keyword arguments for ControlNet/T2I-Adapter outputs summed over the batch
+        (``pipeline/controlnet.py``): ``"down"`` and ``"mid"`` residuals, ``"intra"`` adapter features."""
+        from tui_diffusion.pipeline.errors import NodeError
+
+        raise NodeError(f"ControlNets and T2I-Adapters cannot control a {self.label} model yet")
 
     def __repr__(self) -> str:
         return f"<family {self.id}>"

@@ -126,6 +126,17 @@ class UNetFamily(Family):
             return torch.cat([torch.ones_like(latent_in[:, :1]), blank.expand_as(latent_in)], dim=1)
         return torch.cat([mask[:, :1].to(latent_in), latent_in], dim=1)
 
+    def control_kwargs(self, model: Any, residuals: dict[str, list[Any]]) -> dict[str, Any]:
+        """diffusers' UNet takes ControlNet outputs as down/mid residuals and T2I-Adapter features as
+        intra-block residuals (a fresh list: the UNet consumes it)."""
+        out: dict[str, Any] = {}
+        if residuals.get("down"):
+            out["down_block_additional_residuals"] = tuple(residuals["down"])
+            out["mid_block_additional_residual"] = residuals["mid"][0]
+        if residuals.get("intra"):
+            out["down_intrablock_additional_residuals"] = list(residuals["intra"])
+        return out
+
     def apply_model(self, model: Any, x: Any, timestep: Any, kwargs: dict[str, Any]) -> Any:
         from tui_diffusion.pipeline.models import unet_call
 

@@ -22,6 +22,7 @@ LATENT = "LATENT"
 IMAGE = "IMAGE"
 MASK = "MASK"
 UPSCALE_MODEL = "UPSCALE_MODEL"
+CONTROL_NET = "CONTROL_NET"
 # Custom sampling (issue 15): a sampler choice, a sigma sequence, a noise source and a guider (model + conds + cfg).
 SAMPLER = "SAMPLER"
 SIGMAS = "SIGMAS"
@@ -920,6 +921,75 @@ _SPECS: tuple[NodeSpec, ...] = (
                           tooltip="A .latent file in the input folder."),),
         outputs=(OutputSpec(LATENT, "LATENT"),),
         description="Loads a ComfyUI .latent file from the input folder.",
+    ),
+    # -- ControlNets and T2I-Adapters (issue 16 item 1; ComfyUI's nodes.py and nodes_controlnet/nodes_sd3) ---------
+    NodeSpec(
+        "ControlNetLoader", "Load ControlNet Model", "loaders",
+        inputs=(InputSpec("control_net_name", COMBO, choices_from="controlnet",
+                          tooltip="A ControlNet or T2I-Adapter from controlnet/ (or t2i_adapter/)."),),
+        outputs=(OutputSpec(CONTROL_NET, "CONTROL_NET"),),
+        description="Loads a ControlNet (SD1.x, SD2.x, SDXL) or a T2I-Adapter.",
+    ),
+    NodeSpec(
+        "DiffControlNetLoader", "Load ControlNet Model (diff)", "loaders",
+        inputs=(InputSpec("model", MODEL), InputSpec("control_net_name", COMBO, choices_from="controlnet")),
+        outputs=(OutputSpec(CONTROL_NET, "CONTROL_NET"),),
+        description="Loads a ControlNet stored as a difference to a model: the model's weights are added to it.",
+    ),
+    NodeSpec(
+        "ControlNetApply", "Apply ControlNet (OLD)", "conditioning/controlnet",
+        inputs=(
+            InputSpec("conditioning", CONDITIONING),
+            InputSpec("control_net", CONTROL_NET),
+            InputSpec("image", IMAGE),
+            InputSpec("strength", FLOAT, default=1.0, min=0.0, max=10.0, step=0.01),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="Deprecated in ComfyUI: a ControlNet on one conditioning for every step (the negative too).",
+    ),
+    NodeSpec(
+        "ControlNetApplyAdvanced", "Apply ControlNet", "conditioning/controlnet",
+        inputs=(
+            InputSpec("positive", CONDITIONING),
+            InputSpec("negative", CONDITIONING),
+            InputSpec("control_net", CONTROL_NET),
+            InputSpec("image", IMAGE),
+            InputSpec("strength", FLOAT, default=1.0, min=0.0, max=10.0, step=0.01),
+            InputSpec("start_percent", FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+            InputSpec("end_percent", FLOAT, default=1.0, min=0.0, max=1.0, step=0.001),
+            InputSpec("vae", VAE, optional=True,
+                      tooltip="Only ControlNets that take a latent hint need it (none of those loaded here)."),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "positive"), OutputSpec(CONDITIONING, "negative")),
+        description="Guides sampling by a hint image (edges, depth, pose) between start and end of the schedule; "
+                    "chains with the ControlNets already applied.",
+    ),
+    NodeSpec(
+        "ControlNetApplySD3", "Apply Controlnet with VAE", "conditioning/controlnet",
+        inputs=(
+            InputSpec("positive", CONDITIONING),
+            InputSpec("negative", CONDITIONING),
+            InputSpec("control_net", CONTROL_NET),
+            InputSpec("vae", VAE),
+            InputSpec("image", IMAGE),
+            InputSpec("strength", FLOAT, default=1.0, min=0.0, max=10.0, step=0.01),
+            InputSpec("start_percent", FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+            InputSpec("end_percent", FLOAT, default=1.0, min=0.0, max=1.0, step=0.001),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "positive"), OutputSpec(CONDITIONING, "negative")),
+        description="Deprecated in ComfyUI: Apply ControlNet with a VAE input.",
+    ),
+    NodeSpec(
+        "SetUnionControlNetType", "SetUnionControlNetType", "conditioning/controlnet",
+        inputs=(
+            InputSpec("control_net", CONTROL_NET),
+            InputSpec("type", COMBO, default="auto",
+                      choices=("auto", "openpose", "depth", "hed/pidi/scribble/ted",
+                               "canny/lineart/anime_lineart/mlsd", "normal", "segment", "tile", "repaint"),
+                      tooltip="The task of a union ControlNet (ControlNet++); 'auto' leaves the ControlNet as it is."),
+        ),
+        outputs=(OutputSpec(CONTROL_NET, "CONTROL_NET"),),
+        description="Selects the task of a union ControlNet.",
     ),
 )
 

@@ -24,6 +24,7 @@ from tui_diffusion.families.base import LatentFormat
 from tui_diffusion.graph.samplers import SAMPLERS
 from tui_diffusion.pipeline import k_samplers
 from tui_diffusion.pipeline.context import NodeContext
+from tui_diffusion.pipeline.controlnet import control_inputs, with_uncond_controls
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.lora import patched
 from tui_diffusion.pipeline.models import ModelHandle
@@ -86,6 +87,7 @@ class Denoiser:
         self.cfg = cfg
         self.pos = _Conds(positive, self.model_sampling, "positive")
         self.use_uncond = negative is not None and (need_uncond or not math.isclose(cfg, 1.0))
+        negative = with_uncond_controls(positive, negative)  # ControlNetApply's controls reach the negative too
         self.neg = _Conds(negative, self.model_sampling, "negative") if self.use_uncond else None
         self.latent_shape = tuple(latent.shape)
         self.family.check_conditioning(model, [c for c, _, _ in self.pos.entries + (self.neg.entries if self.neg
@@ -118,6 +120,7 @@ class Denoiser:
         if self.concat is not None:
             x_in = torch.cat([x_in, self.concat.repeat(n, 1, 1, 1)], dim=1)
         timestep = ms.timestep(sigma_all).to(self.device).float()
+        kwargs.update(control_inputs(self.model, entries, x_in[:, : x.shape[1]], timestep, s, kwargs, batch))
         out = self.family.apply_model(self.model, x_in, timestep, kwargs).float()
         denoised = ms.calculate_denoised(sigma_all, out, x_all).chunk(n)
         cond = torch.stack(denoised[len(unconds):]).mean(0)
