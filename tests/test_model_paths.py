@@ -266,3 +266,22 @@ def test_a_lora_for_a_transformer_model_is_refused_by_name(tmp_path: Path) -> No
                "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}, str(path))
     with pytest.raises(CheckpointError, match=r"flux-style\.safetensors: a LoRA for a transformer model"):
         load_lora(path)
+
+
+def test_models_describes_the_file_the_loader_takes(tmp_path: Path, models_dir: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``models`` read every name in the first folder (a file from extra_model_paths was 'not found') and called
+    SDXL diffusers folders unsupported although they load."""
+    other = tmp_path / "comfyui" / "models" / "checkpoints"
+    other.mkdir(parents=True)
+    shutil.copy(models_dir / "checkpoints" / TINY, other / TINY)
+    own = tmp_path / "models" / "checkpoints"
+    shutil.copytree(CONFIGS / "sdxl-base", own / "xl-diffusers")  # the configs of a real SDXL base folder
+    (tmp_path / "extra.yaml").write_text(f"comfyui:\n  base_path: {tmp_path / 'comfyui'}\n  checkpoints: "
+                                         "models/checkpoints\n")
+    code = cli.main(["models", "--json", "--models-dir", str(tmp_path / "models"),
+                     "--extra-model-paths", str(tmp_path / "extra.yaml")])
+    assert code == cli.EXIT_OK
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[TINY]["family"] == "SD1.x" and rows[TINY]["error"] is None
+    assert rows["xl-diffusers"]["family"] == "SDXL base (diffusers folder)" and rows["xl-diffusers"]["supported"]

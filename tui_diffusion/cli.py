@@ -484,7 +484,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     models = settings(args).model_paths()
     names = models.list("checkpoints")
-    rows = [describe_checkpoint(models.folder("checkpoints") / n, n) for n in names]
+    rows = [describe_checkpoint(models.resolve("checkpoints", n), n) for n in names]  # the file the loader takes
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK

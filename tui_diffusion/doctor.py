@@ -17,9 +17,10 @@ from typing import Any
 
 from tui_diffusion import __version__
 from tui_diffusion.catalogue import ShippedWorkflow, family_label, shipped_workflows, shipped_workflows_dir
-from tui_diffusion.paths import PICKLE_SUFFIXES, ModelPaths
+from tui_diffusion.paths import MODEL_FOLDERS, PICKLE_SUFFIXES, ModelPaths
 
-_KINDS = ("checkpoints", "loras", "vae", "embeddings", "input")
+#: every model folder kind, and the input folder LoadImage reads
+_KINDS = tuple(MODEL_FOLDERS)
 
 
 def _guard(work: Any) -> dict[str, Any]:
@@ -71,8 +72,11 @@ def device_facts(settings: Any) -> dict[str, Any]:
     except Exception as exc:
         facts["diffusers"] = f"not installed? ({exc})"
     from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.settings import DevicePolicy
 
-    policy = settings.worker_config().device
+    v = settings.values  # not worker_config(): a broken extra_model_paths.yaml must not hide the device
+    policy = DevicePolicy(v["device"], memory=v["memory"], precision=v["precision"],
+                          vae_precision=v["vae_precision"], compile=bool(v["compile"]))
     device = resolve_device(policy)
     facts["device"] = {"device": str(device.torch_device), "name": device.name,
                        "precision": str(device.dtype).removeprefix("torch."),

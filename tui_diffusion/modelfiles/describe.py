@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tui_diffusion.modelfiles.family import V_PRED_PROBE, detect_family
 from tui_diffusion.modelfiles.header import CheckpointError, read_header, require_rank
 from tui_diffusion.paths import PICKLE_SUFFIXES
-
-_PIPELINE_FAMILY = {
-    "StableDiffusionPipeline": "SD1.x/SD2.x (diffusers folder)",
-    "StableDiffusionXLPipeline": "SDXL base (diffusers folder)",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL refiner (diffusers folder)",
-}
 
 
 def _sd2_prediction(path: Path, header: dict) -> str:
@@ -50,17 +43,17 @@ def describe_checkpoint(path: Path, name: str) -> dict[str, Any]:
 
 
 def _describe(path: Path, row: dict[str, Any]) -> dict[str, Any]:
-    if path.is_dir():
+    if path.is_dir():  # a diffusers folder: its family from its configs, as the loader reads them
+        from tui_diffusion.modelfiles.diffusers_folder import diffusers_folder_family, loadable
+
         try:
-            cls = json.loads((path / "model_index.json").read_text())["_class_name"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            row["error"] = f"unreadable model_index.json: {exc}"
+            info = diffusers_folder_family(path)
+        except CheckpointError as exc:
+            row["error"] = str(exc).removeprefix(f"{path}: ")
             return row
-        if not isinstance(cls, str):
-            row["error"] = "unreadable model_index.json: '_class_name' is not a string"
-            return row
-        row["family"] = _PIPELINE_FAMILY.get(cls, cls)
-        row["supported"] = cls == "StableDiffusionPipeline"
+        row.update(family=f"{info.label} (diffusers folder)", supported=loadable(info), prediction=info.prediction)
+        if not row["supported"]:
+            row["error"] = f"{info.label} diffusers folders cannot be loaded yet"
         return row
     if path.suffix.lower() in PICKLE_SUFFIXES:
         row["error"] = "pickle file: not loaded (use the .safetensors version)"

@@ -91,6 +91,17 @@ def diffusers_folder_family(path: Path) -> DiffusersFolder:
     return DiffusersFolder(family, prediction, pipeline)
 
 
+def loadable(info: DiffusersFolder) -> bool:
+    """Whether the program can load a diffusers folder of this family (its family is registered)."""
+    from tui_diffusion.families import by_id
+
+    try:
+        by_id(info.family)
+    except KeyError:
+        return False
+    return True
+
+
 def folder_family(path: Path) -> Any:
     """The registered ``Family`` object for a diffusers folder; CheckpointError when the family is not (yet)
     supported by the program, naming what the folder holds."""
