@@ -133,20 +133,11 @@ def test_all_in_one_fp8_checkpoint(files: dict[str, Path], tmp_path: Path) -> No
     assert alone.latent_channels == 16
 
 
-@pytest.mark.parametrize("variant", ["dev", "schnell"])
-def test_sampling_matches_diffusers_pipeline(files: dict[str, Path], clip: md.DitClip, variant: str) -> None:
-    """A txt2img run (Euler; dev with guidance 3.5 embedded) equals FluxPipeline's on the same weights, noise and
-    sigmas."""
+def _diffusers_pipeline(model):
+    """diffusers' Flux pipeline on the weights of the tiny files, with a plain Euler flow scheduler that takes the
+    sigmas it is given (no shift of its own)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer
-
-    from tui_diffusion.pipeline.schedules import calculate_sigmas
-
-    model = _model(files[variant])
-    sigmas = calculate_sigmas(model.model_sampling, "simple", 4)
-    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    emb, pooled = clip.encode_prompt(PROMPT)
-    ours = run(model, [[emb, {"pooled_output": pooled, "guidance": 3.5}]], None, 1.0, noise, sigmas)
 
     encoders = w.build_text_encoders()
     pipe = FluxPipeline(
@@ -155,9 +146,49 @@ def test_sampling_matches_diffusers_pipeline(files: dict[str, Path], clip: md.Di
         tokenizer=CLIPTokenizer.from_pretrained(str(md.config_dir("clip_tokenizer")), model_max_length=77),
         text_encoder_2=encoders["t5xxl"], tokenizer_2=md.t5_tokenizer())
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(prompt=PROMPT, height=64, width=64, latents=pack(noise), sigmas=sigmas[:-1].tolist(),
-                  guidance_scale=3.5, max_sequence_length=256, output_type="latent").images
+    return pipe
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_sampling_matches_diffusers_pipeline(files: dict[str, Path], clip: md.DitClip, variant: str) -> None:
+    """A txt2img run built from the family's hooks (Euler; dev with guidance 3.5 embedded) equals FluxPipeline's
+    on the same weights, noise and sigmas."""
+    from tui_diffusion.pipeline.schedules import calculate_sigmas
+
+    model = _model(files[variant])
+    sigmas = calculate_sigmas(model.model_sampling, "simple", 4)
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    emb, pooled = clip.encode_prompt(PROMPT)
+    ours = run(model, [[emb, {"pooled_output": pooled, "guidance": 3.5}]], None, 1.0, noise, sigmas)
+    theirs = _diffusers_pipeline(model)(
+        prompt=PROMPT, height=64, width=64, latents=pack(noise), sigmas=sigmas[:-1].tolist(), guidance_scale=3.5,
+        max_sequence_length=256, output_type="latent").images
     torch.testing.assert_close(pack(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_ksampler_node_matches_diffusers_pipeline(files: dict[str, Path], clip: md.DitClip, tmp_path: Path) -> None:
+    """The KSampler node (the project's sampling loop) on Flux dev with FluxGuidance at CFG 1, after
+    ModelSamplingFlux: ComfyUI's seeded noise and the resolution-shifted schedule give FluxPipeline's latent."""
+    from tests.test_dit_loaders import _ctx
+    from tui_diffusion.pipeline.registry import implementations
+    from tui_diffusion.pipeline.schedules import ksampler_sigmas
+
+    nodes = implementations()
+    ctx = _ctx(tmp_path, tmp_path)
+    (model,) = nodes["ModelSamplingFlux"](ctx, model=_model(files["dev"]), max_shift=1.15, base_shift=0.5,
+                                          width=64, height=64).outputs
+    (latent,) = nodes["EmptySD3LatentImage"](ctx, width=64, height=64, batch_size=1).outputs
+    emb, pooled = clip.encode_prompt(PROMPT)
+    (positive,) = nodes["FluxGuidance"](ctx, conditioning=[[emb, {"pooled_output": pooled}]], guidance=2.5).outputs
+    (out,) = nodes["KSampler"](ctx, model=model, seed=11, steps=3, cfg=1.0, sampler_name="euler", scheduler="simple",
+                               positive=positive, negative=positive, latent_image=latent).outputs
+    sigmas = ksampler_sigmas(model.model_sampling, "euler", "simple", 3, 1.0)
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(11))  # ComfyUI's prepare_noise
+    theirs = _diffusers_pipeline(model)(
+        prompt_embeds=emb, pooled_prompt_embeds=pooled, height=64, width=64, latents=pack(noise),
+        sigmas=sigmas[:-1].tolist(), guidance_scale=2.5, output_type="latent").images
+    torch.testing.assert_close(pack(model.family.latent_format.process_in(out["samples"])), theirs,
+                               rtol=1e-4, atol=1e-4)
 
 
 # -- the shipped workflows, on tiny files under the names they expect -------------------------------------------------

@@ -140,30 +140,17 @@ def test_transformer_only_file_in_checkpoints_is_a_clear_error(files: dict[str, 
         md.load_dit_checkpoint(files["transformer"], read_header(files["transformer"]), CPU, tmp_path)
 
 
-def test_sampling_matches_diffusers_pipeline(files: dict[str, Path], loaded: tuple) -> None:
-    """A txt2img run (CFG 4, Euler, SD3's shifted flow sigmas) equals StableDiffusion3Pipeline's on the same
-    weights, noise and sigmas."""
+def _diffusers_pipeline(model):
+    """diffusers' SD3 pipeline on the weights of the tiny files (CLIP-L's projection the identity, as diffusers
+    loads SD3's CLIP-L), with a plain Euler flow scheduler that takes the sigmas it is given."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
-
-    from tui_diffusion.pipeline.schedules import calculate_sigmas
-
-    model, clip = loaded
-    sigmas = calculate_sigmas(model.model_sampling, "simple", 4)
-    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    positive = [[*clip.encode_prompt(PROMPT)]]
-    negative = [[*clip.encode_prompt("")]]
-    positive = [[positive[0][0], {"pooled_output": positive[0][1]}]]
-    negative = [[negative[0][0], {"pooled_output": negative[0][1]}]]
-    ours = run(model, positive, negative, 4.0, noise, sigmas)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     encoders = w.build_text_encoders()
     clip_l = CLIPTextModelWithProjection(encoders["clip_l"].config)
     clip_l.text_model.load_state_dict(encoders["clip_l"].state_dict(), strict=False)
     with torch.no_grad():
         clip_l.text_projection.weight.copy_(torch.eye(32))  # SD3's CLIP-L pooled output is unprojected
-    from transformers import CLIPTokenizer
-
     tok_l = CLIPTokenizer.from_pretrained(str(md.config_dir("clip_tokenizer")), model_max_length=77)
     tok_g = CLIPTokenizer.from_pretrained(str(md.config_dir("clip_tokenizer")), model_max_length=77, pad_token="!")
     pipe = StableDiffusion3Pipeline(
@@ -172,7 +159,46 @@ def test_sampling_matches_diffusers_pipeline(files: dict[str, Path], loaded: tup
         text_encoder_2=encoders["clip_g"], tokenizer_2=tok_g, text_encoder_3=encoders["t5xxl"],
         tokenizer_3=md.t5_tokenizer())
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(prompt=PROMPT, negative_prompt="", height=64, width=64, latents=noise.clone(),
-                  sigmas=sigmas[:-1].tolist(), guidance_scale=4.0, max_sequence_length=77,
-                  output_type="latent").images
+    return pipe
+
+
+def test_sampling_matches_diffusers_pipeline(files: dict[str, Path], loaded: tuple) -> None:
+    """A txt2img run built from the family's hooks (CFG 4, Euler, SD3's shifted flow sigmas) equals
+    StableDiffusion3Pipeline's on the same weights, noise and sigmas."""
+    from tui_diffusion.pipeline.schedules import calculate_sigmas
+
+    model, clip = loaded
+    sigmas = calculate_sigmas(model.model_sampling, "simple", 4)
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    (emb, pooled), (n_emb, n_pooled) = clip.encode_prompt(PROMPT), clip.encode_prompt("")
+    ours = run(model, [[emb, {"pooled_output": pooled}]], [[n_emb, {"pooled_output": n_pooled}]], 4.0, noise, sigmas)
+    theirs = _diffusers_pipeline(model)(
+        prompt=PROMPT, negative_prompt="", height=64, width=64, latents=noise.clone(), sigmas=sigmas[:-1].tolist(),
+        guidance_scale=4.0, max_sequence_length=77, output_type="latent").images
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_ksampler_node_matches_diffusers_pipeline(loaded: tuple, tmp_path: Path) -> None:
+    """The KSampler node (the project's sampling loop) on an SD3 model: ComfyUI's seeded noise, the sgm_uniform
+    schedule and CFG give StableDiffusion3Pipeline's latent on the same weights, noise and sigmas."""
+    from tests.test_dit_loaders import _ctx
+    from tui_diffusion.pipeline.registry import implementations
+    from tui_diffusion.pipeline.schedules import ksampler_sigmas
+
+    nodes = implementations()
+    ctx = _ctx(tmp_path, tmp_path)
+    model, clip = loaded
+    (latent,) = nodes["EmptySD3LatentImage"](ctx, width=64, height=64, batch_size=1).outputs
+    emb, pooled = clip.encode_prompt(PROMPT)
+    positive = [[emb, {"pooled_output": pooled}]]
+    (negative,) = nodes["ConditioningZeroOut"](ctx, conditioning=positive).outputs
+    (out,) = nodes["KSampler"](ctx, model=model, seed=7, steps=3, cfg=3.5, sampler_name="euler",
+                               scheduler="sgm_uniform", positive=positive, negative=negative,
+                               latent_image=latent).outputs
+    sigmas = ksampler_sigmas(model.model_sampling, "euler", "sgm_uniform", 3, 1.0)
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))  # ComfyUI's prepare_noise
+    pipe = _diffusers_pipeline(model)
+    theirs = pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(emb),
+                  negative_pooled_prompt_embeds=torch.zeros_like(pooled), height=64, width=64, latents=noise,
+                  sigmas=sigmas[:-1].tolist(), guidance_scale=3.5, output_type="latent").images
+    torch.testing.assert_close(model.family.latent_format.process_in(out["samples"]), theirs, rtol=1e-4, atol=1e-4)
