@@ -170,6 +170,19 @@ def test_loader_and_conditioning_nodes(models_root: Path, tmp_path: Path) -> Non
         nodes["UNETLoader"](ctx, unet_name="missing.safetensors")
 
 
+def test_checkpoint_loader_takes_all_in_one_files(models_root: Path, tmp_path: Path) -> None:
+    """CheckpointLoaderSimple loads an all-in-one Flux checkpoint through the Flux family (MODEL, CLIP, VAE)."""
+    from tui_diffusion.pipeline.models_dit import DitClip
+    from tui_diffusion.pipeline.registry import implementations
+
+    w.write_flux_checkpoint(models_root / "checkpoints" / "flux1-schnell-fp8.safetensors", w.TinyFlux(guidance=False),
+                            dtype="fp8_e4m3fn")
+    model, clip, vae = implementations()["CheckpointLoaderSimple"](
+        _ctx(models_root, tmp_path), ckpt_name="flux1-schnell-fp8.safetensors").outputs
+    assert model.family.id == "flux" and isinstance(clip, DitClip) and clip.kind == "flux"
+    assert vae.latent_channels == 16 and clip.embeddings_dir == models_root / "embeddings"
+
+
 def test_unet_loader_refuses_a_file_without_a_transformer(models_root: Path, tmp_path: Path) -> None:
     from tui_diffusion.pipeline.errors import NodeError
     from tui_diffusion.pipeline.registry import implementations

@@ -302,6 +302,8 @@ class DitClip(ClipHandle):
     """CLIP for SD3 (CLIP-L, CLIP-G, T5; any may be absent, as in ComfyUI) or Flux (CLIP-L and T5).
 
     ``encoders`` holds the CLIPs (so code written for CLIPs sees them); ``kind`` says how outputs combine.
+    CLIPTextEncode must hand such a CLIP's prompt to ``encode_prompt`` (the contract with ``pipeline/nodes.py``):
+    the CLIP-only encoding of the SD families would leave T5 out. Textual-inversion embeddings are not read here.
     """
 
     kind: str = "sd3"
