@@ -143,3 +143,260 @@ def test_a_pickle_checkpoint_is_never_unpickled(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a safetensors file|header"):
         load_checkpoint(renamed, resolve_device(DevicePolicy("cpu")), tmp_path)
     assert not marker.exists()
+
+
+# -- every parser: a clear error or a result, never another exception, never a hang (issue 14) ----------------
+# Each test below is bounded (max_examples) so that together they add well under 40 s to a CI run; a per-example
+# deadline catches a hang (the old A1111 field regex was cubic, deep JSON blew the stack).
+FUZZ = settings(max_examples=120, deadline=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                           HealthCheck.too_slow])
+nesting = st.integers(0, 3000).map(lambda d: "[" * d + "]" * d)
+big_ints = st.integers(1, 6000).map(lambda n: "9" * n)
+json_texts = st.one_of(
+    st.builds(lambda v: __import__("json").dumps(v), st.one_of(workflows, values)),
+    st.builds(lambda d, v: '{"3": {"class_type": "KSampler", "inputs": {"seed": %s}}}' % (d or v), nesting, big_ints),
+    st.text(max_size=200),
+)
+
+
+def _is_clear(message: str, source: str) -> bool:
+    """A message a user can act on: it names the file and carries no raw control characters."""
+    return source in message and "Traceback" not in message
+
+
+@FUZZ
+@given(content=st.one_of(json_texts.map(str.encode), st.binary(max_size=300)))
+def test_fuzz_workflow_files(content: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "fuzz.json"
+    path.write_bytes(content)
+    try:
+        wf = Workflow.load(path)
+    except WorkflowError as exc:
+        assert _is_clear(str(exc), "fuzz.json"), exc
+        return
+    for issue in validate_workflow(wf):
+        assert str(issue)
+
+
+anything = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                        max_leaves=12)
+ui_like = st.fixed_dictionaries({"nodes": st.lists(st.one_of(ui_nodes, anything), max_size=5),
+                                 "links": st.one_of(st.lists(st.one_of(ui_links, anything), max_size=6), anything)},
+                                optional={"definitions": anything})
+
+
+@FUZZ
+@given(data=ui_like)
+def test_fuzz_ui_shaped_garbage_imports_and_exports_or_is_refused(data: dict) -> None:
+    from tui_diffusion.graph.ui_format import api_to_ui
+
+    try:
+        wf = Workflow.from_data(data, "fuzz-ui.json")
+    except WorkflowError as exc:
+        assert _is_clear(str(exc), "fuzz-ui.json"), exc
+        return
+    api_to_ui(wf.to_data())  # what 'export' does with it
+
+
+def _png_with(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    from tests.test_attack_inputs import _chunk
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(kind, data) for kind, data in chunks)
+
+
+chunk_kinds = st.one_of(st.sampled_from([b"IHDR", b"tEXt", b"zTXt", b"iTXt", b"IDAT", b"IEND"]),
+                        st.binary(min_size=4, max_size=4))
+text_payloads = st.one_of(
+    st.builds(lambda k, t: k + b"\0" + t, st.sampled_from([b"prompt", b"workflow", b"parameters", b"x"]),
+              st.one_of(json_texts.map(lambda s: s.encode("utf-8", "replace")), st.binary(max_size=100))),
+    st.binary(max_size=100))
+
+
+@FUZZ
+@given(chunks=st.lists(st.tuples(chunk_kinds, text_payloads), max_size=6), cut=st.integers(0, 400),
+       flips=st.lists(st.tuples(st.integers(8, 400), st.integers(0, 255)), max_size=3))
+def test_fuzz_png_chunks(chunks: list, cut: int, flips: list, tmp_path: Path) -> None:
+    from tests.test_attack_inputs import png_bytes
+
+    raw = bytearray(_png_with(chunks) if chunks else png_bytes(text={"prompt": "{}"}))
+    for at, byte in flips:
+        if at < len(raw):
+            raw[at] = byte
+    path = tmp_path / "fuzz.png"
+    path.write_bytes(bytes(raw[: max(cut, 8)] if cut < len(raw) else raw))
+    try:
+        Workflow.load(path)
+    except WorkflowError as exc:
+        assert _is_clear(str(exc), "fuzz.png"), exc
+
+
+field_keys = st.one_of(st.sampled_from(["Steps", "Seed", "Size", "CFG scale", "Sampler", "Schedule type", "Model",
+                                        "Denoising strength", "Lora hashes"]), st.text(max_size=8))
+field_values = st.one_of(st.text(max_size=12), big_ints, st.integers(-10**30, 10**30).map(str),
+                         st.builds(lambda a, b: f"{a}x{b}", st.integers(-5, 10**12), st.integers(0, 10**12)),
+                         st.text(max_size=10).map(lambda t: f'"{t}"'), st.just(" " * 3000))
+a1111_texts = st.one_of(
+    st.text(max_size=300),
+    st.builds(lambda prompt, negative, fields: prompt + ("\nNegative prompt: " + negative if negative else "")
+              + "\nSteps: " + ", ".join(f"{k}: {v}" for k, v in fields),
+              st.text(max_size=40), st.text(max_size=20), st.lists(st.tuples(field_keys, field_values), max_size=8)))
+
+
+@FUZZ
+@given(text=a1111_texts)
+def test_fuzz_a1111_parameters(text: str) -> None:
+    from tui_diffusion.graph.a1111 import parse_parameters, txt2img_from_parameters
+
+    assert isinstance(parse_parameters(text)["fields"], dict)
+    wf = Workflow.from_data(txt2img_from_parameters(text), "a1111")
+    for issue in validate_workflow(wf):
+        assert str(issue)
+
+
+dtypes = st.one_of(st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL"]), st.text(max_size=5))
+dims = st.one_of(st.integers(0, 8), st.integers(-3, 2**70), st.text(max_size=3), st.booleans(), st.floats(), st.none())
+tensor_names = st.one_of(st.sampled_from(["model.diffusion_model.input_blocks.0.0.weight",
+                                          "cond_stage_model.transformer.text_model.x", "__metadata__",
+                                          "conditioner.embedders.1.model.x", "model.diffusion_model.x"]),
+                         st.text(max_size=10))
+entries = st.one_of(
+    st.fixed_dictionaries({"dtype": dtypes, "shape": st.one_of(st.lists(dims, max_size=5), anything),
+                           "data_offsets": st.one_of(st.lists(dims, min_size=2, max_size=2), anything)}),
+    anything)
+
+
+@FUZZ
+@given(header=st.one_of(st.dictionaries(tensor_names, entries, max_size=5).map(lambda h: __import__("json").dumps(h)),
+                        json_texts, nesting),
+       raw=st.binary(max_size=40), data_len=st.integers(0, 64), length_delta=st.integers(-4, 4))
+def test_fuzz_safetensors_headers(header: str, raw: bytes, data_len: int, length_delta: int,
+                                  tmp_path: Path) -> None:
+    import struct
+
+    from tui_diffusion.modelfiles.describe import describe_checkpoint
+    from tui_diffusion.modelfiles.header import CheckpointError, read_header
+
+    body = header.encode("utf-8", "replace") if header else raw
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(struct.pack("<Q", max(0, len(body) + length_delta)) + body + b"\0" * data_len)
+    try:
+        read_header(path)
+    except CheckpointError as exc:
+        assert _is_clear(str(exc), "fuzz.safetensors"), exc
+    row = describe_checkpoint(path, "fuzz.safetensors")  # what 'models' shows: never raises
+    assert row["name"] == "fuzz.safetensors" and (row["error"] is None or isinstance(row["error"], str))
+
+
+yaml_kinds = st.sampled_from(["base_path", "checkpoints", "loras", "vae", "embeddings", "upscale_models", "other"])
+yaml_docs = st.one_of(
+    st.text(max_size=200),
+    st.dictionaries(st.text(max_size=8), st.one_of(st.dictionaries(yaml_kinds, anything, max_size=4), anything),
+                    max_size=3).map(lambda d: __import__("yaml").safe_dump(d)),
+    st.integers(0, 1100).map(lambda d: "[" * d + "]" * d),  # PyYAML is slow on deep nesting: just past the stack
+    big_ints.map(lambda n: f"a:\n  checkpoints: {n}\n"), st.binary(max_size=60).map(
+        lambda b: b.decode("latin-1")))
+
+
+@settings(FUZZ, max_examples=60)
+@given(doc=yaml_docs)
+def test_fuzz_extra_model_paths_yaml(doc: str, tmp_path: Path) -> None:
+    from tui_diffusion.config import ConfigError, Settings, resolve
+
+    path = tmp_path / "extra_model_paths.yaml"
+    path.write_text(doc, encoding="utf-8", errors="surrogateescape")
+    base = resolve({})
+    try:
+        Settings({**base.values, "extra_model_paths": path}, base.sources).model_paths()
+    except ConfigError as exc:
+        assert "extra_model_paths.yaml" in str(exc), exc
+
+
+def _toml_value(value: object) -> str:
+    """A TOML rendering of a JSON-like value (tomllib reads TOML; nothing in the standard library writes it)."""
+    import json
+    import math
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    return '""'
+
+
+setting_names = st.one_of(st.sampled_from(["models_dir", "output_dir", "device", "memory", "precision",
+                                           "max_checkpoints", "compile", "allow_pickle", "max_side", "max_batch",
+                                           "max_prompt_chars", "theme", "extra_model_paths"]), st.text(max_size=6))
+toml_docs = st.one_of(
+    st.text(max_size=200),
+    st.dictionaries(setting_names, st.one_of(anything.filter(lambda v: v is not None), big_ints, st.floats()),
+                    max_size=5).map(lambda d: "\n".join(f"{__import__('json').dumps(k)} = {_toml_value(v)}"
+                                                        for k, v in d.items() if v is not None)),
+    nesting.map(lambda n: f"max_side = {n or 1}"), big_ints.map(lambda n: f"max_side = {n}"),
+    st.binary(max_size=60).map(lambda b: b.decode("latin-1")))
+
+
+@FUZZ
+@given(doc=toml_docs, env=st.one_of(st.none(), st.text(max_size=30), big_ints))
+def test_fuzz_toml_settings_file_and_environment(doc: str, env: str | None, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from tui_diffusion.config import ConfigError, resolve
+
+    path = tmp_path / "config.toml"
+    path.write_text(doc, encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setenv("TUI_DIFFUSION_CONFIG", str(path))
+    if env is None or "\0" in env:
+        monkeypatch.delenv("TUI_DIFFUSION_MAX_SIDE", raising=False)
+    else:
+        monkeypatch.setenv("TUI_DIFFUSION_MAX_SIDE", env)
+    try:
+        resolved = resolve()
+    except ConfigError as exc:
+        assert "config.toml" in str(exc) or "TUI_DIFFUSION_MAX_SIDE" in str(exc), exc
+        return
+    assert isinstance(resolved.values["max_side"], int) and resolved.values["max_side"] >= 1
+    resolved.limits()
+
+
+message_fields = st.one_of(anything, st.text(max_size=200), st.integers(), workflows)
+
+
+@FUZZ
+@given(kind=st.sampled_from(["SubmitJob", "CancelJob", "MoveJob", "StopServer"]), job_id=message_fields,
+       workflow=message_fields, previews=message_fields, flips=st.lists(st.tuples(st.integers(0, 2000),
+                                                                                 st.integers(0, 255)), max_size=3))
+def test_fuzz_server_messages_decoded_from_bytes(kind: str, job_id: object, workflow: object, previews: object,
+                                                 flips: list) -> None:
+    """What the server does with a key holder's bytes: unpickle (any failure there costs only that client
+    its connection: the server catches it), then ``invalid_command``, which must answer for any object."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from tui_diffusion import messages as m
+    from tui_diffusion.server import invalid_command
+
+    cls = getattr(m, kind)
+    message = {"SubmitJob": lambda: cls(job_id, workflow, previews), "StopServer": cls}.get(kind, lambda: cls(job_id))()
+    raw = bytearray(pickle.dumps(message))
+    for at, byte in flips:
+        if at < len(raw):
+            raw[at] = byte
+    try:
+        decoded = ForkingPickler.loads(bytes(raw))
+    except Exception:  # noqa: BLE001 - the server's reader catches every decoding failure
+        return
+    why = invalid_command(decoded)
+    assert why is None or isinstance(why, str)
+    if why is None and isinstance(decoded, m.SubmitJob):  # accepted: the worker reads it as a workflow
+        try:
+            Workflow.from_data(decoded.workflow, "socket")
+        except WorkflowError as exc:
+            assert _is_clear(str(exc), "socket"), exc

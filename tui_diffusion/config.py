@@ -16,6 +16,7 @@ import platformdirs
 
 from tui_diffusion.paths import ModelPaths, PathError, read_extra_model_paths
 from tui_diffusion.settings import MEMORY_MODES, PRECISIONS, DevicePolicy, Limits, WorkerConfig
+from tui_diffusion.text import printable
 
 CONFIG_ENV = "TUI_DIFFUSION_CONFIG"
 
@@ -75,13 +76,43 @@ def _convert(setting: Setting, raw: Any, where: str) -> Any:
             return True
         if text in ("0", "false", "no", "off", ""):
             return False
-        raise ConfigError(f"{where}: {setting.name} = {raw!r} is not true or false")
+        raise ConfigError(f"{where}: {setting.name} = {_shown(raw)} is not true or false")
+    if setting.kind is int:
+        return _whole_number(setting, raw, where)
+    if not isinstance(raw, (str, os.PathLike)):  # a TOML number, table or list where text or a path belongs
+        raise ConfigError(f"{where}: {setting.name} = {_shown(raw)} is not a {setting.kind.__name__}")
     try:
         value = setting.kind(raw) if setting.kind is not str else str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {setting.name} = {raw!r} is not a {setting.kind.__name__}") from None
+        raise ConfigError(f"{where}: {setting.name} = {_shown(raw)} is not a {setting.kind.__name__}") from None
+    if setting.kind is Path and "\0" in str(value):
+        raise ConfigError(f"{where}: {setting.name} = {_shown(raw)}: a path cannot hold a NUL character")
     if setting.choices and value not in setting.choices:
-        raise ConfigError(f"{where}: {setting.name} = {raw!r} is not one of {', '.join(setting.choices)}")
+        raise ConfigError(f"{where}: {setting.name} = {_shown(raw)} is not one of {', '.join(setting.choices)}")
+    return value
+
+
+def _shown(raw: Any) -> str:
+    """A value as a message quotes it: escaped and cut short (a settings file can hold anything)."""
+    text = printable(repr(raw))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _whole_number(setting: Setting, raw: Any, where: str) -> int:
+    """A count or a limit: a whole number of at least 1, from TOML (an integer, or a float such as 4096.0)
+    or from text (an option, the environment). Infinity, NaN, 2.5, true and 5000-digit strings are refused."""
+    value: Any = raw
+    if isinstance(raw, str) and len(raw.strip()) <= 20:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = None
+    elif isinstance(raw, float) and raw.is_integer():
+        value = int(raw)
+    if type(value) is not int:
+        raise ConfigError(f"{where}: {setting.name} = {_shown(raw)} is not a whole number")
+    if value < 1:
+        raise ConfigError(f"{where}: {setting.name} = {value} must be at least 1")
     return value
 
 
@@ -93,10 +124,16 @@ class Settings:
     def model_paths(self) -> ModelPaths:
         extra: tuple = ()
         if self.values["extra_model_paths"] is not None:
+            file = Path(self.values["extra_model_paths"])
             try:
-                extra = read_extra_model_paths(Path(self.values["extra_model_paths"]))
+                extra = read_extra_model_paths(file)
             except PathError as exc:
-                raise ConfigError(str(exc)) from None
+                raise ConfigError(printable(str(exc))) from None
+            except RecursionError:
+                raise ConfigError(f"{file}: not an extra_model_paths.yaml (nested too deeply)") from None
+            except (ValueError, TypeError) as exc:  # not UTF-8, a 5000-digit number, a key YAML cannot hash
+                raise ConfigError(f"{file}: not an extra_model_paths.yaml ({type(exc).__name__}: "
+                                  f"{printable(str(exc).split(';')[0])})") from None
         return ModelPaths(self.values["models_dir"], self.values["input_dir"], extra)
 
     def worker_config(self) -> WorkerConfig:
@@ -126,11 +163,18 @@ def resolve(options: dict[str, Any] | argparse.Namespace | None = None) -> Setti
     if file.is_file():
         try:
             from_file = tomllib.loads(file.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{file}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file}: not a TOML settings file (not UTF-8 text)") from None
+        except RecursionError:
+            raise ConfigError(f"{file}: not a TOML settings file (nested too deeply)") from None
+        except ValueError as exc:  # TOMLDecodeError, or an integer of over 4300 digits
+            raise ConfigError(f"{file}: not a TOML settings file: {printable(str(exc).split(';')[0])}") from None
         unknown = sorted(set(from_file) - set(BY_NAME))
         if unknown:
-            raise ConfigError(f"{file}: unknown setting(s): {', '.join(unknown)} (known: {', '.join(BY_NAME)})")
+            raise ConfigError(f"{file}: unknown setting(s): {printable(', '.join(unknown))} "
+                              f"(known: {', '.join(BY_NAME)})")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for s in SETTINGS:
