@@ -527,6 +527,22 @@ async def test_a_key_queued_behind_the_one_closing_a_dialog_leaves_the_main_scre
         dialog.action_cancel()
         await settle(pilot)
         assert type(app.screen).__name__ == "MainScreen"
+        assert dialog.check_action("into_list", ()) is False  # a queued "down" finds no list: it does nothing
+
+
+async def test_a_second_escape_to_the_command_palette_leaves_the_main_screen(home: Path) -> None:
+    """Textual's palette pops whatever screen is on top when it closes; the app never lets that be the editor."""
+    app = make_app(home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+p")
+        await settle(pilot)
+        palette = app.screen
+        assert type(palette).__name__ == "CommandPalette"
+        palette._action_escape()
+        palette._action_escape()
+        await settle(pilot)
+        assert type(app.screen).__name__ == "MainScreen"
 
 
 async def test_a_ui_error_keeps_the_workflow_and_logs_instead_of_a_traceback(home: Path,

@@ -147,11 +147,14 @@ def test_key_storm_against_the_real_app_in_tmux(home: Path) -> None:
             time.sleep(rng.uniform(0.05, 0.2))  # about eight keys a second
             if time.monotonic() > next_check:
                 next_check = time.monotonic() + 5
-                assert _tmux_alive(), _tmux("capture-pane", "-p", "-S", "-200")
+                logs = list((state / "logs").glob("crash-*.log"))
+                assert _tmux_alive() and not logs, "\n".join(log.read_text()[-3000:] for log in logs) or \
+                    _tmux("capture-pane", "-p", "-S", "-200")
         time.sleep(1)
         screen = _tmux("capture-pane", "-p", "-S", "-200")
         assert _tmux_alive() and "Traceback" not in screen and "internal error" not in screen, screen
-        assert not list((state / "logs").glob("crash-*.log")), "a UI error was logged"
+        logs = list((state / "logs").glob("crash-*.log"))
+        assert not logs, "a UI error was logged:\n" + "\n".join(log.read_text()[-3000:] for log in logs)
         _tmux("resize-window", "-x", "100", "-y", "30")
         for _ in range(4):  # close whatever dialog, palette or help is open; then the main screen answers
             _tmux("send-keys", "Escape")

@@ -200,6 +200,15 @@ class TuiDiffusionApp(App):
             yield SystemCommand(label, f"{label} (node tree)",
                                 lambda a=action: main.post_message(_tree_request(main, a)))
 
+    def pop_screen(self) -> Any:
+        """Never the main screen: a key queued behind the one that closed the command palette (or any
+        screen that pops itself) would otherwise pop the editor too and leave a blank terminal."""
+        if self.main_screen is not None and self.screen is self.main_screen:
+            from textual.await_complete import AwaitComplete
+
+            return AwaitComplete.nothing()
+        return super().pop_screen()
+
     def _fatal_error(self) -> None:
         """A bug in UI code (Textual then exits): keep the workflow and the traceback in files and say where,
         rather than drawing a traceback over the terminal."""

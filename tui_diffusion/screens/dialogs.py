@@ -35,6 +35,12 @@ class DismissOnce:
         self._dismissed = True
         return super().dismiss(result)  # type: ignore[misc]
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Keys that reach a closing screen do nothing (its widgets may already be gone)."""
+        if getattr(self, "_dismissed", False):
+            return False
+        return super().check_action(action, parameters)  # type: ignore[misc]
+
 
 class Dialog(DismissOnce, ModalScreen):
     DEFAULT_CSS = _CSS
@@ -67,20 +73,25 @@ class ChoiceDialog(Dialog):
 
     @on(Input.Changed)
     def _filter(self, event: Input.Changed) -> None:
-        options = self.query_one(OptionList)
+        if not (found := self.query(OptionList)):
+            return  # closing: its widgets are going
+        options = found.first()
         options.clear_options()
         options.add_options(self._matching(event.value))
         options.highlighted = 0 if options.option_count else None
 
     @on(Input.Submitted)
     def _submit(self, event: Input.Submitted) -> None:
-        options = self.query_one(OptionList)
+        if not (found := self.query(OptionList)):
+            return
+        options = found.first()
         if options.option_count:
             index = options.highlighted if options.highlighted is not None else 0
             self.dismiss(options.get_option_at_index(index).id)
 
     def action_into_list(self) -> None:
-        self.query_one(OptionList).focus()
+        for options in self.query(OptionList):
+            options.focus()
 
     @on(OptionList.OptionSelected)
     def _chosen(self, event: OptionList.OptionSelected) -> None:

@@ -36,7 +36,7 @@ class MainScreen(Screen):
     DEFAULT_CSS = """
     #panels { height: 1fr; }
     #left { width: 30%; }
-    #tree { height: 1fr; border: round $primary; }
+    #tree { height: 1fr; border: round $primary; overflow-x: hidden; }
     #jump { display: none; border: round $accent; height: 3; }
     #form { width: 38%; border: round $primary; }
     #right { width: 1fr; }
@@ -55,10 +55,12 @@ class MainScreen(Screen):
     """
 
     BINDINGS = [
-        Binding("question_mark,f1", "help", "Help", tooltip="Show every key"),
+        # in footer order: what an 80-column footer must still show comes first
         Binding("ctrl+r,ctrl+enter", "queue", "Queue", priority=True, tooltip="Queue the workflow"),
+        Binding("f2", "switch_panels", "Image", priority=True,
+                tooltip="Switch editor / image and queue (small terminals)"),
         Binding("ctrl+x", "interrupt", "Interrupt", priority=True, tooltip="Interrupt the running job"),
-        Binding("f2", "switch_panels", "Panels", priority=True, tooltip="Switch editor / images (small terminals)"),
+        Binding("question_mark,f1", "help", "Help", tooltip="Show every key"),
         Binding("v", "full_view", "View", tooltip="Show the current image full-size"),
         Binding("ctrl+b", "queue_many", "Queue N", priority=True, tooltip="Queue N copies with the next seeds"),
         Binding("ctrl+z", "undo", "Undo", priority=True, tooltip="Undo the last edit"),
@@ -176,8 +178,15 @@ class MainScreen(Screen):
 
     def _apply_size(self, width: int) -> None:
         panels = self.query_one("#panels")
+        if panels.has_class("narrow") != (width < NARROW):
+            self.refresh_bindings()  # f2 is offered only where it switches something
         panels.set_class(width < NARROW, "narrow")
         panels.set_class(NARROW <= width < WIDE, "medium")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "switch_panels" and (panels := self.query("#panels")):
+            return panels.first().has_class("narrow")
+        return True
 
     # -- refresh helpers ---------------------------------------------------------------------------------------
     def revalidate(self) -> None:

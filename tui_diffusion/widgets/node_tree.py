@@ -76,7 +76,8 @@ def find_nodes(doc: WorkflowDocument, query: str) -> list[str]:
 class NodeTree(Tree[Data]):
     BINDINGS = [
         Binding("a", "add_node", "Add node", tooltip="Add a node of a chosen type"),
-        Binding("delete,x", "delete_node", "Delete node", tooltip="Delete the selected node and its links"),
+        Binding("delete,x", "delete_node", "Delete node", show=False,
+                tooltip="Delete the selected node and its links"),
         Binding("r", "rename_node", "Rename", show=False, tooltip="Rename the selected node"),
         Binding("right,l", "open_node", "Open", show=False, tooltip="Open the node (again: to its first input)"),
         Binding("left,h", "close_node", "Close", show=False, tooltip="Close the node (again: to its parent)"),

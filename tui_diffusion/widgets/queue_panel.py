@@ -55,18 +55,34 @@ class QueuePanel(DataTable):
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
-        self.add_columns("#", "state", "job", "progress")
+        self._columns = self.add_columns("#", "state", "job", "progress")
+        self._order: list[str] = []
+
+    @staticmethod
+    def _cells(job: JobRecord) -> tuple[str, Text, Text, Text]:
+        label = Text(job.label)
+        if job.worker:  # a pool or Ray: which worker or actor has it
+            label.append(f" · {job.worker}", style="dim")
+        return str(job.number), Text(job.status, style=_STYLE.get(job.status, "")), label, describe(job)
 
     def show(self, jobs: list[JobRecord], selected: str | None) -> None:
+        """Cells update in place while the jobs are the same, in the same order (progress, state); the rows
+        are laid out again only when a job comes, goes or moves."""
+        order = [j.job_id for j in jobs]
+        if order == self._order:
+            for job in jobs:
+                for column, value in zip(self._columns, self._cells(job), strict=True):
+                    if str(self.get_cell(job.job_id, column)) != str(value):
+                        self.update_cell(job.job_id, column, value)
+            if selected is not None and selected != self.selected_job():
+                self.move_cursor(row=self.get_row_index(selected))
+            return
         keep = selected or self.selected_job()
         self.clear()
+        self._order = order
         for job in jobs:
-            label = Text(job.label)
-            if job.worker:  # a pool or Ray: which worker or actor has it
-                label.append(f" · {job.worker}", style="dim")
-            self.add_row(str(job.number), Text(job.status, style=_STYLE.get(job.status, "")), label,
-                         describe(job), key=job.job_id)
-        if keep is not None and keep in {j.job_id for j in jobs}:
+            self.add_row(*self._cells(job), key=job.job_id)
+        if keep is not None and keep in order:
             self.move_cursor(row=self.get_row_index(keep))
 
     def selected_job(self) -> str | None:
