@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from tui_diffusion.pipeline.upscale import (
 from tui_diffusion.settings import DevicePolicy
 
 CPU = resolve_device(DevicePolicy("cpu"))
+# spandrel is the optional "upscale" extra (.ci/run installs it); imported here through spandrel_module, which
+# also works where torchvision cannot be imported
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("spandrel") is None, reason="spandrel is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +231,13 @@ def test_workflow_upscales_a_loaded_image(arch: object, tmp_path: Path) -> None:
     data["2"]["inputs"]["model_name"] = "missing.safetensors"
     with pytest.raises(JobError, match="missing.safetensors"):
         run(Executor(engine), data)
+
+
+def test_no_torchvision_stand_in_is_left_behind() -> None:
+    """Where torchvision cannot be imported spandrel loads with a stand-in for it; afterwards the name is free
+    again, so transformers and diffusers do not mistake the stand-in for torchvision."""
+    import sys
+
+    spandrel_module()
+    assert "torchvision" not in sys.modules or hasattr(sys.modules["torchvision"], "__version__")
+    assert "spandrel" in sys.modules
