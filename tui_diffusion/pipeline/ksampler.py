@@ -138,20 +138,23 @@ class Denoiser:
 
 
 def run_sampler(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.Tensor, noise_seed: int,
-                add_noise: bool, positive: list, negative: list | None, cfg: float, latent_image: dict) -> dict:
+                add_noise: bool, positive: list, negative: list | None, cfg: float, latent_image: dict,
+                denoised_out: dict | None = None) -> dict:
     """Sample ``latent_image`` along ``sigmas`` with one of ComfyUI's samplers (KSampler, KSamplerAdvanced and
-    the custom sampling nodes all end here). ``negative`` None: no unconditional branch (BasicGuider)."""
+    the custom sampling nodes all end here). ``negative`` None: no unconditional branch (BasicGuider).
+    ``denoised_out`` receives the last step's denoised prediction (model space) under ``"x0"``."""
     if sampler_name not in SAMPLERS:
         raise NodeError(f"unknown sampler {sampler_name!r}")
     if len(sigmas) < 2:
         return {**latent_image, "samples": latent_image["samples"].clone()}
     with in_use(model.unet), patched({"unet": model.unet}, list(model.patches)):
-        return _run(ctx, model, sampler_name, sigmas, noise_seed, add_noise, positive, negative, cfg, latent_image)
+        return _run(ctx, model, sampler_name, sigmas, noise_seed, add_noise, positive, negative, cfg, latent_image,
+                    denoised_out if denoised_out is not None else {})
 
 
 @torch.inference_mode()
 def _run(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.Tensor, seed: int, add_noise: bool,
-         positive: list, negative: list | None, cfg: float, latent_image: dict) -> dict:
+         positive: list, negative: list | None, cfg: float, latent_image: dict, denoised_out: dict) -> dict:
     fmt = model.family.latent_format
     samples = latent_image["samples"].float()
     if samples.shape[1] != fmt.channels:
@@ -171,6 +174,7 @@ def _run(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.
 
     def callback(i: int, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> None:
         ctx.check_interrupt()
+        denoised_out["x0"] = denoised
         ctx.report(i + 1, total, latent_preview(denoised, fmt) if ctx.want_previews else None)
 
     ctx.check_interrupt()

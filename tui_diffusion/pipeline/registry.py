@@ -38,6 +38,7 @@ def implementations() -> dict[str, NodeFn]:
         nodes_latent,
         nodes_latent_ops,
         nodes_masks,
+        nodes_sampling,
         upscale,
     )
 
