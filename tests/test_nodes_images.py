@@ -203,3 +203,39 @@ def test_workflow_composites_and_finds_edges(tmp_path: Path) -> None:
     assert saved.shape == (40, 48, 3) and set(np.unique(saved)) == {0, 255}
     ys, xs = np.nonzero(saved[..., 0])
     assert ys.min() >= 10 and ys.max() <= 29 and xs.min() >= 14 and xs.max() <= 33  # around the pasted square
+
+
+def test_ui_format_widgets_map_to_the_inputs_in_comfyuis_order() -> None:
+    """A graph as ComfyUI's editor saves it: widget values are matched to the inputs in each node's declared
+    order, so the specs must list the widgets in ComfyUI's order."""
+    from tui_diffusion.graph.ui_format import ui_to_api
+
+    def n(node_id: int, kind: str, widgets: list, inputs: list | None = None) -> dict:
+        return {"id": node_id, "type": kind, "mode": 0, "widgets_values": widgets,
+                "inputs": [{"name": name, "type": t, "link": link} for name, t, link in inputs or []],
+                "outputs": []}
+
+    ui = {"nodes": [
+        n(1, "LoadImage", ["example.png", "image"]),
+        n(2, "UpscaleModelLoader", ["RealESRGAN_x4plus.pth"]),
+        n(3, "ImageUpscaleWithModel", [], [("upscale_model", "UPSCALE_MODEL", 1), ("image", "IMAGE", 2)]),
+        n(4, "ImagePadForOutpaint", [0, 128, 64, 8, 40], [("image", "IMAGE", 3)]),
+        n(5, "GrowMask", [-3, False], [("mask", "MASK", 4)]),
+        n(6, "ImageStitch", ["down", False, 4, "red"], [("image1", "IMAGE", 3)]),
+        n(7, "Canny", [0.2, 0.6, "cpu"], [("image", "IMAGE", 3)]),
+        n(8, "LatentCompositeMasked", [64, 32, True]),
+        n(9, "ImageScaleToTotalPixels", ["lanczos", 2.5, 8], [("image", "IMAGE", 3)]),
+    ], "links": [[1, 2, 0, 3, 0, "UPSCALE_MODEL"], [2, 1, 0, 3, 1, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"],
+                 [4, 4, 1, 5, 0, "MASK"]]}
+    api = ui_to_api(ui)
+    assert api["2"]["inputs"] == {"model_name": "RealESRGAN_x4plus.pth"}
+    assert api["3"]["inputs"] == {"upscale_model": ["2", 0], "image": ["1", 0]}
+    assert api["4"]["inputs"] == {"image": ["3", 0], "left": 0, "top": 128, "right": 64, "bottom": 8,
+                                  "feathering": 40}
+    assert api["5"]["inputs"] == {"mask": ["4", 1], "expand": -3, "tapered_corners": False}
+    assert {k: v for k, v in api["6"]["inputs"].items() if k != "image1"} == {
+        "direction": "down", "match_image_size": False, "spacing_width": 4, "spacing_color": "red"}
+    assert api["7"]["inputs"] == {"image": ["3", 0], "low_threshold": 0.2, "high_threshold": 0.6, "device": "cpu"}
+    assert api["8"]["inputs"] == {"x": 64, "y": 32, "resize_source": True}
+    assert api["9"]["inputs"] == {"image": ["3", 0], "upscale_method": "lanczos", "megapixels": 2.5,
+                                  "resolution_steps": 8}

@@ -241,3 +241,17 @@ def test_no_torchvision_stand_in_is_left_behind() -> None:
     spandrel_module()
     assert "torchvision" not in sys.modules or hasattr(sys.modules["torchvision"], "__version__")
     assert "spandrel" in sys.modules
+
+
+def test_upscaling_stops_between_tiles_when_interrupted(arch: object, tmp_path: Path) -> None:
+    from tui_diffusion.pipeline.errors import Interrupted
+
+    loaded = load_upscale_model(save_safetensors(compact(arch), tmp_path / "c.safetensors"))
+    calls: list[int] = []
+    runs: list[tuple[int, ...]] = []
+    loaded.model.register_forward_hook(lambda module, args, output: runs.append(tuple(args[0].shape)))
+    stop = NodeContext(engine_for(tmp_path), "1", {}, report=lambda step, total, _: calls.append(step),
+                       interrupted=lambda: len(calls) > 0)
+    with pytest.raises(Interrupted):
+        image_upscale_with_model(stop, loaded, torch.rand(1, 600, 40, 3))  # two 512-pixel tiles
+    assert calls == [1] and runs == [(1, 3, 512, 40)]  # the second tile never ran

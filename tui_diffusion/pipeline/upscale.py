@@ -250,8 +250,8 @@ def image_upscale_with_model(ctx: NodeContext, upscale_model: Any, image: torch.
         raise NodeError(f"this {upscale_model.architecture.name} model takes {upscale_model.input_channels}-channel "
                         f"images; the image has {image.shape[-1]} channels")
 
-    def progress(step: int, total: int) -> None:
-        ctx.check_interrupt()
+    def progress(step: int, total: int) -> None:  # after each tile: stop before the next one
         ctx.report(step, total, None)
+        ctx.check_interrupt()
 
     return NodeResult((upscale_image(upscale_model, image, ctx.engine.device.torch_device, progress=progress),))
