@@ -117,6 +117,52 @@ def test_a_5000_digit_integer_in_a_workflow_is_a_clear_error(tmp_path: Path) -> 
         Workflow.load(path)
 
 
+def test_integers_too_big_for_a_float_fail_validation_with_a_message() -> None:
+    from tui_diffusion.graph import validate_workflow
+
+    data = txt2img(**{"3.seed": 10**400, "3.cfg": 10**400, "5.width": -(10**400)})
+    issues = {(i.node_id, i.input): i.message for i in validate_workflow(Workflow.from_data(data))}
+    assert "above the maximum" in issues[("3", "seed")] and "above the maximum" in issues[("3", "cfg")]
+    assert "below the minimum" in issues[("5", "width")]
+
+
+@pytest.mark.parametrize("line", ["max_side = inf", "max_side = nan", "max_side = 2.5", "max_side = -4",
+                                  "max_side = " + "9" * 5000, "max_side = " + "[" * 3000 + "]" * 3000,
+                                  "max_batch = true", "theme = {a = 1}", "models_dir = [1, 2]",
+                                  'models_dir = "a\\u0000b"'],
+                         ids=["inf", "nan", "fraction", "negative", "5000-digits", "deep", "bool", "table", "list",
+                              "nul"])
+def test_bad_values_in_the_settings_file_are_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           line: str) -> None:
+    from tui_diffusion.config import ConfigError, resolve
+
+    (tmp_path / "config.toml").write_text(line + "\n")
+    monkeypatch.setenv("TUI_DIFFUSION_CONFIG", str(tmp_path / "config.toml"))
+    with pytest.raises(ConfigError, match="config.toml"):
+        resolve()
+
+
+def test_a_settings_file_that_is_not_utf8_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tui_diffusion.config import ConfigError, resolve
+
+    (tmp_path / "config.toml").write_bytes(b'theme = "\xff\xfe"\n')
+    monkeypatch.setenv("TUI_DIFFUSION_CONFIG", str(tmp_path / "config.toml"))
+    with pytest.raises(ConfigError, match="config.toml: not a TOML settings file"):
+        resolve()
+
+
+@pytest.mark.parametrize("content", [b"a:\n  checkpoints: " + b"9" * 5000 + b"\n", b"\xff\xfe: x\n",
+                                     b"[" * 1100 + b"]" * 1100], ids=["5000-digits", "not-utf8", "deep"])
+def test_an_unreadable_extra_model_paths_file_is_a_config_error(tmp_path: Path, content: bytes) -> None:
+    from tui_diffusion.config import ConfigError, Settings, resolve
+
+    path = tmp_path / "extra_model_paths.yaml"
+    path.write_bytes(content)
+    base = resolve({})
+    with pytest.raises(ConfigError, match="extra_model_paths.yaml"):
+        Settings({**base.values, "extra_model_paths": path}, base.sources).model_paths()
+
+
 def test_a_5000_digit_a1111_seed_is_ignored_not_a_traceback(tmp_path: Path) -> None:
     text = f"a fox\nSteps: 12, Seed: {'9' * 5000}, Size: {'9' * 5000}x64"
     api = txt2img_from_parameters(text)
@@ -270,7 +316,7 @@ def test_a_diffusers_folder_with_a_bad_model_index_is_listed_with_the_reason(tmp
     folder.mkdir()
     (folder / "model_index.json").write_text('{"_class_name": {"not": "a string"}}')
     row = describe_checkpoint(folder, "weird")
-    assert row["supported"] is False and "_class_name" in row["error"]
+    assert row["supported"] is False and "model_index.json" in row["error"]
 
 
 # -- item 12: names with control characters --------------------------------------------------------------------

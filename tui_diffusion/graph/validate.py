@@ -30,7 +30,7 @@ class ValidationIssue:
 
 
 def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+    return str(x) if isinstance(x, int) else str(int(x)) if x.is_integer() else str(x)  # no float(10**400)
 
 
 def check_value(spec: InputSpec, value: Any, models: ModelPaths | None = None,
@@ -44,7 +44,8 @@ def check_value(spec: InputSpec, value: Any, models: ModelPaths | None = None,
             return f"{value!r} is not an integer"
         value = int(value)
     elif t == FLOAT:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not math.isfinite(value)):  # an int is finite (and may not fit a float)
             return f"{value!r} is not a number"
     elif t == STRING:
         if not isinstance(value, str):
