@@ -154,6 +154,14 @@ def test_family_of_real_diffusers_configs(folder: str, family: str, prediction: 
     assert (info.family, info.prediction) == (family, prediction)
 
 
+@pytest.mark.parametrize(("folder", "family"), [("sd15", "sd1-inpaint"), ("sd21-v", "sd2-inpaint")])
+def test_a_nine_channel_unet_is_an_inpainting_model(tmp_path: Path, folder: str, family: str) -> None:
+    shutil.copytree(CONFIGS / folder, tmp_path / folder)
+    config = tmp_path / folder / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "in_channels": 9}))
+    assert diffusers_folder_family(tmp_path / folder).family == family
+
+
 @pytest.mark.parametrize(("config", "pipeline", "family"), [("sd3.5-medium", "StableDiffusion3Pipeline", "sd3"),
                                                             ("flux1-dev", "FluxPipeline", "flux")])
 def test_transformer_folders_are_recognised(tmp_path: Path, config: str, pipeline: str, family: str) -> None:
