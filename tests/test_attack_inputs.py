@@ -109,6 +109,29 @@ def test_exporting_a_long_chain_to_the_ui_format_does_not_recurse() -> None:
     assert columns[2999] > columns[1000] > columns[1]
 
 
+def _chain(n: int) -> dict:
+    """A latent upscaled n - 2 times, the links running from high ids to low (so that walks recurse deepest)."""
+    api = {str(n): {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    for i in range(n - 1, 1, -1):
+        api[str(i)] = {"class_type": "LatentUpscaleBy",
+                       "inputs": {"samples": [str(i + 1), 0], "upscale_method": "nearest-exact", "scale_by": 1.0}}
+    api["1"] = {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "x"}}
+    return api
+
+
+def test_a_chain_of_thousands_of_linked_nodes_is_refused_by_name() -> None:
+    """Validation and the executor walk links recursively: such a chain once ended in a RecursionError."""
+    with pytest.raises(WorkflowError, match=r"chain\.json: .*chain of more than 400 linked nodes"):
+        Workflow.from_data(_chain(3000), "chain.json")
+
+
+def test_a_chain_just_under_the_limit_validates() -> None:
+    from tui_diffusion.graph import validate_workflow
+
+    wf = Workflow.from_data(_chain(399))
+    assert not [i for i in validate_workflow(wf) if "cycle" in i.message]
+
+
 # -- item 7: integers of more than 4300 digits ---------------------------------------------------------------
 def test_a_5000_digit_integer_in_a_workflow_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "big.json"

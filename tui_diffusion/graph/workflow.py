@@ -47,6 +47,41 @@ def nesting_error(data: Any, limit: int = MAX_DEPTH) -> str | None:
     return None
 
 
+#: the longest chain of linked nodes accepted: real graphs are a few dozen deep, and graph walks elsewhere
+#: (validation, execution order, layout) may recurse once per link
+MAX_CHAIN = 400
+
+
+def _deepest_chain(nodes: dict[str, dict[str, Any]], limit: int = MAX_CHAIN) -> str | None:
+    """A node at the end of a chain of more than ``limit`` links, or None. Iterative (any depth is safe to
+    measure); a cycle is cut where it closes (validation reports it)."""
+    def ups(node_id: str) -> list[str]:
+        return [link.node_id for v in nodes[node_id]["inputs"].values()
+                if (link := as_link(v)) is not None and link.node_id in nodes]
+
+    depth: dict[str, int] = {}
+    for root in nodes:
+        if root in depth:
+            continue
+        on_path = {root}
+        stack: list[tuple[str, list[str]]] = [(root, ups(root))]
+        while stack:
+            node_id, pending = stack[-1]
+            while pending and (pending[-1] in depth or pending[-1] in on_path):
+                pending.pop()
+            if pending:
+                child = pending.pop()
+                on_path.add(child)
+                stack.append((child, ups(child)))
+                continue
+            stack.pop()
+            on_path.discard(node_id)
+            depth[node_id] = 1 + max((depth[u] for u in ups(node_id) if u in depth), default=0)
+            if depth[node_id] > limit:
+                return node_id
+    return None
+
+
 def parse_json(text: str | bytes, source: str) -> Any:
     """JSON text to data, every failure a WorkflowError naming ``source``: malformed text, nesting that
     would exhaust the stack, integers too long for Python to convert (over 4300 digits)."""
@@ -125,6 +160,9 @@ class Workflow:
             if not isinstance(inputs, dict):
                 raise WorkflowError(f"{source}: node {node_id!r}: 'inputs' must be an object")
             nodes[str(node_id)] = {**copy.deepcopy(node), "inputs": copy.deepcopy(inputs)}
+        if (deep := _deepest_chain(nodes)) is not None:
+            raise WorkflowError(f"{source}: not a workflow this program runs: node {printable(deep)} ends a chain of "
+                                f"more than {MAX_CHAIN} linked nodes")
         return cls(nodes, source, source_format)
 
     @classmethod
