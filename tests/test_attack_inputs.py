@@ -417,3 +417,42 @@ def test_run_refuses_an_oversized_sweep_before_starting_a_worker(
                      "--sweep", "3.steps=1..1000"])
     assert code == cli.EXIT_INVALID
     assert "1000000 jobs" in capsys.readouterr().err
+
+
+# -- item 12 in the app ----------------------------------------------------------------------------------------
+async def test_the_app_shows_names_from_disk_and_workflows_escaped(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from textual.widgets import Select
+
+    from tests.fakes import FakeClient
+    from tui_diffusion.app import TuiDiffusionApp
+    from tui_diffusion.settings import DevicePolicy, WorkerConfig
+    from tui_diffusion.widgets.node_tree import NodeTree
+    from tui_diffusion.widgets.param_form import Field, ParamForm
+
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / ESC_NAME).write_bytes(b"x")
+    data = txt2img(**{"4.ckpt_name": ESC_NAME})
+    data["3"]["_meta"] = {"title": "K\x1b]0;PWN\x07"}
+    data["12\x1b[2J"] = {"class_type": "Evil\x1b[31m", "inputs": {}}
+    (tmp_path / "wf.json").write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)
+    config = WorkerConfig(models_dir=tmp_path / "models", output_dir=tmp_path / "output", device=DevicePolicy("cpu"))
+    app = TuiDiffusionApp(tmp_path / "wf.json", config, client_factory=FakeClient)
+    async with app.run_test(size=(160, 48)) as pilot:
+        for _ in range(3):
+            await pilot.pause(0.05)
+        labels = [str(n.label) for n in app.screen.query_one(NodeTree).root.children]
+        assert labels and not any("\x1b" in label for label in labels)
+        assert any("K\\x1b]0;PWN\\x07" in label for label in labels)
+        assert any("Evil\\x1b[31m" in label for label in labels)
+        screen = app.screen
+        await screen.query_one(ParamForm).show_node(screen.document, "4", screen.models, [])
+        await pilot.pause(0.05)
+        select = next(f for f in screen.query(Field) if f.input_name == "ckpt_name").query_one(Select)
+        prompts = [str(p) for p, v in select._options if v == ESC_NAME]
+        assert prompts == ["a\\x1b]0;PWN\\x07b.safetensors"] and select.value == ESC_NAME
+        app.notify(f"cannot open {ESC_NAME}", title="a\x07")
+        await pilot.pause(0.05)
+        shown = [(n.message, n.title) for n in app._notifications]
+        assert shown[-1] == ("cannot open a\\x1b]0;PWN\\x07b.safetensors", "a\\x07")

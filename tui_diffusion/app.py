@@ -21,6 +21,7 @@ from tui_diffusion.paths import ModelPaths
 from tui_diffusion.screens.dialogs import ConfirmDialog
 from tui_diffusion.settings import WorkerConfig
 from tui_diffusion.state import load_state, save_state
+from tui_diffusion.text import printable
 
 
 class TuiDiffusionApp(App):
@@ -53,6 +54,14 @@ class TuiDiffusionApp(App):
         self._exit_after_first_frame = exit_after_first_frame
         self.first_frame_at: float | None = None
         self.main_screen: Any = None
+
+    def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """Every toast (widgets' and screens' notify land here): names from files and workflows in it are
+        shown with control characters escaped, never sent to the terminal raw."""
+        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        super().notify(printable(message, keep_newlines=True), title=printable(title), severity=severity,
+                       markup=markup, **kwargs)
 
     # -- start-up -------------------------------------------------------------------------------------------
     def _default_workflow(self) -> Path:

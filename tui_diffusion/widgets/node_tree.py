@@ -21,6 +21,7 @@ from tui_diffusion.document import WorkflowDocument
 from tui_diffusion.graph.specs import get_spec
 from tui_diffusion.graph.validate import ValidationIssue
 from tui_diffusion.graph.workflow import as_link
+from tui_diffusion.text import printable
 
 #: tree data: ("node", node id, input name or None) or ("group", path, None)
 Data = tuple[str, Any, Any]
@@ -189,14 +190,14 @@ class NodeTree(Tree[Data]):
             label.append("◆ ", style="bold cyan")
         else:
             label.append("  ")
-        label.append(f"{node_id} ", style="dim")
+        label.append(f"{printable(node_id)} ", style="dim")
         label.append(wf.title(node_id), style="bold")
         if st and st.state in ("executed", "cached", "failed"):
             style = {"executed": "green", "cached": "blue", "failed": "red"}[st.state]
             timing = f" {st.seconds:.2f}s" if st.seconds is not None else ""
             label.append(f" · {st.state}{timing}", style=style)
         if wf.title(node_id) != wf.class_type(node_id):
-            label.append(f" ({wf.class_type(node_id)})", style="dim")
+            label.append(f" ({printable(wf.class_type(node_id))})", style="dim")
         return label
 
     def _rebuild(self, doc: WorkflowDocument, shape: tuple, select: str | None) -> None:

@@ -20,6 +20,7 @@ from tui_diffusion.graph.validate import ValidationIssue, check_value
 from tui_diffusion.graph.values import parse_value
 from tui_diffusion.graph.workflow import as_link
 from tui_diffusion.paths import ModelPaths
+from tui_diffusion.text import printable
 from tui_diffusion.widgets.prompt_editor import PromptBox
 
 
@@ -259,9 +260,9 @@ class ParamForm(VerticalScroll):
                     editor.load_text(str(value or ""))
             elif isinstance(editor, Select):
                 if editor.value != value and value is not None:
-                    options = [o for o, _ in getattr(editor, "_options", []) if o is not Select.NULL]
+                    options = [o for _, o in getattr(editor, "_options", []) if o is not Select.NULL]  # values
                     if value not in options:
-                        editor.set_options([(o, o) for o in [value, *options]])
+                        editor.set_options([(printable(o), o) for o in [value, *options]])
                     _mark(editor, value)
                     editor.value = value
             elif isinstance(editor, Switch):
@@ -318,7 +319,8 @@ class ParamForm(VerticalScroll):
                 options = models.list(ispec.choices_from)
             if isinstance(value, str) and value and value not in options:
                 options = [value, *options]
-            children.append(Select([(o, o) for o in options], value=value if value in options else Select.NULL,
+            children.append(Select([(printable(o), o) for o in options],
+                                   value=value if value in options else Select.NULL,
                                    classes="editor", prompt=f"choose {ispec.name}", compact=True))
         elif ispec.type == BOOLEAN:
             children.append(Switch(bool(value), classes="editor"))
