@@ -328,6 +328,19 @@ def test_crafted_headers_are_checkpoint_errors_naming_the_file(tmp_path: Path, n
         read_header(path)
 
 
+def test_loading_a_checkpoint_with_1d_sd1_shapes_fails_naming_the_file(tmp_path: Path) -> None:
+    """What a job's CheckpointLoaderSimple does with it: once an IndexError that named no file."""
+    from tui_diffusion.pipeline.device import resolve_device
+    from tui_diffusion.pipeline.models import load_checkpoint
+    from tui_diffusion.settings import DevicePolicy
+
+    header = json.loads(_sd1_header([4]))
+    header["model.diffusion_model.out.2.weight"] = {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}
+    path = _safetensors(tmp_path / "crafted.safetensors", json.dumps(header), b"\0" * 32)
+    with pytest.raises(CheckpointError, match=r"crafted\.safetensors: not a usable checkpoint"):
+        load_checkpoint(path, resolve_device(DevicePolicy("cpu")), tmp_path / "cfg")
+
+
 def test_an_empty_tensor_with_a_huge_dimension_is_still_valid(tmp_path: Path) -> None:
     path = _safetensors(tmp_path / "e.safetensors",
                         json.dumps({"w": {"dtype": "F32", "shape": [2**40, 0], "data_offsets": [0, 0]}}), b"")

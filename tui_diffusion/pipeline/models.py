@@ -184,10 +184,15 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path, allow_pickle
             raise CheckpointError(f"{path}: cannot load this diffusers folder: {exc}") from None
         return finish_pipeline(family, pipe, device, str(path))
     header, tensor = _read_checkpoint_header(path, allow_pickle)
-    family = detect(header)
-    if not family.supported:
-        raise CheckpointError(f"{path}: {family.reason}")
-    return family.load_checkpoint(path, header, tensor, device, config_cache)
+    try:
+        family = detect(header)
+        if not family.supported:
+            raise CheckpointError(f"{path}: {family.reason}")
+        return family.load_checkpoint(path, header, tensor, device, config_cache)
+    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        # a crafted or damaged header (a 1-D conv weight, a missing dimension): name the file, say what broke
+        raise CheckpointError(f"{path}: not a usable checkpoint: its tensors do not have the shapes its keys "
+                              f"promise ({type(exc).__name__}: {exc})") from None
 
 
 def load_single_file_pipeline(family: Any, path: Path, folder: Path, device: Device) -> LoadedCheckpoint:
