@@ -209,6 +209,13 @@ class TuiDiffusionApp(App):
             yield SystemCommand(label, f"{label} (node tree)",
                                 lambda a=action: main.post_message(_tree_request(main, a)))
 
+    def action_command_palette(self) -> None:
+        """Textual's palette, made safe to close while its search is still running."""
+        from tui_diffusion.screens.dialogs import SafeCommandPalette
+
+        if self.use_command_palette and not SafeCommandPalette.is_open(self):
+            self.push_screen(SafeCommandPalette(id="--command-palette"))
+
     def pop_screen(self) -> Any:
         """Never the main screen: a key queued behind the one that closed the command palette (or any
         screen that pops itself) would otherwise pop the editor too and leave a blank terminal."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.await_complete import AwaitComplete
 from textual.binding import Binding
+from textual.command import CommandPalette
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList
 from textual.widgets.option_list import Option
@@ -157,3 +160,34 @@ class ConfirmDialog(Dialog):
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id)
+
+
+class SafeCommandPalette(CommandPalette):
+    """Textual's command palette, tolerant of work that outlives it. Its search runs in a worker and its
+    timers and watchers look up its own widgets; when keys close it while these are under way (fast typing, a
+    loaded machine) they find the widgets gone, which would end the app. Once closed, that is ignored."""
+
+    def _gone(self) -> bool:
+        return self not in self.app.screen_stack
+
+    async def _on_message(self, message: Message) -> None:
+        try:
+            await super()._on_message(message)
+        except NoMatches:
+            if not self._gone():
+                raise
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if self._gone():
+            return False
+        return super().check_action(action, parameters)
+
+    @work(exclusive=True, group=CommandPalette._GATHER_COMMANDS_GROUP, exit_on_error=False)
+    async def _gather_commands(self, search_value: str) -> None:
+        if self._gone():
+            return
+        try:
+            await CommandPalette._gather_commands.__wrapped__(self, search_value)  # the search itself, unchanged
+        except NoMatches:
+            if not self._gone():
+                raise
