@@ -108,6 +108,11 @@ def _embedding_vectors(model: Any, vectors: list[tuple[int, int, torch.Tensor]])
 
 
 def encode_text(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIPTextEncode's encoding; a CLIP with its own (SD3/Flux's ``models_dit.DitClip``, which adds T5) uses it."""
+    own = getattr(clip, "encode_prompt", None)
+    if own is not None:
+        with patched(clip.parts(), list(clip.patches)):
+            return own(text)
     with in_use(*clip.parts().values()), patched(clip.parts(), list(clip.patches)):
         return _encode_all(clip, text)
 
