@@ -1,4 +1,5 @@
-"""Snapshots of the main screen at 80x24 and 160x48 (SVG files in tests/__snapshots__, reviewed by eye).
+"""Snapshots of the main screen at 80x24, 100x30, 120x40 and 160x48 (SVG files in tests/__snapshots__, reviewed
+by eye), a finished job's image at 100x30 and a 40-node ComfyUI template's tree.
 
 Update after an intended change with ``pytest tests/test_snapshots.py --snapshot-update``.
 """
@@ -16,18 +17,26 @@ from tests.fakes import FakeClient
 from tui_diffusion.app import TuiDiffusionApp
 from tui_diffusion.settings import DevicePolicy, WorkerConfig
 
+SIZES = [(80, 24), (100, 30), (120, 40), (160, 48)]
+
 
 @pytest.fixture()
-def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TuiDiffusionApp:
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
     (tmp_path / "models" / "checkpoints" / TINY).write_bytes(b"x")
     shutil.copytree(TXT2IMG.parent, tmp_path / "workflows")
     wf = json.loads(TXT2IMG.read_text())
     wf["4"]["inputs"]["ckpt_name"] = TINY
     (tmp_path / "workflows" / "mine.json").write_text(json.dumps(wf))
+    shutil.copy(Path(__file__).parent / "data" / "sdxl-40-nodes.ui.json", tmp_path / "workflows" / "big.ui.json")
     monkeypatch.chdir(tmp_path)
-    config = WorkerConfig(models_dir=tmp_path / "models", output_dir=tmp_path / "output", device=DevicePolicy("cpu"))
-    return TuiDiffusionApp(Path("workflows/mine.json"), config, client_factory=FakeClient)
+    FakeClient.instances.clear()
+    return tmp_path
+
+
+def make_app(home: Path, workflow: str = "workflows/mine.json") -> TuiDiffusionApp:
+    config = WorkerConfig(models_dir=home / "models", output_dir=home / "output", device=DevicePolicy("cpu"))
+    return TuiDiffusionApp(Path(workflow), config, client_factory=FakeClient)
 
 
 async def _ready(pilot) -> None:
@@ -35,6 +44,28 @@ async def _ready(pilot) -> None:
         await pilot.pause(0.05)
 
 
-@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
-def test_main_screen(snap_compare, app: TuiDiffusionApp, size: tuple[int, int]) -> None:
-    assert snap_compare(app, terminal_size=size, run_before=_ready)
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_main_screen(snap_compare, home: Path, size: tuple[int, int]) -> None:
+    assert snap_compare(make_app(home), terminal_size=size, run_before=_ready)
+
+
+def test_finished_job_beside_the_form_at_100x30(snap_compare, home: Path) -> None:
+    """The issue's common SSH window: after ctrl+r the image is on screen with no other key."""
+    async def queue_and_finish(pilot) -> None:
+        await _ready(pilot)
+        await pilot.press("ctrl+r")
+        await _ready(pilot)
+        fake = FakeClient.instances[-1]
+        fake.run_job(fake.submitted[0][0], home / "out")
+        await _ready(pilot)
+
+    assert snap_compare(make_app(home), terminal_size=(100, 30), run_before=queue_and_finish)
+
+
+def test_a_40_node_template_at_120x40(snap_compare, home: Path) -> None:
+    async def jump(pilot) -> None:
+        await _ready(pilot)
+        await pilot.press("slash", *"hires", "enter")
+        await _ready(pilot)
+
+    assert snap_compare(make_app(home, "workflows/big.ui.json"), terminal_size=(120, 40), run_before=jump)
