@@ -2,6 +2,13 @@
 a 16-channel VAE, Flux's flow sampling (the network is given sigma; dev shift 1.15, schnell 1.0) and, for dev,
 an embedded guidance value (FluxGuidance; 3.5 unless set).
 
+The variants with the same transformer take more input channels, built as ComfyUI's ``Flux.concat_cond`` does:
+Canny/Depth (32 = 128/4 channels) the conditioning image's latent (``concat_latent_image``, set by
+InstructPixToPixConditioning), Fill (96 = 384/4) that latent and the mask as 64 channels of 8x8 pixels
+(``concat_mask`` from InpaintModelConditioning, else the latent's noise mask). Kontext takes reference latents
+(ReferenceLatent's ``reference_latents``) as extra image tokens at index 1, placed as ComfyUI's "offset" method
+places them, and only the image's own tokens come out.
+
 Files: Black Forest Labs' keys (``double_blocks.*``/``single_blocks.*``, no prefix) in ``diffusion_models/``, or an
 all-in-one checkpoint with the transformer under ``model.diffusion_model.``, the VAE under ``vae.`` and the text
 encoders under ``text_encoders.<clip_l|t5xxl>.transformer.``. Loading lives in ``pipeline/models_dit.py``.
@@ -52,6 +59,59 @@ def image_ids(h: int, w: int, device: Any, dtype: Any) -> Any:
     return ids.reshape(-1, 3)
 
 
+def input_channels(model: Any) -> int:
+    """The transformer's input channels per latent cell (16, or 32 for Canny/Depth, 96 for Fill)."""
+    return int(model.unet.config.in_channels) // 4
+
+
+def concat_image(image: Any, shape: tuple, device: Any) -> Any:
+    """A conditioning image's VAE latent in the model's space, resized to the latent (centre crop) and batch."""
+    from tui_diffusion.pipeline.nodes_latent import common_upscale
+
+    image = image.float().to(device)
+    if tuple(image.shape[-2:]) != tuple(shape[-2:]):
+        image = common_upscale(image, shape[-1], shape[-2], "bilinear", "center")
+    return _to_batch(FLUX_LATENT.process_in(image), shape[0])
+
+
+def concat_mask(mask: Any, shape: tuple, device: Any) -> Any:
+    """A mask as Flux Fill reads it: averaged over channels, resized to 8x the latent, each latent cell's 8x8
+    pixels as 64 channels (row-major)."""
+    from tui_diffusion.pipeline.nodes_latent import common_upscale
+
+    mask = mask.float().to(device)
+    mask = mask.reshape(-1, 1, *mask.shape[-2:]) if mask.ndim < 4 else mask.mean(1, keepdim=True)
+    h, w = shape[-2:]
+    mask = common_upscale(mask, w * 8, h * 8, "bilinear", "center")
+    mask = mask.reshape(mask.shape[0], h, 8, w, 8).permute(0, 2, 4, 1, 3).reshape(mask.shape[0], 64, h, w)
+    return _to_batch(mask, shape[0])
+
+
+def _to_batch(x: Any, batch: int) -> Any:
+    """Repeat or cut a batch to ``batch`` rows (ComfyUI's resize_to_batch_size for the usual cases)."""
+    if x.shape[0] == batch:
+        return x
+    reps = -(-batch // x.shape[0])
+    return x.repeat(reps, *([1] * (x.ndim - 1)))[:batch]
+
+
+def reference_offsets(refs: list[Any]) -> list[tuple[int, int]]:
+    """Latent-pixel offsets of reference latents, ComfyUI's "offset" method: each next reference goes right of
+    the ones so far when it is taller than their extent, else below them."""
+    h = w = 0
+    out = []
+    for ref in refs:
+        rh, rw = ref.shape[-2:]
+        h_off = w_off = 0
+        if rh + h > rw + w:
+            w_off = w
+        else:
+            h_off = h
+        h, w = max(h, rh + h_off), max(w, rw + w_off)
+        out.append((h_off, w_off))
+    return out
+
+
 class FluxFamily(DiTFamily):
     id = "flux"
     label = "Flux.1"
@@ -86,19 +146,88 @@ class FluxFamily(DiTFamily):
             kwargs["guidance"] = torch.tensor([float(extras.get("guidance", DEFAULT_GUIDANCE))
                                                for _, extras in entries for _ in range(batch)],
                                               device=device, dtype=torch.float32)
+        rows = [extras for _, extras in entries for _ in range(batch)]
+        extra = input_channels(model) - self.latent_format.channels
+        if extra > 0 and any(e.get("concat_latent_image") is not None for e in rows):
+            shape = (1, *latent_shape[1:])
+            kwargs["flux_concat"] = [
+                (concat_image(e["concat_latent_image"], shape, device) if e.get("concat_latent_image") is not None
+                 else None,
+                 concat_mask(e["concat_mask"], shape, device) if e.get("concat_mask") is not None and extra > 16
+                 else None) for e in rows]
+        if any(e.get("reference_latents") for e in rows):
+            kwargs["flux_refs"] = [[self.latent_format.process_in(r.float()).to(device)[:1]
+                                    for r in e.get("reference_latents") or []] for e in rows]
         return kwargs
 
+    def extra_channels(self, model: Any, latent_in: Any, mask: Any) -> Any:
+        """What Canny/Depth and Fill models read where no conditioning brings an image: the empty image's latent
+        and (Fill) the noise mask, or an all-ones mask without one (ComfyUI's defaults)."""
+        import torch
+
+        extra = input_channels(model) - self.latent_format.channels
+        if extra <= 0:
+            return None
+        shape = tuple(latent_in.shape)
+        parts = [concat_image(torch.zeros(shape), shape, latent_in.device)]
+        if extra > 16:
+            parts.append(concat_mask(mask[:, :1] if mask is not None else torch.ones(shape[0], 1, *shape[-2:]),
+                                     shape, latent_in.device))
+        return torch.cat(parts, dim=1)
+
     def apply_model(self, model: Any, x: Any, timestep: Any, kwargs: dict[str, Any]) -> Any:
+        import torch
+
         net = model.unet
+        kwargs = dict(kwargs)
+        overrides, refs = kwargs.pop("flux_concat", None), kwargs.pop("flux_refs", None)
+        if overrides is not None:  # the conditioning's own image (and mask) replace the defaults, row by row
+            c = self.latent_format.channels
+            x = x.clone()
+            for i, (image, mask) in enumerate(overrides):
+                if image is not None:
+                    x[i, c:2 * c] = image[0].to(x.dtype)
+                if mask is not None:
+                    x[i, 2 * c:] = mask[0].to(x.dtype)
+        want = input_channels(model)
+        if x.shape[1] != want:
+            from tui_diffusion.pipeline.errors import NodeError
+
+            raise NodeError(f"this Flux model takes {want} input channels per latent cell, the sampler gave "
+                            f"{x.shape[1]}")
         h, w = x.shape[-2:]
         x, kwargs = to_model_dtype(net, x, kwargs)
-        x = pad_to_patch(x, 2)
-        hp, wp = x.shape[-2:]
         t = timestep.reshape(-1).to(x.dtype)
         t = t.expand(x.shape[0]) if t.numel() == 1 else t
-        out = net(hidden_states=pack(x), timestep=t, img_ids=image_ids(hp, wp, x.device, x.dtype),
-                  return_dict=False, **kwargs)[0]
-        return unpack(out, hp, wp)[..., :h, :w]
+        if refs is None or all([r.shape for r in row] == [r.shape for r in refs[0]] for row in refs):
+            stacked = [torch.cat(rs) for rs in zip(*refs, strict=True)] if refs else None
+            return self._call(net, x, t, kwargs, stacked)[..., :h, :w]
+        outs = []  # reference latents of different sizes: one call per row
+        for i in range(x.shape[0]):
+            row = {k: (v[i:i + 1] if getattr(v, "ndim", 0) and k != "txt_ids" else v) for k, v in kwargs.items()}
+            outs.append(self._call(net, x[i:i + 1], t[i:i + 1], row, refs[i]))
+        return torch.cat(outs)[..., :h, :w]
+
+    @staticmethod
+    def _call(net: Any, x: Any, t: Any, kwargs: dict[str, Any], refs: list[Any] | None) -> Any:
+        """One transformer call; reference latents join as extra image tokens and are cut from the output."""
+        import torch
+
+        x = pad_to_patch(x, 2)
+        hp, wp = x.shape[-2:]
+        tokens, ids = pack(x), image_ids(hp, wp, x.device, x.dtype)
+        n = tokens.shape[1]
+        for ref, (h_off, w_off) in zip(refs or [], reference_offsets(refs or []), strict=True):
+            ref = pad_to_patch(ref.to(x.device, x.dtype), 2)
+            rh, rw = ref.shape[-2:]
+            ref_ids = image_ids(rh, rw, x.device, x.dtype)
+            ref_ids[:, 0] = 1
+            ref_ids[:, 1] += (h_off + 1) // 2
+            ref_ids[:, 2] += (w_off + 1) // 2
+            tokens = torch.cat([tokens, pack(_to_batch(ref, x.shape[0]))], dim=1)
+            ids = torch.cat([ids, ref_ids])
+        out = net(hidden_states=tokens, timestep=t, img_ids=ids, return_dict=False, **kwargs)[0]
+        return unpack(out[:, :n], hp, wp)
 
 
 FLUX = FluxFamily()

@@ -991,6 +991,48 @@ _SPECS: tuple[NodeSpec, ...] = (
         outputs=(OutputSpec(CONTROL_NET, "CONTROL_NET"),),
         description="Selects the task of a union ControlNet.",
     ),
+    # -- Flux.1 Fill, Canny/Depth and Kontext (ComfyUI's nodes.py, nodes_ip2p, nodes_flux, nodes_edit_model,
+    #    nodes_differential_diffusion) ------------------------------------------------------------------------
+    NodeSpec(
+        "InpaintModelConditioning", "InpaintModelConditioning", "conditioning/inpaint",
+        inputs=(
+            InputSpec("positive", CONDITIONING), InputSpec("negative", CONDITIONING), InputSpec("vae", VAE),
+            InputSpec("pixels", IMAGE), InputSpec("mask", MASK),
+            InputSpec("noise_mask", BOOLEAN, default=True,
+                      tooltip="Add the mask to the latent as its noise mask, so that only the masked area is "
+                              "sampled."),
+        ),
+        outputs=(OutputSpec(CONDITIONING, "positive"), OutputSpec(CONDITIONING, "negative"),
+                 OutputSpec(LATENT, "latent")),
+        description="Conditioning for inpainting models (Flux Fill): the masked image's latent and the mask.",
+    ),
+    NodeSpec(
+        "InstructPixToPixConditioning", "InstructPixToPixConditioning", "conditioning/instructpix2pix",
+        inputs=(InputSpec("positive", CONDITIONING), InputSpec("negative", CONDITIONING), InputSpec("vae", VAE),
+                InputSpec("pixels", IMAGE)),
+        outputs=(OutputSpec(CONDITIONING, "positive"), OutputSpec(CONDITIONING, "negative"),
+                 OutputSpec(LATENT, "latent")),
+        description="Conditioning with an image's latent for the models that read it (Flux Canny/Depth).",
+    ),
+    NodeSpec(
+        "DifferentialDiffusion", "Differential Diffusion", "_for_testing",
+        inputs=(InputSpec("model", MODEL),
+                InputSpec("strength", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01, optional=True)),
+        outputs=(OutputSpec(MODEL, "MODEL"),),
+        description="Soft inpainting masks: each area is denoised for a share of the steps set by its mask value.",
+    ),
+    NodeSpec(
+        "ReferenceLatent", "ReferenceLatent", "advanced/conditioning/edit_models",
+        inputs=(InputSpec("conditioning", CONDITIONING), InputSpec("latent", LATENT, optional=True)),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="Adds a reference latent that an edit model (Flux Kontext) works from; chain for several.",
+    ),
+    NodeSpec(
+        "FluxKontextImageScale", "FluxKontextImageScale", "advanced/conditioning/flux",
+        inputs=(InputSpec("image", IMAGE),),
+        outputs=(OutputSpec(IMAGE, "IMAGE"),),
+        description="Resizes the image to the Flux Kontext size nearest its aspect ratio.",
+    ),
 )
 
 NODE_SPECS: dict[str, NodeSpec] = {s.class_type: s for s in _SPECS}

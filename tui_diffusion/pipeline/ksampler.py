@@ -99,10 +99,15 @@ class Denoiser:
         self.concat = concat.to(self.device, self.dtype) if concat is not None else None
         #: the unconditional x0 of the last call (CFG++ samplers); None without an unconditional branch
         self.uncond_denoised: torch.Tensor | None = None
+        #: the whole schedule, for a model's mask function (DifferentialDiffusion)
+        self.sigmas: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         ms = self.model_sampling
         mask = self.mask
+        mask_fn = self.model.denoise_mask_function
+        if mask is not None and mask_fn is not None and self.sigmas is not None:
+            mask = mask_fn(sigma, mask, self.sigmas, ms)
         if mask is not None:  # outside the mask the latent stays the input latent at this noise level
             x = x * mask + ms.noise_scaling(sigma, self.noise, self.keep) * (1 - mask)
         s = float(sigma.reshape(-1)[0])
@@ -169,6 +174,7 @@ def _run(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.
                         need_uncond=SAMPLERS[sampler_name].cfg_pp)
     dev = model.device.torch_device
     sigmas = sigmas.float()
+    denoiser.sigmas = sigmas.to(dev)
     x = ms.noise_scaling(sigmas[0], noise, latent, ms.is_max_denoise(float(sigmas[0]))).to(dev)
     total = len(sigmas) - 1
 

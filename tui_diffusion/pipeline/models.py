@@ -40,6 +40,8 @@ class ModelHandle:
     patches: tuple = ()
     #: set by the ModelSampling* nodes; None: the family's default for this model
     model_sampling_override: Any = None
+    #: set by DifferentialDiffusion: (sigma, noise mask, sigmas, model sampling) -> the mask for this step
+    denoise_mask_function: Any = None
 
     @property
     def model_sampling(self) -> Any:

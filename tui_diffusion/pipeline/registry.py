@@ -33,6 +33,7 @@ def implementations() -> dict[str, NodeFn]:
         nodes,
         nodes_controlnet,
         nodes_dit,
+        nodes_flux,
         nodes_image,
         nodes_images,
         nodes_latent,
