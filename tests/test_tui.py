@@ -530,6 +530,24 @@ async def test_a_key_queued_behind_the_one_closing_a_dialog_leaves_the_main_scre
         assert dialog.check_action("into_list", ()) is False  # a queued "down" finds no list: it does nothing
 
 
+async def test_requests_typed_ahead_for_a_node_deleted_meanwhile_are_ignored(home: Path) -> None:
+    """Found by the key storm: `x` twice before the tree caught up, or enter on a link of a deleted node."""
+    from tui_diffusion.widgets.param_form import SeedModeChanged, ValueEdited
+
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        screen.post_message(NodeTree.Requested("delete", "9"))
+        screen.post_message(NodeTree.Requested("delete", "9"))
+        screen.post_message(NodeTree.Requested("rename", "9"))
+        screen.post_message(ParamForm.LinkRequested("9", "images"))
+        screen.post_message(ValueEdited("9", "filename_prefix", "late", None))
+        screen.post_message(SeedModeChanged("9", "seed", "increment"))
+        await settle(pilot, 6)
+        assert "9" not in screen.document.workflow and type(app.screen).__name__ == "MainScreen"
+
+
 async def test_a_second_escape_to_the_command_palette_leaves_the_main_screen(home: Path) -> None:
     """Textual's palette pops whatever screen is on top when it closes; the app never lets that be the editor."""
     app = make_app(home)

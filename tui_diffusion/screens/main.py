@@ -256,24 +256,34 @@ class MainScreen(Screen):
 
     @on(ValueEdited)
     def _value_edited(self, event: ValueEdited) -> None:
+        if not self._exists(event.node_id):
+            return
         typed = isinstance(event.value, str)
         if event.error is None and self.document.set_value(event.node_id, event.name, event.value, coalesce=typed):
             self.revalidate()
             self.query_one(ParamForm).show_issues(self.issues)
             self.refresh_tree()  # labels only, in place
 
+    def _exists(self, node_id: str | None) -> bool:
+        """Whether an event's node is still there: keys typed ahead can ask about a node an earlier key
+        deleted (or an undo took away)."""
+        return node_id is not None and node_id in self.document.workflow
+
     @on(SeedModeChanged)
     def _seed_mode(self, event: SeedModeChanged) -> None:
-        self.document.set_seed_mode(event.node_id, event.name, event.mode)
+        if self._exists(event.node_id):
+            self.document.set_seed_mode(event.node_id, event.name, event.mode)
 
     @on(ParamForm.LinkRequested)
     def _link_requested(self, event: ParamForm.LinkRequested) -> None:
+        if not self._exists(event.node_id):
+            return
         refs = self.document.compatible_outputs(event.node_id, event.name)
         options = [(f"{r.node_id}:{r.index}", f"{r.label}  [dim](node {r.node_id})[/]") for r in refs]
         options.append(("-", "disconnect"))
 
         async def done(answer: str | None) -> None:
-            if answer is None:
+            if answer is None or not self._exists(event.node_id):
                 return
             if answer == "-":
                 self.document.unlink(event.node_id, event.name)
@@ -286,6 +296,8 @@ class MainScreen(Screen):
 
     @on(NodeTree.Requested)
     def _tree_request(self, event: NodeTree.Requested) -> None:
+        if event.action != "add" and not self._exists(event.node_id):
+            return
         if event.action == "add":
             options = [(s.class_type, f"{s.display_name}  [dim]{s.class_type} · {s.category}[/]")
                        for s in NODE_SPECS.values()]
@@ -303,7 +315,7 @@ class MainScreen(Screen):
             self.call_later(self.refresh_all, select=True)
         elif event.action == "rename" and event.node_id:
             async def renamed(title: str | None) -> None:
-                if title:
+                if title and self._exists(event.node_id):
                     self.document.rename(event.node_id, title)
                     await self.refresh_all()
 
