@@ -281,6 +281,8 @@ class NodeTree(Tree[Data]):
             self.notify("go to source: put the cursor on a linked input", severity="warning")
             return
         node_id, name = node.data[1], node.data[2]
+        if node_id not in self._doc.workflow:  # deleted by a key typed just before; the tree catches up
+            return
         link = as_link(self._doc.workflow.inputs(node_id).get(name))
         if link is None or link.node_id not in self._branches:
             self.notify(f"{name} is not linked to a node", severity="warning")

@@ -114,14 +114,15 @@ class PromptBox(Vertical):
         self.update_count()
 
     def update_count(self) -> None:
-        if not self.is_mounted or not prompt_tokens.loaded():
-            return
-        text = self.query_one(PromptEditor).text
+        editors, lines = self.query(PromptEditor), self.query(".tokens").results(Static)
+        line = next(lines, None)
+        if not editors or line is None or not prompt_tokens.loaded():
+            return  # not composed yet, or being removed: nothing to count into
+        text = editors.first().text
         try:
             counts = prompt_tokens.chunk_counts(text)
         except Exception as exc:  # a counting problem must never cost the user their typing
-            self.query_one(".tokens", Static).update(f"tokens: cannot count ({exc})")
+            line.update(f"tokens: cannot count ({exc})")
             return
-        line = self.query_one(".tokens", Static)
         line.update(prompt_tokens.describe_counts(counts, prompt_tokens.EMBEDDING_PREFIX in text))
         line.set_class(len(counts) > 1, "over")

@@ -74,7 +74,7 @@ class QueuePanel(DataTable):
                 for column, value in zip(self._columns, self._cells(job), strict=True):
                     if str(self.get_cell(job.job_id, column)) != str(value):
                         self.update_cell(job.job_id, column, value)
-            if selected is not None and selected != self.selected_job():
+            if selected in order and selected != self.selected_job():
                 self.move_cursor(row=self.get_row_index(selected))
             return
         keep = selected or self.selected_job()
