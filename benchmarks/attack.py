@@ -77,6 +77,9 @@ def env_for(home: Path, runtime: Path | None = None) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUI_DIFFUSION_DB": str(home / "history.sqlite3"),
            "TUI_DIFFUSION_MODELS_DIR": str(home / "models"), "TUI_DIFFUSION_OUTPUT_DIR": str(home / "output"),
            "PYTHONPATH": str(ROOT)}
+    # one sampling thread per worker: on a busy machine torch's OpenMP threads spin against each other and a
+    # 64x64 step takes seconds instead of milliseconds
+    env.setdefault("OMP_NUM_THREADS", "1")
     if runtime is not None:
         env["TUI_DIFFUSION_RUNTIME_DIR"] = str(runtime)
     return env
@@ -203,7 +206,8 @@ def resume_lists(home: Path, ids: list[str]) -> list[str]:
 
 
 # -- the attacks -----------------------------------------------------------------------------------------------
-def _wait_line(stream: Any, text: str, timeout: float) -> bool:
+def _wait_line(stream: Any, text: str, timeout: float) -> tuple[bool, str]:
+    """Read ``stream`` until ``text`` shows (True) or it ends or ``timeout`` passes (False); what was read."""
     import selectors
 
     sel = selectors.DefaultSelector()
@@ -214,11 +218,11 @@ def _wait_line(stream: Any, text: str, timeout: float) -> bool:
         if sel.select(0.2):
             chunk = os.read(stream.fileno(), 65536).decode(errors="replace")
             if not chunk:
-                return False
+                return False, buffer
             buffer += chunk
             if text in buffer:
-                return True
-    return False
+                return True, buffer
+    return False, buffer
 
 
 def attack_run(home: Path, target: str, sig: int, delay: float, jobs: int = 6, steps: int = 60) -> Round:
@@ -231,8 +235,9 @@ def attack_run(home: Path, target: str, sig: int, delay: float, jobs: int = 6, s
                              "--set", f"3.steps={steps}", "--sweep", f"3.seed={seeds}"], cwd=home,
                             env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        if not _wait_line(proc.stderr, "job 1: started", 240):
-            result.note = "the first job never started"
+        started, said = _wait_line(proc.stderr, "job 1: started", 240)
+        if not started:
+            result.note = f"the first job never started: {said[-300:]!r}"
             result.lost.append(result.note)
             return result
         time.sleep(delay)

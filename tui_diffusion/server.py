@@ -84,17 +84,20 @@ def invalid_command(command: Any) -> str | None:
         return None
 
     kind = type(command)
-    if kind in (m.CancelJob, m.MoveJob):
-        return job_id_problem(command.job_id)
     if kind is m.StopServer:
         return None
-    if kind is not m.SubmitJob:
+    if kind not in (m.SubmitJob, m.CancelJob, m.MoveJob):
         return f"unknown message {kind.__name__}"
-    if (why := job_id_problem(command.job_id)) is not None:
+    missing = object()
+    fields = {name: getattr(command, name, missing) for name in ("job_id", "workflow", "previews")
+              if kind is m.SubmitJob or name == "job_id"}
+    if any(value is missing for value in fields.values()):  # a pickle can build an object without its fields
+        return f"a {kind.__name__} without its fields"
+    if (why := job_id_problem(fields["job_id"])) is not None or kind is not m.SubmitJob:
         return why
-    if type(command.previews) is not bool:
+    if type(fields["previews"]) is not bool:
         return "previews must be true or false"
-    workflow = command.workflow
+    workflow = fields["workflow"]
     if type(workflow) is not dict or not workflow:
         return "a workflow must be a non-empty mapping of node ids to nodes"
     if len(workflow) > MAX_NODES:

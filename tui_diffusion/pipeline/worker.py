@@ -41,6 +41,8 @@ class _Jobs:
         self.stop = False
         #: set once the job loop has ended (and written what it could)
         self.ended = threading.Event()
+        #: the signal that stopped the worker: it ends by that signal, so its client reports the cause
+        self.signal: int | None = None
 
     def request_stop(self, reason: str, grace: float | None = None) -> None:
         """End the worker: interrupt the running job (left "running" in the store, so ``resume`` offers it),
@@ -58,8 +60,23 @@ class _Jobs:
     def _exit_after(self, grace: float) -> None:
         if not self.ended.wait(grace):
             log.warning("the job loop did not end within %.1f s; exiting now", grace)
-            logging.shutdown()
-            os._exit(1)
+            self.exit(1)
+
+    def exit(self, code: int) -> None:
+        """End the process now, without the interpreter's teardown (seconds with torch loaded)."""
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        if self.signal is not None:
+            if threading.current_thread() is threading.main_thread():  # only there can the handler be reset
+                signal.signal(self.signal, signal.SIG_DFL)
+                os.kill(os.getpid(), self.signal)
+                time.sleep(1)
+            code = 128 + self.signal  # as a shell reports a process ended by that signal
+        os._exit(code)
 
 
 def _watch_parent(jobs: _Jobs) -> None:
@@ -88,6 +105,7 @@ def _obey_sigterm(jobs: _Jobs) -> None:
             if not data:
                 return
             if signal.SIGTERM in data:
+                jobs.signal = signal.SIGTERM
                 jobs.request_stop("SIGTERM", grace=STOP_GRACE)
 
     threading.Thread(target=wait, daemon=True, name="sigterm").start()
@@ -414,15 +432,7 @@ def worker_main(cmd_q: Any, evt_conn: Any, config: WorkerConfig) -> None:
         engine.close(timeout=3.0)  # what was recorded reaches the database before the worker ends
         jobs.ended.set()
         log.info("the worker ends")
-    # Everything is written: skip the interpreter's teardown, which with torch loaded takes seconds (a client or
-    # a GPU waits on this process's end).
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(0)
+    jobs.exit(0)  # everything is written; a client (or a GPU) waits on this process's end
 
 
 class WorkerEngine:
