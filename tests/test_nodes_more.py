@@ -81,7 +81,9 @@ def test_img2img_matches_the_diffusers_img2img_pipeline(engine: EngineState, mod
                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     # ComfyUI's denoise 0.5 over 5 steps walks the last 5 of a 10-step schedule: diffusers' strength 0.5 of 10
-    image = pipe(prompt=data["6"]["inputs"]["text"], negative_prompt=data["7"]["inputs"]["text"], image=encoded,
+    # LATENT holds the VAE's own latent; diffusers takes a 4-channel image as latents already scaled
+    scaled = loaded.model.family.latent_format.process_in(encoded)
+    image = pipe(prompt=data["6"]["inputs"]["text"], negative_prompt=data["7"]["inputs"]["text"], image=scaled,
                  strength=0.5, num_inference_steps=10, guidance_scale=6.0,
                  generator=torch.Generator().manual_seed(3), output_type="np").images[0]
     np.testing.assert_allclose(ours, image, atol=2e-4)

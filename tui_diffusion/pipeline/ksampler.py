@@ -126,14 +126,16 @@ class Denoiser:
             x_in = torch.cat([x_in, self.concat.repeat(n, 1, 1, 1)], dim=1)
         timestep = ms.timestep(sigma_all).to(self.device).float()
         kwargs.update(control_inputs(self.model, entries, x_in[:, : x.shape[1]], timestep, s, kwargs, batch))
-        out = self.family.apply_model(self.model, x_in, timestep, kwargs).float()
-        denoised = ms.calculate_denoised(sigma_all, out, x_all).chunk(n)
-        cond = torch.stack(denoised[len(unconds):]).mean(0)
+        out = self.family.apply_model(self.model, x_in, timestep, kwargs).float().chunk(n)
+        # Averaging and CFG act on the raw outputs: the output -> x0 map is affine with the same coefficients
+        # for every row, so this equals ComfyUI's CFG on x0, with diffusers' rounding (eps/v/flow alike).
+        cond = torch.stack(out[len(unconds):]).mean(0)
+        uncond = None
         if unconds:
-            uncond = torch.stack(denoised[: len(unconds)]).mean(0)
-            result = uncond + (cond - uncond) * self.cfg
-        else:
-            uncond, result = None, cond
+            uncond_out = torch.stack(out[: len(unconds)]).mean(0)
+            uncond = ms.calculate_denoised(sigma, uncond_out, x)
+            cond = uncond_out + (cond - uncond_out) * self.cfg
+        result = ms.calculate_denoised(sigma, cond, x)
         if mask is not None:  # outside the mask the prediction is the input latent itself
             result = result * mask + self.keep * (1 - mask)
             if uncond is not None:
