@@ -49,12 +49,13 @@ def test_unknown_nodes_are_imported_and_named_by_validation() -> None:
                for i in validate_workflow(wf))
 
 
-def test_subgraphs_are_refused_clearly(tmp_path: Path) -> None:
+def test_a_subgraph_instance_without_its_definition_is_refused_clearly(tmp_path: Path) -> None:
     ui = json.loads((DATA / "comfyui-default-graph.ui.json").read_text())
-    ui["definitions"] = {"subgraphs": [{"id": "0e1c6b62-7d3b-4a0c-9a41-7ad7a1d5f6f1"}]}
+    ui["nodes"].append({"id": 30, "type": "0e1c6b62-7d3b-4a0c-9a41-7ad7a1d5f6f1", "mode": 0, "inputs": [],
+                        "outputs": []})
     path = tmp_path / "sub.json"
     path.write_text(json.dumps(ui))
-    with pytest.raises(WorkflowError, match="sub.json: this workflow uses subgraphs"):
+    with pytest.raises(WorkflowError, match="sub.json: node 30 is an instance of subgraph .* whose definition"):
         Workflow.load(path)
 
 

@@ -4,7 +4,7 @@ The mapping follows ComfyUI's own graph-to-prompt conversion: widget values are 
 names in the node's declared order (a seed's hidden "control after generate" entry follows it), links
 through Reroute nodes are followed to their source, PrimitiveNode values are pushed into the inputs
 they feed, notes are dropped, muted nodes (mode 2) are left out and bypassed nodes (mode 4) pass their
-inputs straight through.
+inputs straight through. Subgraphs and group nodes are expanded first (``subgraphs.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 from tui_diffusion.graph.specs import get_spec
+from tui_diffusion.graph.subgraphs import SubgraphError, expand, needs_expansion
 
 MUTED, BYPASSED = 2, 4
 VIRTUAL = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}
@@ -44,11 +45,11 @@ def _links(data: dict[str, Any]) -> dict[int, tuple[int, int, str]]:
 
 def ui_to_api(data: dict[str, Any], source: str = "<workflow>") -> dict[str, dict[str, Any]]:
     """Convert a UI-format workflow into API format."""
-    if data.get("definitions", {}).get("subgraphs") or any(
-            isinstance(n.get("type"), str) and len(n["type"]) == 36 and n["type"].count("-") == 4
-            for n in data["nodes"]):
-        raise UIFormatError(f"{source}: this workflow uses subgraphs, which cannot be imported yet; "
-                            "convert them back to nodes in ComfyUI (right click, 'Unpack subgraph') first")
+    if needs_expansion(data):  # subgraphs and group nodes become the nodes inside them, ids as ComfyUI's
+        try:
+            data = expand(data, source)
+        except SubgraphError as exc:
+            raise UIFormatError(str(exc)) from None
     nodes = {n["id"]: n for n in data["nodes"]}
     links = _links(data)
 
