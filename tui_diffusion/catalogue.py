@@ -19,6 +19,9 @@ from tui_diffusion.graph.workflow import WorkflowError
 
 #: labels of the family ids the shipped workflows name (the registry in ``tui_diffusion.families`` is the
 #: authority for loading; this is only for printing, and unknown ids print as themselves)
+#: folders of the models a workflow is built around: their loaders' ``_meta.family`` is read
+MODEL_KINDS = ("checkpoints", "diffusion_models")
+
 FAMILY_LABELS = {"sd1": "SD1.x", "sd1-inpaint": "SD1.x inpainting", "sd2": "SD2.x", "sd2-inpaint": "SD2.x inpainting",
                  "sdxl": "SDXL base", "sdxl-refiner": "SDXL refiner", "sd3": "SD3", "flux": "Flux"}
 
@@ -42,7 +45,7 @@ class Requirement:
     #: the input that names the file
     input: str
     kind: str
-    #: model families this node is made for (checkpoints only; empty: any)
+    #: model families this node is made for (model loaders only; empty: any)
     families: tuple[str, ...] = ()
 
 
@@ -55,8 +58,8 @@ class ShippedWorkflow:
 
     @property
     def families(self) -> tuple[str, ...]:
-        """The families of its first checkpoint loader (the model it is built around)."""
-        return next((r.families for r in self.requirements if r.kind == "checkpoints" and r.families), ())
+        """The families of its first model loader (the model it is built around)."""
+        return next((r.families for r in self.requirements if r.families), ())
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "description": self.description,
@@ -94,7 +97,7 @@ def describe(path: Path) -> ShippedWorkflow:
         inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
         for ispec in spec.inputs:
             if ispec.choices_from and not isinstance(inputs.get(ispec.name), list):  # a literal file name
-                families = meta.get("family") if ispec.choices_from == "checkpoints" else None
+                families = meta.get("family") if ispec.choices_from in MODEL_KINDS else None
                 fams = tuple(str(f) for f in families) if isinstance(families, list) else ()
                 needs.append(Requirement(str(node_id), title, ispec.name, ispec.choices_from, fams))
     return ShippedWorkflow(path.stem, path, description or "(no description)", tuple(needs))

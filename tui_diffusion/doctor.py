@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tui_diffusion import __version__
-from tui_diffusion.catalogue import ShippedWorkflow, family_label, shipped_workflows, shipped_workflows_dir
+from tui_diffusion.catalogue import MODEL_KINDS, ShippedWorkflow, family_label, shipped_workflows, shipped_workflows_dir
 from tui_diffusion.paths import MODEL_FOLDERS, PICKLE_SUFFIXES, ModelPaths
 
 #: every model folder kind, and the input folder LoadImage reads
@@ -120,7 +120,7 @@ def model_folders(paths: ModelPaths) -> dict[str, Any]:
             entry: dict[str, Any] = {"folder": str(folder), "exists": folder.is_dir(), "files": []}
             for name in names:
                 row: dict[str, Any] = {"name": name}
-                if kind == "checkpoints":
+                if kind in MODEL_KINDS:
                     row.update(checkpoint_family(folder / name))
                 entry["files"].append(row)
             folders.append(entry)
@@ -139,7 +139,7 @@ def workflow_readiness(flow: ShippedWorkflow, folders: dict[str, Any]) -> dict[s
     missing: list[str] = []
     for need in flow.requirements:
         files = [f for entry in folders.get(need.kind, []) for f in entry["files"]]
-        if need.kind == "checkpoints" and need.families:
+        if need.families:
             fitting = [f for f in files if f.get("family") in need.families]
             wanted = " or ".join(family_label(f) for f in need.families)
         else:
