@@ -234,3 +234,132 @@ def test_shipped_workflow_runs(home: Path, tmp_path: Path, name: str, latent: st
     engine = EngineState(CPU, ModelCache(4), paths, tmp_path / "out", tmp_path / "tmp", tmp_path / "cfg")
     Executor(engine).run(data, Hooks(), lambda: False)
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+# -- the variants with the same transformer: Fill, Canny/Depth, Kontext ------------------------------------------------
+@pytest.fixture(scope="module")
+def fill(tmp_path_factory: pytest.TempPathFactory):
+    path = w.write_flux_transformer(Path(tmp_path_factory.mktemp("fill")) / "flux1-fill-dev.safetensors",
+                                    w.TinyFlux(heads=1, in_channels=384))
+    return _model(path)
+
+
+def test_fill_inputs_are_diffusers_fill_pipeline_inputs(fill) -> None:
+    """InpaintModelConditioning's image latent and mask become the Fill model's 80 extra channels exactly as
+    FluxFillPipeline packs its masked-image latents and mask (ComfyUI's layout: 8x8 mask pixels per cell)."""
+    from types import SimpleNamespace
+
+    from diffusers import FluxFillPipeline
+
+    g = torch.Generator().manual_seed(4)
+    x, image = torch.randn(1, 16, 8, 6, generator=g), torch.randn(1, 16, 8, 6, generator=g)
+    mask = torch.rand(1, 1, 64, 48, generator=g)
+    context, pooled = torch.randn(1, 20, 128, generator=g), torch.randn(1, 32, generator=g)
+    shim = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.3611, shift_factor=0.1159)),
+                           vae_scale_factor=8, _pack_latents=FluxFillPipeline._pack_latents)
+    packed_mask, packed_image = FluxFillPipeline.prepare_mask_latents(shim, mask, image, 1, 16, 1, 64, 48,
+                                                                      torch.float32, torch.device("cpu"), None)
+    masked_latents = torch.cat([packed_image, packed_mask], dim=-1)  # as FluxFillPipeline joins them
+    entries = [(context, {"pooled_output": pooled, "guidance": 30.0, "concat_latent_image": image,
+                          "concat_mask": mask})]
+    kwargs = fill.family.model_kwargs(fill, entries, batch=1, latent_shape=tuple(x.shape), negative=[False],
+                                      device=torch.device("cpu"), dtype=torch.float32)
+    default = fill.family.extra_channels(fill, x, None)
+    assert default.shape == (1, 80, 8, 6)
+    sigma = torch.tensor([0.7])
+    ids = torch.zeros(12, 3)
+    ids[:, 1] = torch.arange(4).repeat_interleave(3).float()
+    ids[:, 2] = torch.arange(3).repeat(4).float()
+    with torch.no_grad():
+        ours = fill.family.apply_model(fill, torch.cat([x, default], 1), sigma, kwargs)
+        theirs = fill.unet(hidden_states=torch.cat([pack(x), masked_latents], dim=2), encoder_hidden_states=context,
+                           pooled_projections=pooled, timestep=sigma, img_ids=ids, txt_ids=torch.zeros(20, 3),
+                           guidance=torch.tensor([30.0]), return_dict=False)[0]
+    torch.testing.assert_close(pack(ours), theirs, rtol=0, atol=0)
+
+
+def test_kontext_reference_latent_is_diffusers_kontext_call(files: dict[str, Path]) -> None:
+    """A ReferenceLatent joins the image tokens at index 1 (FluxKontextPipeline's ids) and only the image's own
+    tokens come out; a second reference goes beside or below the first (ComfyUI's 'offset' method)."""
+    from tui_diffusion.families.flux import reference_offsets
+    from tui_diffusion.pipeline.registry import implementations
+
+    model = _model(files["dev"])
+    g = torch.Generator().manual_seed(5)
+    x, ref = torch.randn(1, 16, 8, 6, generator=g), torch.randn(1, 16, 6, 10, generator=g)
+    context, pooled = torch.randn(1, 20, 128, generator=g), torch.randn(1, 32, generator=g)
+    (cond,) = implementations()["ReferenceLatent"](None, conditioning=[[context, {"pooled_output": pooled}]],
+                                                   latent={"samples": ref}).outputs
+    kwargs = model.family.model_kwargs(model, [tuple(c) for c in cond], batch=1, latent_shape=tuple(x.shape),
+                                       negative=[False], device=torch.device("cpu"), dtype=torch.float32)
+    ids = torch.zeros(12, 3)
+    ids[:, 1] = torch.arange(4).repeat_interleave(3).float()
+    ids[:, 2] = torch.arange(3).repeat(4).float()
+    ref_ids = torch.zeros(15, 3)
+    ref_ids[:, 0] = 1
+    ref_ids[:, 1] = torch.arange(3).repeat_interleave(5).float()
+    ref_ids[:, 2] = torch.arange(5).repeat(3).float()
+    sigma = torch.tensor([0.6])
+    with torch.no_grad():
+        ours = model.family.apply_model(model, x, sigma, kwargs)
+        theirs = model.unet(hidden_states=torch.cat([pack(x), pack(model.family.latent_format.process_in(ref))], 1),
+                            encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma,
+                            img_ids=torch.cat([ids, ref_ids]), txt_ids=torch.zeros(20, 3),
+                            guidance=torch.tensor([3.5]), return_dict=False)[0][:, :12]
+    torch.testing.assert_close(pack(ours), theirs, rtol=0, atol=0)
+    tall, wide = torch.zeros(1, 16, 10, 4), torch.zeros(1, 16, 4, 10)
+    assert reference_offsets([ref, tall]) == [(0, 0), (0, 10)]  # taller than the extent so far: to the right
+    assert reference_offsets([ref, wide]) == [(0, 0), (6, 0)]  # else below
+
+
+def test_kontext_image_scale_and_instruct_pix2pix_conditioning(tmp_path: Path) -> None:
+    from tui_diffusion.pipeline.registry import implementations
+
+    nodes = implementations()
+    (scaled,) = nodes["FluxKontextImageScale"](None, image=torch.rand(1, 48, 40, 3)).outputs
+    assert scaled.shape == (1, 1104, 944, 3)  # the Kontext size nearest 40:48
+    vae = SimpleVae()
+    pos, neg, latent = nodes["InstructPixToPixConditioning"](None, positive=[[torch.ones(1, 2, 3), {}]],
+                                                             negative=[[torch.zeros(1, 2, 3), {}]], vae=vae,
+                                                             pixels=torch.rand(1, 44, 36, 3)).outputs
+    assert vae.seen == [(1, 40, 32, 3)]  # cut to a multiple of 8, centred
+    assert latent["samples"].shape == (1, 16, 5, 4) and not latent["samples"].any()
+    assert pos[0][1]["concat_latent_image"] is neg[0][1]["concat_latent_image"]
+
+
+class SimpleVae:
+    """A VAE stand-in: the latent is the image's mean colour per 8x8 cell, 16 channels."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(pixels.shape))
+        cells = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8).mean(1, keepdim=True)
+        return cells.repeat(1, 16, 1, 1)
+
+
+@pytest.mark.parametrize("strength", [None, 1.0, 0.5])
+def test_differential_diffusion_masks_by_schedule_share(files: dict[str, Path], clip: md.DitClip, tmp_path: Path,
+                                                        strength: float | None) -> None:
+    """With a soft noise mask of 0.3 and one step, DifferentialDiffusion denoises nothing (only mask values at
+    least the remaining schedule share, 1 at the first step, are sampled); at strength 0.5 the mask is 0.15."""
+    from tests.test_dit_loaders import _ctx
+    from tui_diffusion.pipeline.registry import implementations
+
+    nodes = implementations()
+    ctx = _ctx(tmp_path, tmp_path)
+    model = _model(files["dev"])
+    if strength is not None:
+        (model,) = nodes["DifferentialDiffusion"](ctx, model=model, strength=strength).outputs
+    emb, pooled = clip.encode_prompt(PROMPT)
+    samples = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    latent = {"samples": samples, "noise_mask": torch.full((1, 1, 8, 8), 0.3)}
+    cond = [[emb, {"pooled_output": pooled}]]
+    (out,) = nodes["KSampler"](ctx, model=model, seed=1, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple",
+                               positive=cond, negative=cond, latent_image=latent).outputs
+    changed = (out["samples"] - samples).abs().max()
+    if strength == 1.0:
+        assert changed < 1e-5  # the input latent, through the latent format and back
+    else:
+        assert changed > 1e-3
