@@ -92,7 +92,7 @@ def test_invalid_run_executes_nothing(workdir: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [("{oops", "malformed JSON"), ('{"a": 1}', "not a workflow"), ('{"1": {"class_type": "Mystery", "inputs": {}}}',
-                                                                  "unknown node type 'Mystery'")],
+                                                                  "'Mystery' is a custom node type")],
 )
 def test_bad_workflow_files(workdir: Path, content: str, expected: str) -> None:
     (workdir / "bad.json").write_text(content)

@@ -45,7 +45,7 @@ def test_unknown_nodes_are_imported_and_named_by_validation() -> None:
                         "widgets_values": [0.5, "auto"]})
     wf = Workflow.from_data(ui)
     assert wf.nodes["30"]["_meta"]["widgets_values"] == [0.5, "auto"]
-    assert any("node 30" in str(i) and "unknown node type 'FaceDetailerPro'" in str(i)
+    assert any("node 30" in str(i) and "'FaceDetailerPro' is a custom node type" in str(i)
                for i in validate_workflow(wf))
 
 

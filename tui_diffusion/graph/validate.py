@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from tui_diffusion.graph.samplers import combination_error
@@ -193,15 +195,50 @@ def _check_node(wf: Workflow, node_id: str, spec: NodeSpec, models: ModelPaths |
     return issues
 
 
+@functools.lru_cache(maxsize=1)
+def comfy_core_nodes() -> frozenset[str]:
+    """ComfyUI's core node class names (derived from its source and templates by tools/comfy_core_nodes.py)."""
+    text = resources.files("tui_diffusion.graph").joinpath("comfy_core_nodes.txt").read_text(encoding="utf-8")
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def _missing_types(wf: Workflow) -> list[ValidationIssue]:
+    """Every node type the workflow needs and this program lacks, all named at once (first a summary, then one
+    issue per node), each said to be a custom node (not in ComfyUI's core) or a core node not implemented yet."""
+    missing: dict[str, list[str]] = {}
+    for node_id in wf:
+        if get_spec(wf.class_type(node_id)) is None:
+            missing.setdefault(wf.class_type(node_id), []).append(node_id)
+    if not missing:
+        return []
+    core = comfy_core_nodes()
+    custom = [t for t in missing if t.strip() not in core]
+    builtin = [t for t in missing if t.strip() in core]
+
+    def names(types: list[str]) -> str:
+        return ", ".join(f"{t!r} (node{'s' if len(missing[t]) > 1 else ''} {', '.join(missing[t][:5])}"
+                         f"{', ...' if len(missing[t]) > 5 else ''})" for t in types)
+
+    parts = []
+    if custom:
+        parts.append(f"custom nodes (not in ComfyUI's core; this program has no custom nodes): {names(custom)}")
+    if builtin:
+        parts.append(f"ComfyUI core nodes this program does not implement yet: {names(builtin)}")
+    count = f"{len(missing)} node type{'s' if len(missing) > 1 else ''}"
+    issues = [ValidationIssue(None, None, None, f"the workflow needs {count} this program lacks: "
+                                                + "; ".join(parts))]
+    for kind, node_ids in missing.items():
+        why = ("is a custom node type (not in ComfyUI's core), which this program does not have" if kind in custom
+               else "is a ComfyUI core node type this program does not implement yet")
+        issues.extend(ValidationIssue(n, wf.title(n), None, f"{kind!r} {why}") for n in node_ids)
+    return issues
+
+
 def validate_workflow(wf: Workflow, models: ModelPaths | None = None, *, limits: Limits | None = None,
                       allow_pickle: bool = False) -> list[ValidationIssue]:
     """All problems that would stop ``wf`` from running; an empty list when it can run."""
     limits = limits or Limits()
-    issues: list[ValidationIssue] = []
-    for node_id in wf:
-        if get_spec(wf.class_type(node_id)) is None:
-            issues.append(ValidationIssue(node_id, wf.title(node_id), None,
-                                          f"unknown node type {wf.class_type(node_id)!r}"))
+    issues = _missing_types(wf)
     needed = _needed_nodes(wf)
     if not needed:
         issues.append(ValidationIssue(None, None, None,
