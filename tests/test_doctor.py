@@ -37,7 +37,7 @@ def test_each_shipped_workflow_says_whether_it_can_run_and_what_is_missing(model
     assert flows["sdxl-refiner"]["set"] == [f"4.ckpt_name={TINY_XL}", f"12.ckpt_name={TINY_XL_REFINER}"]
     assert flows["txt2img"]["can_run"]
     assert not flows["lora"]["can_run"]
-    assert flows["lora"]["missing"] == [f"node 10 'Load LoRA': a LoRA in {models_dir / 'loras'}"]
+    assert flows["lora"]["missing"] == [f"node 10 'Load LoRA', input 'lora_name': a LoRA in {models_dir / 'loras'}"]
 
 
 def test_only_the_right_family_makes_a_workflow_runnable(tmp_path: Path, models_dir: Path) -> None:
@@ -82,7 +82,7 @@ def test_a_bare_machine_gets_a_report_not_a_traceback(tmp_path: Path, monkeypatc
     assert cli.main(["doctor"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "junk.safetensors  unreadable" in out
-    assert "txt2img: missing node 4 'Load Checkpoint'" in out
+    assert "txt2img: missing node 4 'Load Checkpoint', input 'ckpt_name'" in out
     report = diagnose(_settings(tmp_path / "nowhere"))
     assert all(not entry["exists"] for entry in report["folders"]["checkpoints"])
     assert "Shipped workflows" in render(report)

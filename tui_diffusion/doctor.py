@@ -128,6 +128,12 @@ def model_folders(paths: ModelPaths) -> dict[str, Any]:
     return out
 
 
+#: what a loader of each folder needs, in words
+_WANTED = {"checkpoints": "a checkpoint", "diffusion_models": "a diffusion model", "text_encoders": "a text encoder",
+           "loras": "a LoRA", "vae": "a VAE", "embeddings": "an embedding", "input": "an image",
+           "upscale_models": "an upscale model", "controlnet": "a ControlNet"}
+
+
 def _first(rows: list[dict[str, Any]]) -> str | None:
     return rows[0]["name"] if rows else None
 
@@ -143,12 +149,11 @@ def workflow_readiness(flow: ShippedWorkflow, folders: dict[str, Any]) -> dict[s
             fitting = [f for f in files if f.get("family") in need.families]
             wanted = " or ".join(family_label(f) for f in need.families)
         else:
-            fitting, wanted = files, {"loras": "a LoRA", "vae": "a VAE", "embeddings": "an embedding",
-                                      "input": "an image"}.get(need.kind, need.kind)
+            fitting, wanted = files, _WANTED.get(need.kind, "a file")
         name = _first(fitting)
         if name is None:
             where = folders.get(need.kind, [{}])[0].get("folder", need.kind)
-            missing.append(f"node {need.node_id} {need.title!r}: {wanted} in {where}")
+            missing.append(f"node {need.node_id} {need.title!r}, input {need.input!r}: {wanted} in {where}")
         else:
             sets.append(f"{need.node_id}.{need.input}={name}")
     return {"name": flow.name, "families": list(flow.families), "can_run": not missing, "missing": missing,
