@@ -114,15 +114,15 @@ def test_header_that_lies_is_rejected_before_reading_data(tmp_path: Path) -> Non
 
 
 def test_unknown_and_unsupported_families_are_named(tmp_path: Path) -> None:
-    assert detect_family(["double_blocks.0.img_attn.qkv.weight"]).reason == "Flux checkpoints are not supported yet"
+    assert detect_family(["double_blocks.0.img_attn.qkv.weight"]).id == "flux"
     assert detect_family(["model.diffusion_model.joint_blocks.0.x"]).id == "sd3"
     assert detect_family(["model.diffusion_model.x", "conditioner.embedders.1.model.ln_final.weight"]).id == "sdxl"
     assert not detect_family(["something.else"]).supported
     from safetensors.torch import save_file
 
-    path = tmp_path / "flux.safetensors"
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, str(path))
-    with pytest.raises(CheckpointError, match=r"flux\.safetensors: Flux checkpoints are not supported"):
+    path = tmp_path / "other.safetensors"
+    save_file({"something.else": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match=r"other\.safetensors: no Stable Diffusion UNet in it"):
         load_checkpoint(path, CPU, tmp_path)
-    row = describe_checkpoint(path, "flux.safetensors")
-    assert row["family"] == "Flux" and not row["supported"]
+    row = describe_checkpoint(path, "other.safetensors")
+    assert row["family"] == "unknown" and not row["supported"]

@@ -37,10 +37,8 @@ def by_id(family_id: str) -> Family:
 
 # Architectures recognised only to say that they are not supported (when no registered family takes them).
 _KNOWN_UNSUPPORTED = [
-    (("double_blocks.", "model.diffusion_model.double_blocks."), "flux", "Flux",
-     "Flux checkpoints are not supported yet"),
     (("joint_blocks.", "model.diffusion_model.joint_blocks."), "sd3", "SD3",
-     "SD3 checkpoints are not supported yet"),
+     "SD3-style transformer tensors (joint_blocks) without the layout of an SD3/SD3.5 file"),
 ]
 
 
