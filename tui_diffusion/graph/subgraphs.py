@@ -177,8 +177,9 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
         if not (isinstance(link, list) and len(link) >= 4):
             continue
         origin, oslot, target, tslot = link[:4]
-        if origin is None or target not in nodes or origin not in nodes:
-            continue
+        if not all(isinstance(v, int) for v in (origin, oslot, target, tslot)) or origin not in nodes \
+                or target not in nodes:
+            continue  # links from outside the group (origin null) are the instance's inputs
         lid = f"g{len(links)}"
         links[lid] = (origin, oslot, target, tslot, link[5] if len(link) > 5 else "*")
         inputs = nodes[target]["inputs"]
@@ -186,7 +187,8 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
             inputs[tslot]["link"] = lid
         linked_to.add((target, tslot))
         linked_from.add((origin, oslot))
-    external = {(e[0], e[1]) for e in group.get("external") or [] if isinstance(e, list) and len(e) >= 2}
+    external = {(e[0], e[1]) for e in group.get("external") or []  # some files hold a node, not an index, here
+                if isinstance(e, list) and len(e) >= 2 and isinstance(e[0], int) and isinstance(e[1], int)}
     config = group.get("config") if isinstance(group.get("config"), dict) else {}
 
     def visible(kind: str, index: int, key: Any, default: bool) -> bool:
