@@ -183,7 +183,8 @@ def fits(control: ControlModel, model: Any) -> None:
     if control.kind == "t2i_adapter":
         if (cfg.adapter_type == "full_adapter_xl") != xl:
             raise refuse
-        if not xl and list(cfg.channels)[: len(channels)] != list(channels):
+        widths = min(len(cfg.channels), len(channels))  # a light adapter has one width fewer than its levels
+        if not xl and list(cfg.channels)[:widths] != list(channels)[:widths]:
             raise refuse
         return
     if (list(cfg.block_out_channels) != list(channels) or cfg.cross_attention_dim != unet_config.cross_attention_dim
