@@ -301,3 +301,35 @@ def test_every_published_template_copied_here_expands_without_error() -> None:
         links = [v for n in api.values() for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2]
         assert all(str(src) in api for src, _ in links), name  # no link left pointing at an instance
         assert not any(n["class_type"] in (FLUX_DEV_SUBGRAPH, "PrimitiveNode", "Reroute") for n in api.values())
+
+
+def test_a_subgraph_template_runs_on_tiny_files(tmp_path: Path) -> None:
+    """ComfyUI's Flux.1 dev template with a subgraph imports, validates and runs on a tiny Flux dev transformer,
+    VAE and text encoders under the file names it expects; its size comes in through the promoted widgets."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.dit_helpers import CPU
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline import checkpoint_writer_dit as w
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+
+    models = tmp_path / "models"
+    w.write_flux_transformer(models / "diffusion_models" / "flux1-dev.safetensors", w.TinyFlux(heads=1))
+    w.write_vae16(models / "vae" / "ae.safetensors", flux=True)
+    w.write_text_encoders(models / "text_encoders")
+    data = load(FLUX_DEV)
+    node(data, 56)["widgets_values"] = ["a small red house", 64, 48, "flux1-dev.safetensors", "clip_l.safetensors",
+                                        "t5xxl_fp16.safetensors", "ae.safetensors"]
+    wf = Workflow.from_data(data, FLUX_DEV)
+    wf.set_input("56:52", "steps", 1)
+    paths = ModelPaths(models, input_dir=tmp_path / "input")
+    assert not validate_workflow(wf, paths)
+    engine = EngineState(CPU, ModelCache(2), paths, tmp_path / "out", tmp_path / "tmp", tmp_path / "cfg")
+    Executor(engine).run(wf.to_data(), Hooks(), lambda: False)
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    assert len(saved) == 1
+    image = np.asarray(Image.open(saved[0]))
+    assert image.shape[:2] == (48, 64) and image.std() > 0
