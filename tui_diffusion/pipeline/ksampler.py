@@ -168,7 +168,8 @@ def _run(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.
         raise NodeError(f"the latent has {samples.shape[1]} channels but a {model.family.label} model takes "
                         f"{fmt.channels}")
     ms = model.model_sampling
-    latent = fmt.process_in(samples)
+    # an empty latent stays zeros, as in ComfyUI (its shift would otherwise move "nothing" for SD3/Flux)
+    latent = fmt.process_in(samples) if bool(samples.any()) else samples
     noise = (prepare_noise(latent, seed, latent_image.get("batch_index")) if add_noise
              else torch.zeros_like(latent))
     mask = _mask_for(latent_image, latent.shape)
