@@ -308,7 +308,8 @@ def refusal(state: Mapping[str, Any]) -> str | None:
     if _has(state, "double_blocks.", "single_transformer_blocks.", "controlnet_x_embedder.",
             "controlnet_single_blocks"):
         return "a Flux ControlNet is not supported yet (only SD1.x, SD2.x and SDXL ControlNets and T2I-Adapters)"
-    if _has(state, "transformer_blocks.", "pos_embed_input.", "joint_blocks.", "controlnet_blocks."):
+    if _has(state, "transformer_blocks.", "pos_embed_input.", "joint_blocks.", "controlnet_blocks.", "y_embedder.",
+            "control_type"):  # diffusers' SD3ControlNetModel, Stability's SD3.5 Large ControlNets
         return "an SD3/SD3.5 ControlNet is not supported yet (only SD1.x, SD2.x and SDXL ControlNets and T2I-Adapters)"
     return None
 
