@@ -52,3 +52,27 @@ def run(model: Any, positive: list, negative: list | None, cfg: float, noise: to
 
 def folder(tmp_path_factory: Any, name: str) -> Path:
     return Path(tmp_path_factory.mktemp(name))
+
+
+def shared_models(tmp_path_factory: Any) -> Path:
+    """A models folder with the tiny SD3/Flux files ComfyUI's templates and the shipped workflows name, written
+    once per test session (several modules read it; the files are never modified)."""
+    from tui_diffusion.pipeline import checkpoint_writer_dit as w
+
+    root = Path(tmp_path_factory.getbasetemp()) / "dit-models"
+    done = root / ".complete"
+    if done.exists():
+        return root
+    dm = root / "diffusion_models"
+    w.write_flux_transformer(dm / "flux1-dev.safetensors")
+    w.write_flux_transformer(dm / "flux1-schnell.safetensors", w.TinyFlux(guidance=False))
+    w.write_flux_transformer(dm / "flux1-canny-dev.safetensors", w.TinyFlux(in_channels=128))
+    w.write_flux_transformer(dm / "flux1-fill-dev.safetensors", w.TinyFlux(in_channels=384))
+    w.write_vae16(root / "vae" / "ae.safetensors", flux=True)
+    w.write_text_encoders(root / "text_encoders")
+    w.write_flux_checkpoint(root / "checkpoints" / "flux1-schnell-fp8.safetensors", w.TinyFlux(guidance=False),
+                            dtype="fp8_e4m3fn")
+    w.write_sd3_checkpoint(root / "checkpoints" / "sd3.5_large_fp8_scaled.safetensors", w.TinySD3(depth=1),
+                           dtype="fp8_e4m3fn")
+    done.touch()
+    return root

@@ -51,7 +51,7 @@ def test_sd3_file_matches_diffusers_converter(tmp_path: Path, sizes: w.TinySD3) 
 
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
 def test_flux_file_matches_diffusers_converter(tmp_path: Path, guidance: bool) -> None:
-    sizes = w.TinyFlux(guidance=guidance, layers=2, single_layers=2)
+    sizes = w.TinyFlux(guidance=guidance, heads=2, layers=2, single_layers=2)
     path = w.write_flux_transformer(tmp_path / "flux1.safetensors", sizes)
     state = load_file(str(path))
     assert "double_blocks.0.img_attn.qkv.weight" in state and not any(k.startswith("model.") for k in state)

@@ -5,12 +5,13 @@ items 4, 6 and 10)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.dit_helpers import CPU, run
+from tests.dit_helpers import CPU, run, shared_models
 from tests.test_dit_loaders import _diffusers_flux_converter
 from tui_diffusion.families import detect
 from tui_diffusion.families.flux import pack
@@ -24,14 +25,16 @@ PROMPT = "a photo of a cat"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = Path(tmp_path_factory.mktemp("flux"))
-    out = {"dev": w.write_flux_transformer(root / "diffusion_models" / "flux1-dev.safetensors"),
-           "schnell": w.write_flux_transformer(root / "diffusion_models" / "flux1-schnell.safetensors",
-                                               w.TinyFlux(guidance=False)),
-           "vae": w.write_vae16(root / "vae" / "ae.safetensors", flux=True),
-           "checkpoint": w.write_flux_checkpoint(root / "checkpoints" / "flux1-dev-fp8.safetensors",
+    """The session's tiny Flux files (dev and schnell transformers, VAE, text encoders) and a dev all-in-one
+    checkpoint in fp8."""
+    root = shared_models(tmp_path_factory)
+    out = {"dev": root / "diffusion_models" / "flux1-dev.safetensors",
+           "schnell": root / "diffusion_models" / "flux1-schnell.safetensors",
+           "vae": root / "vae" / "ae.safetensors",
+           "checkpoint": w.write_flux_checkpoint(Path(tmp_path_factory.mktemp("flux")) / "flux1-dev-fp8.safetensors",
                                                  dtype="fp8_e4m3fn")}
-    out.update(w.write_text_encoders(root / "text_encoders"))
+    out.update({name: root / "text_encoders" / f"{stem}.safetensors"
+                for name, stem in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl", "t5xxl_fp16"))})
     return out
 
 
@@ -78,7 +81,7 @@ def test_transformer_output_equals_diffusers(files: dict[str, Path], variant: st
     model = _model(files[variant])
     config = convert_dit.flux_config(read_header(files[variant]), variant)
     theirs = FluxTransformer2DModel.from_config(config).eval()
-    theirs.load_state_dict(_diffusers_flux_converter(256)(load_file(str(files[variant]))))
+    theirs.load_state_dict(_diffusers_flux_converter(128 * w.TinyFlux().heads)(load_file(str(files[variant]))))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 8, 6, generator=g)
     context, pooled = torch.randn(2, 20, 128, generator=g), torch.randn(2, 32, generator=g)
@@ -133,13 +136,19 @@ def test_all_in_one_fp8_checkpoint(files: dict[str, Path], tmp_path: Path) -> No
     assert alone.latent_channels == 16
 
 
+@functools.lru_cache(maxsize=1)
+def _encoders() -> dict:
+    """The text encoders the tiny files hold, as transformers models (built once for the module)."""
+    return w.build_text_encoders()
+
+
 def _diffusers_pipeline(model):
     """diffusers' Flux pipeline on the weights of the tiny files, with a plain Euler flow scheduler that takes the
     sigmas it is given (no shift of its own)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer
 
-    encoders = w.build_text_encoders()
+    encoders = _encoders()
     pipe = FluxPipeline(
         transformer=model.unet, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
         vae=w.build_vae16(w.FLUX_VAE_FACTORS), text_encoder=encoders["clip_l"],
@@ -203,13 +212,7 @@ def _encodes_dit_prompts() -> bool:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = Path(tmp_path_factory.mktemp("home")) / "models"
-    w.write_flux_transformer(root / "diffusion_models" / "flux1-schnell.safetensors", w.TinyFlux(guidance=False))
-    w.write_flux_transformer(root / "diffusion_models" / "flux1-dev.safetensors")
-    w.write_vae16(root / "vae" / "ae.safetensors", flux=True)
-    w.write_text_encoders(root / "text_encoders")
-    w.write_sd3_checkpoint(root / "checkpoints" / "sd3.5_large_fp8_scaled.safetensors", dtype="fp8_e4m3fn")
-    return root
+    return shared_models(tmp_path_factory)
 
 
 @pytest.mark.parametrize("name,latent", [("flux-schnell", "27"), ("flux-dev", "48"), ("sd3.5", "53")])
@@ -239,9 +242,7 @@ def test_shipped_workflow_runs(home: Path, tmp_path: Path, name: str, latent: st
 # -- the variants with the same transformer: Fill, Canny/Depth, Kontext ------------------------------------------------
 @pytest.fixture(scope="module")
 def fill(tmp_path_factory: pytest.TempPathFactory):
-    path = w.write_flux_transformer(Path(tmp_path_factory.mktemp("fill")) / "flux1-fill-dev.safetensors",
-                                    w.TinyFlux(heads=1, in_channels=384))
-    return _model(path)
+    return _model(shared_models(tmp_path_factory) / "diffusion_models" / "flux1-fill-dev.safetensors")
 
 
 def test_fill_inputs_are_diffusers_fill_pipeline_inputs(fill) -> None:

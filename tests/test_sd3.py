@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dit_helpers import CPU, run
+from tests.dit_helpers import CPU, run, shared_models
 from tui_diffusion.families import detect
 from tui_diffusion.modelfiles import convert_dit
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
@@ -26,7 +26,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"transformer": w.write_sd3_transformer(root / "diffusion_models" / "sd3.5_medium.safetensors"),
            "vae": w.write_vae16(root / "vae" / "sd3_vae.safetensors", flux=False),
            "checkpoint": w.write_sd3_checkpoint(root / "checkpoints" / "sd3.5_medium_incl_clips.safetensors")}
-    out.update(w.write_text_encoders(root / "text_encoders"))
+    shared = shared_models(tmp_path_factory) / "text_encoders"  # the same seed's encoders, written once
+    out.update({name: shared / f"{stem}.safetensors"
+                for name, stem in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl", "t5xxl_fp16"))})
     return out
 
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.dit_helpers import CPU
-from tui_diffusion.pipeline import checkpoint_writer_dit as w
+from tests.dit_helpers import CPU, shared_models
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 
@@ -22,17 +21,7 @@ TEMPLATES = Path(__file__).parent / "data" / "templates"
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder and an input folder holding what the templates name."""
     root = Path(tmp_path_factory.mktemp("templates"))
-    models = root / "models"
-    dm = models / "diffusion_models"
-    w.write_flux_transformer(dm / "flux1-schnell.safetensors", w.TinyFlux(heads=1, guidance=False))
-    w.write_flux_transformer(dm / "flux1-canny-dev.safetensors", w.TinyFlux(heads=1, in_channels=128))
-    w.write_flux_transformer(dm / "flux1-fill-dev.safetensors", w.TinyFlux(heads=1, in_channels=384))
-    w.write_vae16(models / "vae" / "ae.safetensors", flux=True)
-    w.write_text_encoders(models / "text_encoders")
-    w.write_flux_checkpoint(models / "checkpoints" / "flux1-schnell-fp8.safetensors",
-                            w.TinyFlux(heads=1, guidance=False), dtype="fp8_e4m3fn")
-    w.write_sd3_checkpoint(models / "checkpoints" / "sd3.5_large_fp8_scaled.safetensors", w.TinySD3(depth=1),
-                           dtype="fp8_e4m3fn")
+    (root / "models").symlink_to(shared_models(tmp_path_factory), target_is_directory=True)
     rng = np.random.default_rng(0)
     (root / "input").mkdir()
     for name in ("flux_canny_model_example_input_image.png", "flux_fill_outpaint_example_input_image.png"):
