@@ -232,6 +232,9 @@ def test_shipped_workflow_runs(home: Path, tmp_path: Path, name: str, latent: st
     if name != "flux-schnell" and not _encodes_dit_prompts():
         pytest.skip("CLIPTextEncode does not yet encode SD3/Flux CLIPs with their own encoding")
     data[latent]["inputs"].update(width=64, height=64)
+    for node in data.values():  # two steps are enough to run every node
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
     paths = ModelPaths(home)
     assert not validate_workflow(Workflow.from_data(data), paths)
     engine = EngineState(CPU, ModelCache(4), paths, tmp_path / "out", tmp_path / "tmp", tmp_path / "cfg")
