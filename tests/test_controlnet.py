@@ -373,3 +373,21 @@ def test_set_union_controlnet_type(engine: EngineState) -> None:
     assert implementations()["SetUnionControlNetType"](ctx, control_net=cn, type="auto").outputs[0] is cn
     with pytest.raises(NodeError, match="union ControlNet .* cannot load"):
         implementations()["SetUnionControlNetType"](ctx, control_net=cn, type="depth")
+
+
+def test_hints_are_cropped_to_the_latents_aspect_and_cycled_over_the_batch(engine: EngineState) -> None:
+    """ComfyUI's hint handling: a centre crop to the latent's aspect, nearest-exact to 8x its size; one hint serves
+    every row, several are cycled over each conditioning's rows."""
+    from tui_diffusion.pipeline.controlnet import ControlModel, broadcast_rows
+
+    hint = torch.zeros(1, 3, 60, 100)
+    hint[..., 5:55, :] = 1.0  # 5:3 to 2:1: the top and bottom 5 rows (all 0) are cropped away
+    control = Control(ControlModel("controlnet", None, "SD1.x", "x.safetensors", CPU), hint)
+    resized = control._hint(64, 32)
+    assert resized.shape == (1, 3, 32, 64) and bool((resized == 1.0).all())
+    images = torch.arange(3.0).reshape(3, 1, 1, 1)
+    assert broadcast_rows(images[:1], 4, 2).flatten().tolist() == [0, 0, 0, 0]
+    assert broadcast_rows(images[:2], 6, 2).flatten().tolist() == [0, 1, 0, 1, 0, 1]
+    assert broadcast_rows(images[:2], 6, 3).flatten().tolist() == [0, 1, 0, 0, 1, 0]
+    assert broadcast_rows(images, 4, 2).flatten().tolist() == [0, 1, 0, 1]
+    assert T2I in engine.paths.list("controlnet") and CN in engine.paths.list("controlnet")  # both folders
