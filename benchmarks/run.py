@@ -192,8 +192,8 @@ def model_load(models: Path, ckpt: str, repeat: int) -> dict[str, Any]:
 
     from diffusers import StableDiffusionPipeline
 
-    from tui_diffusion.modelfiles.configs import family_configs, write_config_folder
-    from tui_diffusion.modelfiles.family import detect_family
+    from tui_diffusion.families import detect
+    from tui_diffusion.modelfiles.configs import write_config_folder
     from tui_diffusion.modelfiles.header import read_header
     from tui_diffusion.pipeline.device import resolve_device
     from tui_diffusion.pipeline.models import ModelCache, load_checkpoint
@@ -203,7 +203,7 @@ def model_load(models: Path, ckpt: str, repeat: int) -> dict[str, Any]:
     device = resolve_device(DevicePolicy("cpu"))
     cache = Path(tempfile.mkdtemp())
     header = read_header(path)
-    folder = write_config_folder(family_configs(header, detect_family(header), str(path)), cache)
+    folder = write_config_folder(detect(header).configs(header, str(path), "epsilon"), cache)
 
     def ours() -> None:
         load_checkpoint(path, device, cache)
@@ -255,7 +255,7 @@ def preview_cost(models: Path, ckpt: str, repeat: int) -> dict[str, Any]:
             loaded.model.unet(latent, torch.tensor(500.0), encoder_hidden_states=context)
 
     def preview() -> None:
-        png = _png(latent_preview(latent[:1]))
+        png = _png(latent_preview(latent[:1], loaded.model.family.latent_format))
         halfblock_ansi(open_image(png), 40, 20)
 
     step()
