@@ -543,6 +543,9 @@ class WorkerEngine:
             queue.state(job.job_id, "error", message)
             recorder.finished(job, "error", error=message)
             end = m.JobFailed(job.job_id, None, message)
+        # the end is in the store before any client hears of it: a worker killed right after cannot leave a job
+        # "done" on screen and "running" in the store (a few milliseconds; bounded if the disk stalls)
+        queue.flush(timeout=5.0)
         emit(end)
         if self.device.torch_device.type == "cuda":
             import torch
