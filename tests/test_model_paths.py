@@ -293,3 +293,16 @@ def test_models_describes_the_file_the_loader_takes(tmp_path: Path, models_dir: 
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows[TINY]["family"] == "SD1.x" and rows[TINY]["error"] is None
     assert rows["xl-diffusers"]["family"] == "SDXL base (diffusers folder)" and rows["xl-diffusers"]["supported"]
+
+
+BROKEN_YAML = [b"\xff\xfe not utf-8", b"a: " + b"[" * 5000, b"comfyui:\n  base_path: " + b"9" * 5000]
+
+
+@pytest.mark.parametrize("content", BROKEN_YAML)
+def test_a_broken_extra_model_paths_file_is_a_path_error_naming_it(tmp_path: Path, content: bytes) -> None:
+    from tui_diffusion.paths import PathError, read_extra_model_paths
+
+    bad = tmp_path / "extra_model_paths.yaml"
+    bad.write_bytes(content)
+    with pytest.raises(PathError, match="extra_model_paths.yaml"):
+        read_extra_model_paths(bad)

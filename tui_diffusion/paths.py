@@ -259,8 +259,10 @@ def read_extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, a number too big to read
         raise PathError(f"{path}: cannot read it as ComfyUI's extra_model_paths.yaml: {exc}") from None
+    except RecursionError:
+        raise PathError(f"{path}: cannot read it as ComfyUI's extra_model_paths.yaml: nested too deeply") from None
     if not isinstance(data, dict):
         raise PathError(f"{path}: not an extra_model_paths.yaml (expected sections such as 'comfyui:')")
     out: list[tuple[str, Path]] = []
