@@ -404,8 +404,6 @@ def test_fuzz_server_messages_with_any_field_values(kind: str, job_id: object, w
     _check_accepted(ForkingPickler.loads(pickle.dumps(_message(kind, job_id, workflow, previews))))
 
 
-@pytest.mark.xfail(reason="server.invalid_command raises AttributeError on a decoded message object that lacks a "
-                          "field (a corrupted pickle); reported to the server's owner", strict=False)
 @settings(FUZZ, max_examples=60)
 @given(kind=st.sampled_from(["SubmitJob", "CancelJob", "MoveJob"]), job_id=message_fields,
        flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=3))
