@@ -23,6 +23,9 @@ from tui_diffusion.settings import WorkerConfig
 from tui_diffusion.state import load_state, save_state
 from tui_diffusion.text import printable
 
+#: the exit code after UI code raised (the crash handler kept the workflow and logged the traceback)
+CRASH_EXIT_CODE = 1
+
 
 class TuiDiffusionApp(App):
     TITLE = "tui-diffusion"
@@ -54,6 +57,8 @@ class TuiDiffusionApp(App):
         self._exit_after_first_frame = exit_after_first_frame
         self.first_frame_at: float | None = None
         self.main_screen: Any = None
+        #: UI code raised and the crash handler ran: ``run_tui`` then exits non-zero
+        self.crashed = False
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
                markup: bool = True) -> None:
@@ -105,6 +110,8 @@ class TuiDiffusionApp(App):
         self.update_title()
         if self.open_error:
             self.notify(self.open_error, severity="error", timeout=10)
+        if self.document.notice:
+            self.notify(self.document.notice, severity="warning", timeout=15)
         self.call_after_refresh(self._first_frame)
         import asyncio
         import signal
@@ -231,6 +238,7 @@ class TuiDiffusionApp(App):
         from tui_diffusion.crash import crash_report
 
         screen = self._main()
+        self.crashed = True
         self.bell()
         self._exit_renderables.append(crash_report(screen.document if screen else self.document, self._exception))
         self._close_messages_no_wait()
@@ -255,4 +263,7 @@ def run_tui(workflow: Path | None, config: WorkerConfig, settings: dict[str, Any
     result = app.run()
     if exit_after and isinstance(result, float):
         print(f"first frame at {result:.6f}")
-    return 0
+    code = app.return_code or 0  # 129 after a hang-up (hang_up sets it), 0 after a normal quit
+    if app.crashed:  # the traceback is in a crash log: say so to scripts and shells too
+        return code or CRASH_EXIT_CODE
+    return code

@@ -18,6 +18,7 @@ from tui_diffusion.graph.validate import ValidationIssue, validate_workflow
 from tui_diffusion.graph.workflow import Link, Workflow, as_link
 from tui_diffusion.paths import ModelPaths
 from tui_diffusion.settings import Limits
+from tui_diffusion.text import printable
 
 SEED_MODES = ("fixed", "increment", "decrement", "randomize")
 UNDO_LIMIT = 200
@@ -41,6 +42,8 @@ class WorkflowDocument:
         self._redo: list[dict[str, Any]] = []
         self._last_edit: tuple[str, str] | None = None
         self._saved = self._snapshot()
+        #: what the user must be told once about how the file was opened (None: nothing)
+        self.notice: str | None = None
 
     # -- files -------------------------------------------------------------------------------------
     @classmethod
@@ -50,18 +53,27 @@ class WorkflowDocument:
         A ComfyUI UI-format file's groups are kept in each node's ``_meta["group"]`` (the tree shows them as
         levels; saving in the API format keeps them).
         """
+        from tui_diffusion.graph.subgraphs import needs_expansion
+
         workflow = Workflow.load(path)
         with open(path, "rb") as f:
             is_image = f.read(8).startswith(b"\x89PNG")
+        flattened = False
         if not is_image and workflow.source_format == "ui":
             try:
                 data = json.loads(Path(path).read_text(encoding="utf-8"))
             except (OSError, ValueError, RecursionError):
                 data = None
+            flattened = isinstance(data, dict) and needs_expansion(data)
             for node_id, group in ui_groups(data).items():
                 if node_id in workflow.nodes:
                     workflow.nodes[node_id].setdefault("_meta", {})["group"] = group
-        return cls(workflow, None if is_image else path)
+        # subgraphs and group nodes were expanded on import: saving over the file would lose them
+        document = cls(workflow, None if is_image or flattened else path)
+        if flattened:
+            document.notice = (f"{printable(Path(path).name)} uses subgraphs or group nodes, opened flattened as "
+                               "untitled: saving writes a new file and leaves it as it is")
+        return document
 
     def save(self, path: Path | None = None) -> Path:
         target = path or self.path

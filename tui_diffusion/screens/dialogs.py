@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.await_complete import AwaitComplete
@@ -16,6 +17,8 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList
 from textual.widgets.option_list import Option
+
+from tui_diffusion.text import printable
 
 _CSS = """
 Dialog { align: center middle; }
@@ -71,7 +74,7 @@ class ChoiceDialog(Dialog):
 
     def _matching(self, text: str) -> list[Option]:
         words = text.lower().split()
-        return [Option(label, id=value) for value, label in self.options
+        return [Option(Text(printable(label)), id=value) for value, label in self.options
                 if all(w in f"{value} {label}".lower() for w in words)]
 
     @on(Input.Changed)
@@ -131,7 +134,8 @@ class OpenDialog(Dialog):
         with Vertical():
             yield Label("Open workflow (type a path, or pick one)", classes="title")
             yield Input(placeholder="path/to/workflow.json")
-            yield OptionList(*[Option(str(p), id=str(p)) for p in self.files])
+            # file names from disk: control characters escaped, brackets never read as markup
+            yield OptionList(*[Option(Text(printable(p)), id=str(p)) for p in self.files])
 
     @on(Input.Submitted)
     def _typed(self, event: Input.Submitted) -> None:

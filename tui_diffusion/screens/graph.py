@@ -17,6 +17,7 @@ from textual.widgets import Footer, Header, Static
 
 from tui_diffusion.document import WorkflowDocument
 from tui_diffusion.graph.workflow import Workflow
+from tui_diffusion.text import printable
 from tui_diffusion.widgets.graph_view import GraphView
 
 RunningNode = str | None | Callable[[], str | None]
@@ -84,16 +85,16 @@ class GraphScreen(Screen[str | None]):
             info.update(Text("empty workflow", style="dim"))
             return
         text = Text(no_wrap=True, overflow="ellipsis")
-        text.append(f"{node_id} ", style="dim")
-        text.append(wf.title(node_id), style="bold")
-        text.append(f"  {wf.class_type(node_id)}", style="italic")
+        text.append(f"{printable(node_id)} ", style="dim")  # ids, titles and types come from the file
+        text.append(printable(wf.title(node_id)), style="bold")
+        text.append(f"  {printable(wf.class_type(node_id))}", style="italic")
         text.append("   arrows move · enter open · esc close · shift+arrows pan", style="dim")
         text.append("\n")
-        sources = [f"{name} ← {link.node_id}" for name, link in wf.links(node_id).items()]
+        sources = [f"{printable(name)} ← {printable(link.node_id)}" for name, link in wf.links(node_id).items()]
         users = sorted({n for n in wf if any(link.node_id == node_id for link in wf.links(n).values())},
                        key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
         text.append("inputs: ", style="dim")
         text.append(", ".join(sources) or "none")
         text.append("   feeds: ", style="dim")
-        text.append(", ".join(users) or "nothing")
+        text.append(", ".join(printable(u) for u in users) or "nothing")
         info.update(text)

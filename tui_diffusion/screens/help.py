@@ -25,17 +25,19 @@ Everything works from the keyboard; the footer shows the keys of the focused pan
 | `ctrl+z` / `ctrl+y` | undo / redo any edit |
 | `ctrl+o` / `ctrl+s` / `f3` | open / save / save as |
 | `ctrl+n` | new workflow from the default text-to-image graph |
+| `f5` | graph view: the workflow drawn as boxes and lines (see below) |
 | `f4` | history: past jobs with their images; `enter` reopens a job's workflow, `delete` removes it and its files |
 | `escape` | back to the node tree (from the form) |
 | `ctrl+t` | go to the queue |
-| `f2` | under 100 columns: switch between the editor and the images/queue (the preview also comes up \
+| `f2` | under 100 columns (from 100 the image sits beside the tree and form): switch between the editor and \
+the images/queue (the preview also comes up \
 by itself while a job samples, unless you are typing in a field) |
 | `v` | show the current image full-size (any key returns) |
 | `?` or `f1` | this help |
 | `ctrl+q` | quit (asks first when there are unsaved changes) |
 
 ## Node tree (left)
-`up`/`down` move, `right`/`left` open/close a node or group (again: into its first input / out to its
+`up`/`down` move, `right`/`left` (or `l`/`h`) open/close a node or group (again: into its first input / out to its
 parent), `enter` on a node folds it, `enter` on an input edits it in the form,
 `/` or `ctrl+f` type-to-jump (title, type or id; `up`/`down` step through the matches, `enter` stays,
 `escape` goes back), `g` on a linked input goes to the node it comes from and `b` comes back,
@@ -43,6 +45,11 @@ parent), `enter` on a node folds it, `enter` on an input edits it in the form,
 A ComfyUI UI file's groups are levels of the tree.
 Marks: `◆` output node, `»` running now, `!` invalid; after a run each node says *executed* or *cached*
 and its time.
+
+## Graph view (`f5`)
+Nodes are boxes in columns by depth (ComfyUI's left-to-right order), links are lines; the selected node
+and the running one are highlighted. Arrows move between nodes, `shift`+arrows pan, `r` selects the running
+node, `enter` opens the selected node's form in the editor, `f5` or `escape` goes back unchanged.
 
 ## Parameter form (centre)
 Numbers: type, or `+`/`-` (also `up`/`down`) for one step, `shift+up`/`shift+down` for ten.

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -15,7 +16,8 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from tui_diffusion.screens.dialogs import ConfirmDialog, DismissOnce
 from tui_diffusion.store.history import History, JobRow
-from tui_diffusion.widgets.image_pane import ImagePane
+from tui_diffusion.text import printable
+from tui_diffusion.widgets.image_pane import ImagePane, is_image_file
 
 
 class HistoryScreen(DismissOnce, Screen):
@@ -62,8 +64,8 @@ class HistoryScreen(DismissOnce, Screen):
         self.rows = {r.id: r for r in self.history.jobs(limit=500, text=text or None)}
         for row in self.rows.values():
             when = time.strftime("%m-%d %H:%M", time.localtime(row.created))
-            prompt = row.prompt.split("\n", 1)[0][:70]
-            table.add_row(when, row.status, f"{row.seconds or 0:.1f}s", prompt, key=row.id)
+            prompt = printable(row.prompt.split("\n", 1)[0][:70])
+            table.add_row(when, printable(row.status), f"{row.seconds or 0:.1f}s", Text(prompt), key=row.id)
         if not self.rows:
             self.query_one(ImagePane).clear("no jobs" + (" match" if text else " recorded yet"))
 
@@ -80,9 +82,10 @@ class HistoryScreen(DismissOnce, Screen):
         if row is None:
             return
         pane = self.query_one(ImagePane)
-        image = next((Path(o["path"]) for o in row.outputs if Path(o["path"]).is_file()), None)
+        image = next((Path(o["path"]) for o in row.outputs if is_image_file(o["path"]) and Path(o["path"]).is_file()),
+                     None)
         if image is not None:
-            pane.show_file(image, image.name)
+            pane.show_file(image, image.name)  # still a message, not a crash, if it went or is not an image
         else:
             pane.clear("no image" if row.status == "ok" else row.status)
         changed = ", ".join(f"{k}: {v[1] if isinstance(v, list) else v}" for k, v in row.changes.items())
@@ -92,7 +95,8 @@ class HistoryScreen(DismissOnce, Screen):
         if changed:
             lines.append(f"changed: {changed}")
         lines.append(row.prompt.replace("\n", " | ")[:200])
-        self.query_one("#details", Static).update("\n".join(lines))
+        # names and prompts come from workflows and disk: escaped, and never read as markup
+        self.query_one("#details", Static).update(Text("\n".join(printable(line) for line in lines)))
 
     @on(DataTable.RowSelected)
     def _selected(self, event: DataTable.RowSelected) -> None:

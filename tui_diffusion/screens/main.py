@@ -22,7 +22,7 @@ from tui_diffusion.graph.validate import ValidationIssue
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.jobs import DONE, HELD, PENDING, RUNNING, JobBook
 from tui_diffusion.screens.dialogs import ChoiceDialog, ConfirmDialog, OpenDialog, PromptDialog
-from tui_diffusion.widgets.image_pane import ImagePane
+from tui_diffusion.widgets.image_pane import ImagePane, latest_image
 from tui_diffusion.widgets.jump_bar import JumpBar
 from tui_diffusion.widgets.node_tree import NodeStatus, NodeTree
 from tui_diffusion.widgets.param_form import ParamForm, SeedModeChanged, ValueEdited
@@ -428,8 +428,11 @@ class MainScreen(Screen):
         pane = self.query_one(ImagePane)
         if job is None:
             return
-        if job.status == DONE and job.outputs:
-            pane.show_file(job.outputs[-1], f"job {job.number}: {Path(job.outputs[-1]).name}")
+        image = latest_image(job.outputs) if job.status == DONE else None
+        if image is not None:
+            pane.show_file(image, f"job {job.number}: {image.name}")
+        elif job.status == DONE and job.outputs:  # a latent, or another file the pane cannot draw
+            pane.clear(f"job {job.number}: done, no image to show ({Path(job.outputs[-1]).name})")
         elif job.preview_png:
             pane.show_preview(job.preview_png, f"job {job.number}: preview {job.step}/{job.total}")
         else:
@@ -599,6 +602,8 @@ class MainScreen(Screen):
         if not as_new:
             self.app.remember(path)
         await self.refresh_all(select=True)
+        if doc.notice:
+            self.notify(doc.notice, severity="warning", timeout=15)
 
     def _confirm_discard(self, then: Any) -> None:
         if not self.document.dirty:

@@ -24,6 +24,7 @@ from textual.strip import Strip
 
 from tui_diffusion.graph.layout import BOX_WIDTH, Direction, GraphLayout, layout_graph, nearest
 from tui_diffusion.graph.workflow import Workflow
+from tui_diffusion.text import printable
 
 UP, DOWN, LEFT, RIGHT = 1, 2, 4, 8
 LINE_CHARS = {
@@ -48,7 +49,7 @@ Key = tuple[Any, ...]
 def truncate(text: str, width: int) -> list[str]:
     """``text`` as at most ``width`` cells, one string per cell ("" after a wide character), ending in "…" when
     it had to be cut."""
-    text = "".join(c if c.isprintable() else " " for c in text)
+    text = "".join(c if c.isprintable() else " " for c in printable(text))  # controls shown as escapes
     cells: list[str] = []
     for char in text:
         size = get_character_cell_size(char)

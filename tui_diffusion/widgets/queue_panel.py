@@ -53,6 +53,8 @@ class QueuePanel(DataTable):
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        #: where ``show`` last put the cursor, until its highlight arrives (not a choice of the user's)
+        self._placed: str | None = None
 
     def on_mount(self) -> None:
         self._columns = self.add_columns("#", "state", "job", "progress")
@@ -75,6 +77,7 @@ class QueuePanel(DataTable):
                     if str(self.get_cell(job.job_id, column)) != str(value):
                         self.update_cell(job.job_id, column, value)
             if selected in order and selected != self.selected_job():
+                self._placed = selected
                 self.move_cursor(row=self.get_row_index(selected))
             return
         keep = selected or self.selected_job()
@@ -83,6 +86,7 @@ class QueuePanel(DataTable):
         for job in jobs:
             self.add_row(*self._cells(job), key=job.job_id)
         if keep is not None and keep in order:
+            self._placed = keep
             self.move_cursor(row=self.get_row_index(keep))
 
     def selected_job(self) -> str | None:
@@ -94,8 +98,19 @@ class QueuePanel(DataTable):
             return None
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.row_key is not None and event.row_key.value is not None:
-            self.post_message(self.JobChosen(event.row_key.value))
+        """The user's choice only: a highlight that ``show`` caused (the rows laid out again put the cursor on the
+        first row, then on the selected one) is not a choice, and taking it for one stopped the pane from
+        following the latest job once a second job was queued."""
+        if event.row_key is None or event.row_key.value is None:
+            return
+        key = event.row_key.value
+        if key != self.selected_job():
+            return  # stale: the cursor has moved since (the rows were laid out again)
+        if key == self._placed:
+            self._placed = None
+            return
+        self._placed = None
+        self.post_message(self.JobChosen(key))
 
     def action_to_front(self) -> None:
         if (job := self.selected_job()) is not None:
