@@ -49,7 +49,8 @@ Key = tuple[Any, ...]
 def truncate(text: str, width: int) -> list[str]:
     """``text`` as at most ``width`` cells, one string per cell ("" after a wide character), ending in "…" when
     it had to be cut."""
-    text = "".join(c if c.isprintable() else " " for c in printable(text))  # controls shown as escapes
+    text = printable("".join(" " if c in "\t\n\r" else c for c in text))  # line breaks as spaces, other controls
+    text = "".join(c if c.isprintable() else " " for c in text)  # as escapes (a name must not reach the terminal)
     cells: list[str] = []
     for char in text:
         size = get_character_cell_size(char)
