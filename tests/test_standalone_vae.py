@@ -63,3 +63,44 @@ def test_a_16_channel_vae_loads_alone(tmp_path: Path, models_dir: Path) -> None:
     ctx = _ctx(models_dir, tmp_path)
     with pytest.raises(NodeError, match="4 channels but this VAE takes 16"):
         vae_decode(ctx, {"samples": torch.zeros(1, 4, 8, 8)}, alone)
+
+
+@pytest.fixture(scope="module")
+def dit_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.dit_helpers import shared_models
+
+    return shared_models(tmp_path_factory)
+
+
+def _published_vae16(family: str, target: Path) -> Path:
+    """The all-in-one checkpoint's VAE (same seed, same fp8 storage) as its own file, in the layout published
+    for the family: Black Forest Labs' ``ae.safetensors`` (LDM keys, no prefix) for Flux, the diffusers layout
+    of Stability's ``vae/`` folder for SD3."""
+    from tui_diffusion.pipeline import checkpoint_writer_dit as w
+
+    if family == "flux":
+        return w.write_vae16(target, flux=True, dtype="fp8_e4m3fn")
+    return w.save(w.build_vae16(w.SD3_VAE_FACTORS).state_dict(), target, "fp8_e4m3fn")
+
+
+@pytest.mark.parametrize(("family", "name", "prefix"), [
+    ("sd3", "sd3.5_large_fp8_scaled.safetensors", "first_stage_model."),
+    ("flux", "flux1-schnell-fp8.safetensors", "vae."),
+])
+def test_a_16_channel_vae_loaded_alone_decodes_as_the_checkpoints_own(family: str, name: str, prefix: str,
+                                                                      dit_models: Path, tmp_path: Path) -> None:
+    checkpoint = dit_models / "checkpoints" / name
+    alone_path = _published_vae16(family, tmp_path / "vae.safetensors")
+    if family == "flux":  # the separate file holds the very tensors the checkpoint stores under its prefix
+        with safe_open(str(checkpoint), framework="pt") as a, safe_open(str(alone_path), framework="pt") as b:
+            assert {k.removeprefix(prefix) for k in a.keys() if k.startswith(prefix)} == set(b.keys())
+            assert all(torch.equal(a.get_tensor(prefix + k).float(), b.get_tensor(k).float()) for k in b.keys())
+    ctx = _ctx(dit_models, tmp_path)
+    loaded = load_checkpoint(checkpoint, CPU, tmp_path / "cfg")
+    alone = load_vae(alone_path, CPU, tmp_path / "cfg")
+    assert loaded.vae.latent_channels == alone.latent_channels == 16
+    latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))}
+    own = vae_decode(ctx, latent, loaded.vae).outputs[0]
+    other = vae_decode(ctx, latent, alone).outputs[0]
+    assert float(own.std()) > 0.02  # not a flat image, where any two VAEs would agree
+    assert (own * 255 - other * 255).abs().max() <= 1.0

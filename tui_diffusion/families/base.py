@@ -78,6 +78,9 @@ class Family:
     reason: str = ""
     #: the text encoders, by ComfyUI's names ("clip_l", "clip_g", "openclip_h", "t5xxl")
     text_encoders: tuple[str, ...] = ()
+    #: whether epsilon vs v-prediction is read from the weights themselves (SD2.x), so that ``models`` must
+    #: look at a tensor to say which a file is
+    prediction_from_weights: bool = False
 
     # -- recognising a file (torch-free) ----------------------------------------------------------------
     def matches(self, header: Header) -> bool:

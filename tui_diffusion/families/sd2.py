@@ -20,6 +20,7 @@ class SD2Family(UNetFamily):
     text_prefixes = (SD2_TEXT,)
     text_encoders = ("openclip_h",)
     clip_layer = -2  # the penultimate layer, through the final norm (ComfyUI's SD2 CLIP)
+    prediction_from_weights = True
 
     def prediction(self, header: Mapping[str, TensorInfo], tensor: Any) -> str:
         """epsilon or v_prediction, the way ComfyUI tells them apart (4-channel models only).
@@ -45,6 +46,7 @@ class SD2InpaintFamily(SD2Family):
     id = "sd2-inpaint"
     label = "SD2.x inpainting"
     inpaint = True
+    prediction_from_weights = False  # always epsilon
 
 
 SD2 = SD2Family()

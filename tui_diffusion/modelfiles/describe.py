@@ -62,7 +62,7 @@ def _describe(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     conv_in = require_rank(path, header, "model.diffusion_model.input_blocks.0.0.weight", 4)
     fam = detect_family(header, conv_in.shape[1] if conv_in else None)
     row.update(family=fam.label, supported=fam.supported, error=None if fam.supported else fam.reason)
-    if fam.id == "sd2":
+    if fam.prediction_from_weights:
         row["prediction"] = _sd2_prediction(path, header)
         row["family"] += " (v-prediction)" if row["prediction"] == "v_prediction" else " (epsilon)"
     row["size_bytes"] = path.stat().st_size
