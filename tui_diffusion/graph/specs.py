@@ -1033,6 +1033,56 @@ _SPECS: tuple[NodeSpec, ...] = (
         outputs=(OutputSpec(IMAGE, "IMAGE"),),
         description="Resizes the image to the Flux Kontext size nearest its aspect ratio.",
     ),
+    NodeSpec(
+        "ConditioningAverage", "ConditioningAverage", "conditioning",  # ComfyUI shows the class name
+        inputs=(InputSpec("conditioning_to", CONDITIONING), InputSpec("conditioning_from", CONDITIONING),
+                InputSpec("conditioning_to_strength", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01)),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="Blends two prompts' embeddings: strength 1 is conditioning_to, 0 is conditioning_from.",
+    ),
+    NodeSpec(
+        "ConditioningConcat", "Conditioning (Concat)", "conditioning",
+        inputs=(InputSpec("conditioning_to", CONDITIONING), InputSpec("conditioning_from", CONDITIONING)),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="Appends conditioning_from's tokens to conditioning_to's, as one longer prompt.",
+    ),
+    NodeSpec(
+        "ConditioningSetArea", "Conditioning (Set Area)", "conditioning",
+        inputs=(InputSpec("conditioning", CONDITIONING),
+                InputSpec("width", INT, default=64, min=64, max=MAX_RESOLUTION, step=8),
+                InputSpec("height", INT, default=64, min=64, max=MAX_RESOLUTION, step=8),
+                InputSpec("x", INT, default=0, min=0, max=MAX_RESOLUTION, step=8),
+                InputSpec("y", INT, default=0, min=0, max=MAX_RESOLUTION, step=8),
+                InputSpec("strength", FLOAT, default=1.0, min=0.0, max=10.0, step=0.01)),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="The conditioning guides only this rectangle of the image (pixels), with this weight.",
+    ),
+    NodeSpec(
+        "ConditioningSetAreaPercentage", "Conditioning (Set Area with Percentage)", "conditioning",
+        inputs=(InputSpec("conditioning", CONDITIONING),
+                InputSpec("width", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01),
+                InputSpec("height", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01),
+                InputSpec("x", FLOAT, default=0.0, min=0.0, max=1.0, step=0.01),
+                InputSpec("y", FLOAT, default=0.0, min=0.0, max=1.0, step=0.01),
+                InputSpec("strength", FLOAT, default=1.0, min=0.0, max=10.0, step=0.01)),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="The conditioning guides only this rectangle, in fractions of the image size.",
+    ),
+    NodeSpec(
+        "ConditioningSetAreaStrength", "ConditioningSetAreaStrength", "conditioning",
+        inputs=(InputSpec("conditioning", CONDITIONING),
+                InputSpec("strength", FLOAT, default=1.0, min=0.0, max=10.0, step=0.01)),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="The conditioning's weight where it overlaps others.",
+    ),
+    NodeSpec(
+        "ConditioningSetMask", "Conditioning (Set Mask)", "conditioning",
+        inputs=(InputSpec("conditioning", CONDITIONING), InputSpec("mask", MASK),
+                InputSpec("strength", FLOAT, default=1.0, min=0.0, max=10.0, step=0.01),
+                InputSpec("set_cond_area", COMBO, default="default", choices=("default", "mask bounds"))),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING"),),
+        description="The conditioning guides the image where the mask is set, weighted by the mask.",
+    ),
 )
 
 NODE_SPECS: dict[str, NodeSpec] = {s.class_type: s for s in _SPECS}

@@ -28,6 +28,7 @@ from tui_diffusion.pipeline.controlnet import control_inputs, with_uncond_contro
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.lora import patched
 from tui_diffusion.pipeline.models import ModelHandle
+from tui_diffusion.pipeline.nodes_conditioning import entry_area, entry_weight, needs_areas, resolve_entries
 from tui_diffusion.pipeline.placement import in_use
 from tui_diffusion.pipeline.sampling import prepare_noise
 from tui_diffusion.pipeline.schedules import advanced_sigmas, ksampler_sigmas
@@ -85,9 +86,14 @@ class Denoiser:
         dev = model.device
         self.device, self.dtype = dev.torch_device, dev.dtype
         self.cfg = cfg
-        self.pos = _Conds(positive, self.model_sampling, "positive")
         self.use_uncond = negative is not None and (need_uncond or not math.isclose(cfg, 1.0))
         negative = with_uncond_controls(positive, negative)  # ControlNetApply's controls reach the negative too
+        #: area, strength or mask entries (ConditioningSetArea*, SetMask): each evaluated on its own crop
+        self.areas = needs_areas(positive + (negative if self.use_uncond else []))
+        if self.areas:
+            positive, negative = resolve_entries(positive, negative if self.use_uncond else None,
+                                                 tuple(latent.shape[-2:]))
+        self.pos = _Conds(positive, self.model_sampling, "positive")
         self.neg = _Conds(negative, self.model_sampling, "negative") if self.use_uncond else None
         self.latent_shape = tuple(latent.shape)
         self.family.check_conditioning(model, [c for c, _, _ in self.pos.entries + (self.neg.entries if self.neg
@@ -113,6 +119,8 @@ class Denoiser:
         s = float(sigma.reshape(-1)[0])
         conds = self.pos.active(s)
         unconds = self.neg.active(s) if self.neg is not None else []
+        if self.areas:
+            return self._finish(*self._area_x0(x, sigma, conds, unconds), mask)
         entries = unconds + conds
         n = len(entries)
         batch = x.shape[0]
@@ -136,6 +144,54 @@ class Denoiser:
             uncond = ms.calculate_denoised(sigma, uncond_out, x)
             cond = uncond_out + (cond - uncond_out) * self.cfg
         result = ms.calculate_denoised(sigma, cond, x)
+        return self._finish(result, uncond, mask)
+
+    def _area_x0(self, x: torch.Tensor, sigma: torch.Tensor, conds: list,
+                 unconds: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ComfyUI's ``calc_cond_batch``: each entry predicts x0 on its crop of the latent, and a side's
+        predictions are averaged weighted by ``entry_weight`` (0 where no entry of it reaches), then CFG."""
+        ms = self.model_sampling
+        dims = (x.shape[-2], x.shape[-1])
+        batch = x.shape[0]
+        s = float(sigma.reshape(-1)[0])
+
+        def side(entries: list, negative: bool) -> torch.Tensor:
+            total = torch.zeros_like(x)
+            counts = torch.full_like(x, 1e-37)
+            for entry in entries:
+                area = entry_area(entry[1], dims)
+                crop, concat = x, self.concat
+                if area is not None:
+                    h, w, y, x0 = area
+                    crop = x[:, :, y: y + h, x0: x0 + w]
+                    concat = concat[:, :, y: y + h, x0: x0 + w] if concat is not None else None
+                kwargs = self.family.model_kwargs(self.model, [entry], batch=batch, latent_shape=tuple(crop.shape),
+                                                  negative=[negative], device=self.device, dtype=self.dtype)
+                x_in = ms.calculate_input(sigma, crop).to(self.dtype)
+                if concat is not None:
+                    x_in = torch.cat([x_in, concat], dim=1)
+                timestep = ms.timestep(sigma.reshape(-1).expand(batch)).to(self.device).float()
+                kwargs.update(control_inputs(self.model, [entry], x_in[:, : crop.shape[1]], timestep, s, kwargs,
+                                             batch))
+                pred = ms.calculate_denoised(sigma, self.family.apply_model(self.model, x_in, timestep,
+                                                                            kwargs).float(), crop)
+                mult = entry_weight(entry[1], crop, area, dims)
+                if area is None:
+                    total += pred * mult
+                    counts += mult
+                else:
+                    h, w, y, x0 = area
+                    total[:, :, y: y + h, x0: x0 + w] += pred * mult
+                    counts[:, :, y: y + h, x0: x0 + w] += mult
+            return total / counts
+
+        cond = side(conds, False)
+        if not unconds:
+            return cond, None
+        uncond = side(unconds, True)
+        return uncond + (cond - uncond) * self.cfg, uncond
+
+    def _finish(self, result: torch.Tensor, uncond: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is not None:  # outside the mask the prediction is the input latent itself
             result = result * mask + self.keep * (1 - mask)
             if uncond is not None:

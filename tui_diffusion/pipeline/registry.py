@@ -31,6 +31,7 @@ def implementations() -> dict[str, NodeFn]:
     """Every registered node (importing the modules that define them)."""
     from tui_diffusion.pipeline import (  # noqa: F401  (they register)
         nodes,
+        nodes_conditioning,
         nodes_controlnet,
         nodes_dit,
         nodes_flux,
