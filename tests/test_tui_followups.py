@@ -161,6 +161,9 @@ async def test_the_open_dialog_lists_file_names_escaped(home: Path) -> None:
         odd = [p for p in prompts if "PWN" in p]
         assert odd and all("\x1b" not in p and "\x07" not in p for p in prompts)
         assert odd[0].endswith("a\\x1b]0;PWN\\x07b.json")
+        await pilot.press("down")  # from the path field into the list
+        await settle(pilot)
+        assert app.focused is options
 
 
 async def test_the_graph_screen_escapes_titles_and_types(home: Path) -> None:
@@ -284,3 +287,21 @@ async def test_the_image_follows_each_new_job_not_only_the_first(home: Path) -> 
             image = fake.run_job(fake.submitted[-1][0], home / "out")
             await settle(pilot, 6)
             assert pane.path == image
+
+
+async def test_a_long_token_count_line_ends_in_an_ellipsis_at_100_columns(home: Path) -> None:
+    """The count is one line high: cut with "…" rather than wrapped onto a line nobody sees."""
+    from tui_diffusion.widgets.node_tree import NodeTree
+
+    app = make_app(home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        tree = app.screen.query_one(NodeTree)
+        tree.focus()
+        tree.jump_to("6", "text")
+        await pilot.press("enter", "ctrl+a", *"a fox embedding:night")
+        await settle(pilot, 6)
+        tokens = app.focused.parent.query_one(".tokens")
+        assert tokens.size.width < len("4/75 tokens (an embedding counts as 1)")
+        shown = tokens.render_line(0).text.rstrip()
+        assert shown.startswith("3/75 tokens (an embedding") and shown.endswith("…")

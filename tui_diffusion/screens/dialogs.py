@@ -126,6 +126,8 @@ class PromptDialog(Dialog):
 class OpenDialog(Dialog):
     """Open a workflow: pick one from the workflows folder or type any path."""
 
+    BINDINGS = [Binding("down", "into_list", show=False)]
+
     def __init__(self, folders: list[Path]) -> None:
         super().__init__()
         self.files = sorted({p for folder in folders if folder.is_dir() for p in folder.glob("*.json")})
@@ -140,6 +142,11 @@ class OpenDialog(Dialog):
     @on(Input.Submitted)
     def _typed(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
+
+    def action_into_list(self) -> None:
+        """``down`` from the path field goes to the list (as in the node type picker)."""
+        for options in self.query(OptionList):
+            options.focus()
 
     @on(OptionList.OptionSelected)
     def _picked(self, event: OptionList.OptionSelected) -> None:

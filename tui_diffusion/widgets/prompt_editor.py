@@ -86,7 +86,7 @@ class PromptBox(Vertical):
     DEFAULT_CSS = """
     PromptBox { height: auto; }
     PromptBox PromptEditor { height: 6; }
-    PromptBox .tokens { color: $text-muted; height: 1; }
+    PromptBox .tokens { color: $text-muted; height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
     PromptBox .tokens.over { color: $warning; }
     """
 
