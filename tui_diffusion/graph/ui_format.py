@@ -133,34 +133,6 @@ def ui_to_api(data: dict[str, Any], source: str = "<workflow>") -> dict[str, dic
     return api
 
 
-def _depths(api: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """Each node's column: one more than its deepest upstream node (0 for sources; a cycle is cut where
-    it closes). Iterative, so that a chain of thousands of nodes cannot exhaust the stack."""
-    def ups(node_id: str) -> list[str]:
-        return [str(v[0]) for v in api[node_id]["inputs"].values() if isinstance(v, list) and len(v) == 2
-                and str(v[0]) in api]
-
-    depth: dict[str, int] = {}
-    for root in api:
-        if root in depth:
-            continue
-        on_path = {root}
-        stack: list[tuple[str, list[str]]] = [(root, ups(root))]
-        while stack:
-            node_id, pending = stack[-1]
-            while pending and (pending[-1] in depth or pending[-1] in on_path):
-                pending.pop()
-            if pending:
-                child = pending.pop()
-                on_path.add(child)
-                stack.append((child, ups(child)))
-                continue
-            stack.pop()
-            on_path.discard(node_id)
-            depth[node_id] = 1 + max((depth.get(u, -1) for u in ups(node_id) if u not in on_path), default=-1)
-    return depth
-
-
 def api_to_ui(api: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A UI-format workflow ComfyUI opens: the same graph, nodes in columns by depth."""
     ids: dict[str, int] = {}
@@ -171,7 +143,9 @@ def api_to_ui(api: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:
             ids[node_id] = next_id
             next_id += 1
-    depths = _depths(api)
+    from tui_diffusion.graph.workflow import link_depths  # workflow imports this module
+
+    depths = link_depths(api)
     rows: dict[int, int] = defaultdict(int)
     links: list[list[Any]] = []
     nodes: list[dict[str, Any]] = []

@@ -52,9 +52,10 @@ def nesting_error(data: Any, limit: int = MAX_DEPTH) -> str | None:
 MAX_CHAIN = 400
 
 
-def _deepest_chain(nodes: dict[str, dict[str, Any]], limit: int = MAX_CHAIN) -> str | None:
-    """A node at the end of a chain of more than ``limit`` links, or None. Iterative (any depth is safe to
-    measure); a cycle is cut where it closes (validation reports it)."""
+def link_depths(nodes: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Each node's depth: 0 for a node with no linked inputs, else one more than its deepest source.
+    Iterative, so a chain of any length is safe to measure; a cycle is cut where it closes (validation
+    reports it)."""
     def ups(node_id: str) -> list[str]:
         return [link.node_id for v in nodes[node_id]["inputs"].values()
                 if (link := as_link(v)) is not None and link.node_id in nodes]
@@ -76,10 +77,13 @@ def _deepest_chain(nodes: dict[str, dict[str, Any]], limit: int = MAX_CHAIN) -> 
                 continue
             stack.pop()
             on_path.discard(node_id)
-            depth[node_id] = 1 + max((depth[u] for u in ups(node_id) if u in depth), default=0)
-            if depth[node_id] > limit:
-                return node_id
-    return None
+            depth[node_id] = 1 + max((depth[u] for u in ups(node_id) if u in depth), default=-1)
+    return depth
+
+
+def _deepest_chain(nodes: dict[str, dict[str, Any]], limit: int = MAX_CHAIN) -> str | None:
+    """A node at the end of a chain of more than ``limit`` links, or None."""
+    return next((node_id for node_id, d in link_depths(nodes).items() if d + 1 > limit), None)
 
 
 def parse_json(text: str | bytes, source: str) -> Any:
