@@ -201,15 +201,6 @@ def test_ksampler_node_matches_diffusers_pipeline(files: dict[str, Path], clip: 
 
 
 # -- the shipped workflows, on tiny files under the names they expect -------------------------------------------------
-def _encodes_dit_prompts() -> bool:
-    """Whether CLIPTextEncode hands an SD3/Flux CLIP's prompt to the CLIP's own encoding (``encode_prompt``)."""
-    import inspect
-
-    from tui_diffusion.pipeline import nodes
-
-    return "encode_prompt" in inspect.getsource(nodes)
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_models(tmp_path_factory)
@@ -229,8 +220,6 @@ def test_shipped_workflow_runs(home: Path, tmp_path: Path, name: str, latent: st
     from tui_diffusion.pipeline.models import ModelCache
 
     data = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
-    if name != "flux-schnell" and not _encodes_dit_prompts():
-        pytest.skip("CLIPTextEncode does not yet encode SD3/Flux CLIPs with their own encoding")
     data[latent]["inputs"].update(width=64, height=64)
     for node in data.values():  # two steps are enough to run every node
         if node["class_type"] == "KSampler":
