@@ -31,16 +31,20 @@ def implementations() -> dict[str, NodeFn]:
     """Every registered node (importing the modules that define them)."""
     from tui_diffusion.pipeline import (  # noqa: F401  (they register)
         nodes,
+        nodes_cache,
         nodes_conditioning,
         nodes_controlnet,
         nodes_dit,
         nodes_flux,
+        nodes_gligen,
         nodes_image,
         nodes_images,
         nodes_latent,
         nodes_latent_ops,
         nodes_masks,
+        nodes_merge,
         nodes_sampling,
+        nodes_vision,
         upscale,
     )
 
