@@ -32,6 +32,12 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "upscale_models": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
     # ControlNets and T2I-Adapters (ComfyUI also reads models/t2i_adapter for this kind)
     "controlnet": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
+    "clip_vision": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
+    "style_models": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
+    "gligen": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
+    "hypernetworks": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
+    # TAESD preview decoders (taesd, taesdxl, taesd3, taef1 and their encoders), as ComfyUI names the folder
+    "vae_approx": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -247,7 +253,9 @@ def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
 _EXTRA_KINDS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vae", "embeddings": "embeddings",
                 "diffusion_models": "diffusion_models", "unet": "diffusion_models",
                 "text_encoders": "text_encoders", "clip": "text_encoders", "upscale_models": "upscale_models",
-                "controlnet": "controlnet", "t2i_adapter": "controlnet"}
+                "controlnet": "controlnet", "t2i_adapter": "controlnet", "clip_vision": "clip_vision",
+                "style_models": "style_models", "gligen": "gligen", "hypernetworks": "hypernetworks",
+                "vae_approx": "vae_approx"}
 
 
 def read_extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:
