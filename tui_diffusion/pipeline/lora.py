@@ -116,10 +116,14 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
         yield
         return
     tables = {part: _targets(module, part, part == "unet") for part, module in parts.items()}
-    backups: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}
+    #: id(parameter) -> (parameter, its value before any patch)
+    backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         with torch.no_grad():
             for patch in active:
+                if not isinstance(patch, Patch):  # a merge (pipeline/merge.py) sets what it changes itself
+                    patch.apply(parts, backups)
+                    continue
                 for key, (down, up, alpha) in patch.lora.pairs.items():
                     part = key.split(":", 1)[0]
                     mod = tables.get(part, {}).get(key)
@@ -128,15 +132,15 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
                     if mod.weight.device.type == "meta":
                         raise NodeError("LoRAs cannot be applied with --novram (layer-by-layer offload) yet; "
                                         "use --lowvram")
-                    if id(mod) not in backups:
-                        backups[id(mod)] = (mod, mod.weight.detach().clone())
+                    if id(mod.weight) not in backups:
+                        backups[id(mod.weight)] = (mod.weight, mod.weight.detach().clone())
                     delta = _delta(down, up, alpha, mod.weight) * patch.strength
                     mod.weight.add_(delta.to(mod.weight.device, mod.weight.dtype))
         yield
     finally:
         with torch.no_grad():
-            for mod, original in backups.values():
-                mod.weight.copy_(original)
+            for param, original in backups.values():
+                param.copy_(original)
 
 
 def matched_modules(parts: dict[str, torch.nn.Module], lora: LoraWeights) -> int:

@@ -1,0 +1,158 @@
+"""CheckpointSave: a MODEL, CLIP and VAE written as one single-file checkpoint in the original (LDM/SGM) layout.
+
+The layout is the one ``checkpoint_writer`` writes and the loaders read (``model.diffusion_model.*``,
+``cond_stage_model.*`` or ``conditioner.embedders.*``, ``first_stage_model.*``), with the key mapping from
+diffusers names taken from there, so a saved file loads back here and in ComfyUI. Patches (merges, LoRAs) are
+applied while the weights are read, as ComfyUI bakes them in. The metadata follows ComfyUI's ``save_checkpoint``:
+the modelspec keys it writes, the prediction type, the workflow (``prompt`` and ``workflow``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tui_diffusion.paths import PathError
+from tui_diffusion.pipeline.checkpoint_writer import _hf_text_keys, openclip_from_hf, unet_to_original, vae_to_original
+from tui_diffusion.pipeline.errors import NodeError
+from tui_diffusion.pipeline.lora import patched
+from tui_diffusion.pipeline.models import ClipHandle, ModelHandle, VaeHandle
+from tui_diffusion.pipeline.placement import in_use
+from tui_diffusion.store.outputs import split_prefix
+
+SUFFIX = ".safetensors"
+#: ComfyUI's ``modelspec.architecture`` for the families it names (it writes no modelspec for SD1.x/SD2.x)
+MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base", "sdxl-refiner": "stable-diffusion-xl-v1-refiner"}
+
+
+def _cpu_copy(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Copies on the CPU (the patched weights are restored when the context ends), contiguous for safetensors."""
+    out = {}
+    for key, value in state.items():
+        if value.device.type == "meta":
+            raise NodeError(f"CheckpointSave cannot read the {what}'s weights with --novram (layer-by-layer "
+                            "offload); use --lowvram")
+        out[key] = value.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def _text_state(model: ModelHandle, clip: ClipHandle) -> dict[str, torch.Tensor]:
+    prefixes = tuple(getattr(model.family, "text_prefixes", ()))
+    if len(prefixes) != len(clip.encoders):
+        raise NodeError(f"clip: a CLIP with {len(clip.encoders)} text encoder(s), but a {model.family.label} "
+                        f"checkpoint holds {len(prefixes)}: connect the CLIP of the same model family")
+    out: dict[str, torch.Tensor] = {}
+    with in_use(*clip.parts().values()), patched(clip.parts(), list(clip.patches)):
+        for prefix, encoder in zip(prefixes, clip.encoders, strict=True):
+            if prefix.endswith(".transformer."):  # CLIP-L in the Hugging Face layout
+                for key, value in _hf_text_keys(encoder.model).items():
+                    out[prefix + key] = value
+                positions = encoder.model.config.max_position_embeddings
+                out.setdefault(prefix + "text_model.embeddings.position_ids",
+                               torch.arange(positions, dtype=torch.int64)[None])
+            else:  # OpenCLIP's layout (SD2's ViT-H, SDXL's bigG)
+                out.update(openclip_from_hf(encoder.model, prefix))
+        return _cpu_copy(out, "CLIP")
+
+
+def checkpoint_state(model: ModelHandle, clip: ClipHandle, vae: VaeHandle) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by its original-layout name, with the model's and the CLIP's patches
+    applied. NodeError for a model this layout cannot hold (SD3/Flux transformers)."""
+    unet = model.unet
+    layers = getattr(getattr(unet, "config", None), "layers_per_block", None)
+    if not isinstance(layers, int) or not getattr(model.family, "text_prefixes", ()):
+        raise NodeError(f"model: CheckpointSave writes SD1.x, SD2.x and SDXL checkpoints; saving a "
+                        f"{model.family.label} model is not supported yet")
+    with in_use(unet), patched({"unet": unet}, list(model.patches)):
+        state = _cpu_copy(unet_to_original(unet.state_dict(), layers), "model")
+    state.update(_text_state(model, clip))
+    with in_use(vae.vae):
+        vae_sd = _cpu_copy(vae.vae.state_dict(), "VAE")
+    state.update(vae_to_original(vae_sd, len(vae.vae.config.block_out_channels)))
+    return state
+
+
+def checkpoint_metadata(model: ModelHandle, title: str, prompt: dict[str, Any] | None,
+                        workflow: dict[str, Any] | None) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """ComfyUI's metadata for a saved checkpoint, and the marker tensors it adds (``v_pred``, ``ztsnr``)."""
+    from tui_diffusion.pipeline.model_sampling import DiscreteSampling
+
+    metadata: dict[str, str] = {}
+    extra: dict[str, torch.Tensor] = {}
+    architecture = MODELSPEC_ARCHITECTURE.get(model.family.id)
+    if architecture is not None:
+        metadata.update({"modelspec.architecture": architecture, "modelspec.sai_model_spec": "1.0.0",
+                         "modelspec.implementation": "sgm", "modelspec.title": title})
+    sampling = model.model_sampling
+    if isinstance(sampling, DiscreteSampling):
+        if sampling.prediction == "eps":
+            metadata["modelspec.predict_key"] = "epsilon"
+        elif sampling.prediction == "v":
+            metadata["modelspec.predict_key"] = "v"
+            extra["v_pred"] = torch.tensor([])
+            if float(sampling.alphas_cumprod[-1]) < 1e-6:  # rescaled to zero terminal SNR
+                extra["ztsnr"] = torch.tensor([])
+    metadata["prompt"] = json.dumps(prompt) if prompt is not None else ""
+    if workflow is not None:
+        metadata["workflow"] = json.dumps(workflow)
+    return metadata, extra
+
+
+def next_counter(folder: Path, stem: str) -> int:
+    """One past the highest counter of ``<stem>_NNNNN_.safetensors`` files in the folder."""
+    head, tail = f"{stem}_", f"_{SUFFIX}"
+    found = [int(n[len(head):-len(tail)]) for n in os.listdir(folder)
+             if n.startswith(head) and n.endswith(tail) and n[len(head):-len(tail)].isdigit()] \
+        if folder.is_dir() else []
+    return max(found, default=0) + 1
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], output_dir: Path, filename_prefix: str,
+                     metadata_for: Any) -> Path:
+    """Write ``<prefix>_<counter:05>_.safetensors`` under the output folder: under a temporary name first, then
+    linked to the first free counter, so there is never a partial file under the final name and nothing is
+    overwritten. ``metadata_for(stem, counter)`` gives the metadata (its title names the counter)."""
+    from safetensors.torch import save_file
+
+    folder, stem = split_prefix(output_dir, filename_prefix)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{stem}.{os.getpid()}.tmp{SUFFIX}"
+    try:
+        counter = next_counter(folder, stem)
+        while True:
+            save_file(state, str(tmp), metadata=metadata_for(stem, counter))
+            final = folder / f"{stem}_{counter:05}_{SUFFIX}"
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:  # another writer took this counter meanwhile: the next free one
+                counter = next_counter(folder, stem)
+            except OSError:  # file systems without hard links
+                if final.exists():
+                    counter = next_counter(folder, stem)
+                    continue
+                os.rename(tmp, final)
+                return final
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(model: ModelHandle, clip: ClipHandle, vae: VaeHandle, output_dir: Path, filename_prefix: str,
+                    prompt: dict[str, Any] | None = None, workflow: dict[str, Any] | None = None) -> Path:
+    """CheckpointSave's work; NodeError names the input or the folder when it cannot be done."""
+    state = checkpoint_state(model, clip, vae)
+
+    def metadata_for(stem: str, counter: int) -> dict[str, str]:
+        return checkpoint_metadata(model, f"{stem} {counter}", prompt, workflow)[0]
+
+    state.update(checkpoint_metadata(model, "", None, None)[1])
+    try:
+        return write_checkpoint(state, output_dir, filename_prefix, metadata_for)
+    except PathError as exc:
+        raise NodeError(f"filename_prefix: {exc}") from None
+    except OSError as exc:  # a full disk, a read-only folder: the job fails, no partial file is left
+        raise NodeError(f"cannot write the checkpoint into {output_dir}: {exc.strerror or exc}") from None
