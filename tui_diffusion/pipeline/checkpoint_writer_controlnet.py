@@ -106,3 +106,94 @@ def write_t2i_adapter(path: str | os.PathLike[str], adapter: Any, layout: str = 
     elif layout != "diffusers":
         raise ValueError(f"unknown layout {layout!r}")
     return _save(state, Path(path), dtype)
+
+
+# -- SD3/SD3.5 and Flux ControlNets -----------------------------------------------------------------------------
+def _randomise(net: Any) -> Any:
+    """Random values where diffusers zero-initialises (output projections, hint embedding), so that the
+    ControlNet changes the image as a trained one does."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    return net.eval()
+
+
+def build_sd3_controlnet(transformer: Any, num_layers: int = 1, seed: int = 0, extra_conditioning_channels: int = 0
+                         ) -> Any:
+    """A random ControlNet in diffusers' SD3 layout (InstantX's SD3 ControlNets) for ``transformer``'s size."""
+    from diffusers import SD3ControlNetModel
+
+    c = transformer.config
+    torch.manual_seed(seed)
+    return _randomise(SD3ControlNetModel(
+        sample_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels, num_layers=num_layers,
+        attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
+        joint_attention_dim=c.joint_attention_dim, caption_projection_dim=c.caption_projection_dim,
+        pooled_projection_dim=c.pooled_projection_dim, out_channels=c.out_channels,
+        pos_embed_max_size=c.pos_embed_max_size, extra_conditioning_channels=extra_conditioning_channels))
+
+
+def build_sd35_controlnet(transformer: Any, num_layers: int = 1, seed: int = 0) -> Any:
+    """A random ControlNet shaped as Stability's SD3.5 Large ones (blur, canny, depth) for ``transformer``'s size:
+    self-attention blocks without context, no patch embedding of its own."""
+    from diffusers import SD3ControlNetModel
+
+    c = transformer.config
+    torch.manual_seed(seed)
+    inner = c.num_attention_heads * c.attention_head_dim
+    return _randomise(SD3ControlNetModel(
+        patch_size=c.patch_size, in_channels=c.in_channels, num_layers=num_layers,
+        attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads, joint_attention_dim=None,
+        caption_projection_dim=inner, pooled_projection_dim=c.pooled_projection_dim, out_channels=c.out_channels,
+        pos_embed_max_size=None, pos_embed_type=None, use_pos_embed=False, force_zeros_for_pooled_projection=False))
+
+
+def build_flux_controlnet(transformer: Any, num_layers: int = 1, num_single_layers: int = 1, seed: int = 0,
+                          num_mode: int | None = None) -> Any:
+    """A random Flux ControlNet in the InstantX/Shakker layout (``num_mode``: a union one with that many tasks)."""
+    from diffusers import FluxControlNetModel
+
+    c = transformer.config
+    torch.manual_seed(seed)
+    return _randomise(FluxControlNetModel(
+        patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
+        joint_attention_dim=c.joint_attention_dim, pooled_projection_dim=c.pooled_projection_dim,
+        guidance_embeds=c.guidance_embeds, axes_dims_rope=list(c.axes_dims_rope), num_mode=num_mode))
+
+
+_SD35_BLOCK = {"attn.to_out.0": "attn.proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2",
+               "norm1.linear": "adaLN_modulation.1"}
+
+
+def sd35_controlnet_to_original(state: dict[str, torch.Tensor], control_type: int) -> dict[str, torch.Tensor]:
+    """``SD3ControlNetModel`` keys -> Stability's SD3.5 ControlNet file: blocks with a fused qkv and the MMDiT's
+    block names, the embedders under diffusers' names (as the published files have them), ``control_type``
+    (0 blur, 1 canny, 2 depth)."""
+    out: dict[str, torch.Tensor] = {"control_type": torch.tensor([float(control_type)])}
+    for key, value in state.items():
+        if m := re.match(r"(transformer_blocks\.\d+\.)attn\.to_([qkv])\.(weight|bias)$", key):
+            if m.group(2) == "q":
+                out[f"{m.group(1)}attn.qkv.{m.group(3)}"] = torch.cat(
+                    [state[f"{m.group(1)}attn.to_{x}.{m.group(3)}"] for x in "qkv"])
+            continue
+        if m := re.match(r"(transformer_blocks\.\d+\.)(.+)\.(weight|bias)$", key):
+            if m.group(2) not in _SD35_BLOCK:
+                raise KeyError(key)
+            out[f"{m.group(1)}{_SD35_BLOCK[m.group(2)]}.{m.group(3)}"] = value
+            continue
+        out[key] = value
+    return out
+
+
+def write_dit_controlnet(path: str | os.PathLike[str], net: Any, layout: str = "diffusers", control_type: int = 0,
+                         dtype: torch.dtype = torch.float32) -> Path:
+    """Write an SD3 or Flux ControlNet: ``layout`` "diffusers" (InstantX/Shakker files, diffusers' keys) or
+    "sd35" (Stability's SD3.5 Large ControlNets, with ``control_type``)."""
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if layout == "sd35":
+        state = sd35_controlnet_to_original(state, control_type)
+    elif layout != "diffusers":
+        raise ValueError(f"unknown layout {layout!r}")
+    return _save(state, Path(path), dtype)

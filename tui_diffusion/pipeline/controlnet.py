@@ -51,13 +51,24 @@ HINT_UPSCALE = "nearest-exact"
 class ControlModel:
     """CONTROL_NET: a loaded ControlNet or T2I-Adapter, and the model family it was trained for."""
 
-    #: "controlnet" or "t2i_adapter"
+    #: "controlnet" or "t2i_adapter" (UNet families); "sd3" (diffusers' SD3 layout), "sd35" (Stability's SD3.5
+    #: Large ControlNets) or "flux" (InstantX/Shakker layout) for the transformer families
     kind: str
     net: Any
-    #: the family it fits, for messages ("SD1.x", "SD2.x", "SDXL")
+    #: the family it fits, for messages ("SD1.x", "SD2.x", "SDXL", "SD3/SD3.5", "Flux.1")
     label: str
     source: str
     device: Device
+    #: (scale, shift) of the hint's latent when the hint is the VAE's encoding of the image (SD3/Flux ones)
+    latent_hint: tuple[float, float] | None = None
+    #: how the hint image is changed before encoding ("canny", "depth" as ComfyUI does for the SD3.5 files)
+    preprocess: str = ""
+    #: SetUnionControlNetType's task number for a union ControlNet (None: "auto", no task token)
+    union_type: int | None = None
+
+    @property
+    def needs_vae(self) -> bool:
+        return self.latent_hint is not None
 
     @property
     def name(self) -> str:
@@ -76,6 +87,8 @@ class Control:
     end_percent: float = 1.0
     #: the control the conditioning had before this one was applied (its output is added to this one's)
     previous: Control | None = None
+    #: the VAE that encodes the hint of a ControlNet taking a latent hint (``ControlModel.needs_vae``)
+    vae: Any = None
     #: hints resized to a latent size, T2I-Adapter features (they do not depend on the step)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -102,7 +115,9 @@ class Control:
             if not c.active(model.model_sampling, sigma):
                 continue
             fits(c.model, model)
-            if c.model.kind == "controlnet":
+            if c.model.kind in DIT_KINDS:
+                out = c._dit(model, x, timestep, kwargs, batch)
+            elif c.model.kind == "controlnet":
                 out = c._controlnet(model, x, timestep, kwargs, batch)
             else:
                 out = c._adapter(model, x, batch)
@@ -140,6 +155,51 @@ class Control:
         out_dtype = x.dtype
         return {"down": [d.to(out_dtype) for d in down], "mid": [mid.to(out_dtype)]}
 
+    def _latent_hint(self, width: int, height: int, channels: int) -> torch.Tensor:
+        """The hint of a ControlNet that takes a latent, as ComfyUI makes it: the image resized to the latent's
+        pixels (nearest-exact after a centre crop), preprocessed as the file's type asks, encoded by the VAE,
+        scaled and shifted into the ControlNet's latent space, and given a mask channel of ones where the network
+        takes one (inpainting ControlNets without a mask)."""
+        key = ("latent", width, height)
+        if key not in self._cache:
+            if self.vae is None:
+                raise NodeError(f"{self.model.name}: this ControlNet takes its hint as a latent and needs a VAE: "
+                                "connect the model's VAE to the apply node's vae input (or use ControlNetApplySD3)")
+            down = int(self.vae.downscale)
+            hint = self._hint(width * down, height * down)[:, :3]
+            if self.model.preprocess == "canny":  # ComfyUI's own scaling for Stability's canny ControlNet
+                hint = hint * 255 * 0.5 + 0.5
+            elif self.model.preprocess == "depth":
+                hint = 1.0 - hint
+            latent = self.vae.encode(hint.movedim(1, -1)).float()
+            scale, shift = self.model.latent_hint or (1.0, 0.0)
+            latent = (latent - shift) * scale
+            if channels > latent.shape[1]:
+                ones = torch.ones(latent.shape[0], channels - latent.shape[1], *latent.shape[2:])
+                latent = torch.cat([latent, ones], dim=1)
+            self._cache[key] = latent
+        return self._cache[key]
+
+    def _dit(self, model: Any, x: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any],
+             batch: int) -> dict[str, list[torch.Tensor]]:
+        """An SD3 or Flux ControlNet's residuals, one per block of the model (ComfyUI's repetition of the
+        ControlNet's fewer blocks), under ``dit_blocks`` (SD3's joint blocks, Flux's double blocks) and
+        ``dit_single`` (Flux's single blocks)."""
+        net = self.model.net
+        dtype = net.dtype
+        if self.model.kind == "flux":
+            channels = int(net.config.in_channels) // 4
+        else:
+            channels = int(net.pos_embed_input.proj.weight.shape[1])
+        hint = self._latent_hint(x.shape[-1], x.shape[-2], channels)
+        hint = broadcast_rows(hint, x.shape[0], batch).to(x.device, dtype)
+        with in_use(net):
+            if self.model.kind == "flux":
+                out = _flux_residuals(self, model, x, hint, timestep, kwargs)
+            else:
+                out = _sd3_residuals(self, model, x, hint, timestep, kwargs)
+        return {k: [v.to(x.dtype) for v in vs] for k, vs in out.items()}
+
     def _adapter(self, model: Any, x: torch.Tensor, batch: int) -> dict[str, list[torch.Tensor]]:
         adapter = self.model.net
         scale = model.family.latent_format.downscale
@@ -170,13 +230,16 @@ def broadcast_rows(t: torch.Tensor, rows: int, batch: int) -> torch.Tensor:
 
 def fits(control: ControlModel, model: Any) -> None:
     """A clear error when a ControlNet or T2I-Adapter was made for another model family than ``model``'s."""
+    if control.kind in DIT_KINDS:
+        _fits_dit(control, model)
+        return
     unet_config = getattr(model.unet, "config", None)
     channels = getattr(unet_config, "block_out_channels", None)
     label = model.family.label
     what = "ControlNet" if control.kind == "controlnet" else "T2I-Adapter"
     refuse = NodeError(f"{control.name}: an {control.label} {what} cannot control a {label} model; use one made "
                        f"for {label}")
-    if channels is None or not hasattr(unet_config, "cross_attention_dim"):
+    if channels is None or not hasattr(unet_config, "cross_attention_dim") or model.family.id in ("sd3", "flux"):
         raise refuse
     xl = getattr(unet_config, "addition_embed_type", None) == "text_time"
     cfg = control.net.config
@@ -202,6 +265,160 @@ def fits(control: ControlModel, model: Any) -> None:
         control.net.register_to_config(addition_time_embed_dim=unet_config.addition_time_embed_dim)
 
 
+def _fits_dit(control: ControlModel, model: Any) -> None:
+    label = model.family.label
+    family = "flux" if control.kind == "flux" else "sd3"
+    refuse = f"{control.name}: an {control.label} ControlNet cannot control a {label} model; use one made for {label}"
+    if model.family.id != family:
+        raise NodeError(refuse)
+    main, cfg = model.unet.config, control.net.config
+    width = int(main.num_attention_heads) * int(main.attention_head_dim)
+    own = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+    if own != width:
+        raise NodeError(f"{control.name}: this ControlNet is {own} wide, the model {width}: it was made for another "
+                        f"size of {label} model")
+
+
+# -- SD3 and Flux ControlNets during sampling -----------------------------------------------------------------
+#: the ControlNet kinds that drive a transformer (their residuals are added to its blocks' image tokens)
+DIT_KINDS = ("sd3", "sd35", "flux")
+#: the residual for an SD3 model's last block, by id of that model's ``norm_out``: ComfyUI adds one there, while
+#: diffusers' transformer leaves its last (context-pre-only) block out, so a pre-hook on ``norm_out`` adds it
+_LAST_BLOCK: dict[int, torch.Tensor] = {}
+
+
+def _repeat_each(outputs: list[torch.Tensor], times: int) -> list[torch.Tensor]:
+    return [o for o in outputs for _ in range(times)]
+
+
+def _to_blocks(outputs: list[torch.Tensor], blocks: int) -> list[torch.Tensor]:
+    """One residual per block of the model: the first ``blocks`` of ``outputs``, zeros after them."""
+    out = list(outputs[:blocks])
+    return out + [torch.zeros_like(outputs[0])] * (blocks - len(out))
+
+
+def sd35_position_embedding(width: int, h: int, w: int) -> torch.Tensor:
+    """The sine/cosine positions Stability's SD3.5 ControlNets add to the image tokens ([h*w, width]): a grid
+    spanning 0..15 along the shorter side (centre 7.5), the longer side in proportion; the first half of the
+    channels encodes the column, the second the row (ComfyUI's ``get_2d_sincos_pos_embed_torch``)."""
+    small = min(h, w)
+    rows = torch.linspace(7.5 - 7.5 * h / small, 7.5 + 7.5 * h / small, h)
+    cols = torch.linspace(7.5 - 7.5 * w / small, 7.5 + 7.5 * w / small, w)
+    grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+
+    def waves(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([waves(grid_c), waves(grid_r)], dim=1)
+
+
+def _sd3_residuals(control: Control, model: Any, x: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor,
+                   kwargs: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+    from tui_diffusion.families.sd3 import pad_to_patch
+
+    net, main = control.model.net, model.unet
+    dtype = net.dtype
+    patch = int(main.config.patch_size)
+    t = timestep.reshape(-1).to(x.device, dtype)
+    t = t.expand(x.shape[0]) if t.numel() == 1 else t
+    xp = pad_to_patch(x, patch)
+    hint = pad_to_patch(hint, patch)
+    pooled = kwargs["pooled_projections"].to(dtype)
+    depth = int(net.config.num_attention_heads) * int(net.config.attention_head_dim) // 64
+    if control.model.kind == "sd35":
+        # the image tokens through the model's own patch embedding, with the ControlNet's positions
+        tokens = main.pos_embed.proj(xp.to(main.dtype)).flatten(2).transpose(1, 2).to(dtype)
+        h, w = (x.shape[-2] + 1) // patch, (x.shape[-1] + 1) // patch
+        tokens = tokens + sd35_position_embedding(tokens.shape[-1], h, w).to(tokens.device, dtype)
+        outs = net(hidden_states=tokens, controlnet_cond=hint, conditioning_scale=float(control.strength),
+                   pooled_projections=pooled, timestep=t, return_dict=False)[0]
+        outs = _repeat_each(list(outs), math.ceil(depth / len(outs)))
+    else:  # diffusers' layout: the pooled vector zeroed, as ComfyUI and diffusers both do for these
+        context = kwargs["encoder_hidden_states"].to(dtype)
+        outs = list(net(hidden_states=xp.to(dtype), controlnet_cond=hint, conditioning_scale=float(control.strength),
+                        encoder_hidden_states=context, pooled_projections=torch.zeros_like(pooled), timestep=t,
+                        return_dict=False)[0])
+        count = depth // len(outs)
+        outs = [o for i, o in enumerate(outs) for _ in range(count - (i == len(outs) - 1))]
+    return {"dit_blocks": _to_blocks(outs, len(main.transformer_blocks))}
+
+
+def _flux_residuals(control: Control, model: Any, x: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor,
+                    kwargs: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+    from tui_diffusion.families.flux import DEFAULT_GUIDANCE, image_ids, pack
+    from tui_diffusion.families.sd3 import pad_to_patch
+
+    if kwargs.get("flux_refs") is not None:
+        raise NodeError(f"{control.model.name}: a Flux ControlNet cannot be combined with reference latents "
+                        "(ReferenceLatent, Kontext) here")
+    net, main = control.model.net, model.unet
+    dtype = net.dtype
+    xp, hint = pad_to_patch(x, 2), pad_to_patch(hint, 2)
+    h, w = xp.shape[-2:]
+    t = timestep.reshape(-1).to(x.device, dtype)
+    t = t.expand(x.shape[0]) if t.numel() == 1 else t
+    context = kwargs["encoder_hidden_states"].to(dtype)
+    guidance = None
+    if net.config.guidance_embeds:
+        guidance = kwargs.get("guidance")
+        if guidance is None:  # a dev-based ControlNet on schnell: the guidance dev embeds unless told
+            guidance = torch.full((x.shape[0],), DEFAULT_GUIDANCE, device=x.device)
+        guidance = guidance.to(x.device, torch.float32)
+    mode = None
+    union = bool(getattr(net, "union", False))
+    if union and control.model.union_type is not None:
+        mode = torch.full((x.shape[0], 1), control.model.union_type, dtype=torch.long, device=x.device)
+    try:
+        net.union = mode is not None  # "auto": ComfyUI adds no task token
+        double, single = net(hidden_states=pack(xp.to(dtype)), controlnet_cond=pack(hint), controlnet_mode=mode,
+                             conditioning_scale=float(control.strength), encoder_hidden_states=context,
+                             pooled_projections=kwargs["pooled_projections"].to(dtype), timestep=t,
+                             img_ids=image_ids(h, w, x.device, dtype),
+                             txt_ids=torch.zeros(context.shape[1], 3, device=x.device, dtype=dtype),
+                             guidance=guidance, return_dict=False)
+    finally:
+        net.union = union
+    out: dict[str, list[torch.Tensor]] = {}
+    n_double, n_single = len(main.transformer_blocks), len(main.single_transformer_blocks)
+    if double:
+        out["dit_blocks"] = _to_blocks(_repeat_each(list(double), math.ceil(n_double / len(double))), n_double)
+    if single and n_single:
+        out["dit_single"] = _to_blocks(_repeat_each(list(single), math.ceil(n_single / len(single))), n_single)
+    return out
+
+
+def _add_last_block(module: Any, args: tuple) -> tuple | None:
+    residual = _LAST_BLOCK.pop(id(module), None)
+    if residual is None:
+        return None
+    return (args[0] + residual.to(args[0].dtype), *args[1:])
+
+
+def _dit_kwargs(model: Any, merged: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
+    """The transformer's keyword arguments for the summed residuals of SD3/Flux ControlNets."""
+    main = model.unet
+    dtype = main.dtype
+    blocks = [r.to(dtype) for r in merged.get("dit_blocks", [])]
+    if model.family.id == "flux":
+        out: dict[str, Any] = {}
+        if blocks:
+            out["controlnet_block_samples"] = blocks
+        if merged.get("dit_single"):
+            out["controlnet_single_block_samples"] = [r.to(dtype) for r in merged["dit_single"]]
+        return out
+    if not blocks:
+        return {}
+    norm_out = main.norm_out
+    if not getattr(norm_out, "_tui_control_hook", False):
+        norm_out.register_forward_pre_hook(_add_last_block)
+        norm_out._tui_control_hook = True
+    _LAST_BLOCK[id(norm_out)] = blocks[-1]
+    return {"block_controlnet_hidden_states": blocks}
+
+
 # -- the denoiser's hook --------------------------------------------------------------------------------------
 def _rows(value: Any, rows: torch.Tensor, total: int) -> Any:
     if isinstance(value, torch.Tensor):
@@ -219,6 +436,9 @@ def control_inputs(model: Any, entries: list[tuple[Any, dict]], x: torch.Tensor,
     inpainting model's extra channels) and of the family's ``kwargs``. Entries sharing one control chain (an
     apply node's positive and negative) are evaluated in one call; rows without control get zeros.
     """
+    norm_out = getattr(model.unet, "norm_out", None)
+    if norm_out is not None:  # a last-block residual left by a failed call must not reach the next one
+        _LAST_BLOCK.pop(id(norm_out), None)
     groups: dict[int, tuple[Control, list[int]]] = {}
     for i, (_, extras) in enumerate(entries):
         control = extras.get("control")
@@ -248,6 +468,8 @@ def control_inputs(model: Any, entries: list[tuple[Any, dict]], x: torch.Tensor,
                     full[rows.to(full.device)] = out[key][p]
             slots.append(full)
         merged[key] = slots
+    if any(key.startswith("dit_") for key in merged):
+        return _dit_kwargs(model, merged)
     return model.family.control_kwargs(model, merged)
 
 
@@ -303,14 +525,25 @@ def refusal(state: Mapping[str, Any]) -> str | None:
             "control_model.control_add_embedding.") or any("transformer_layes" in k for k in state):
         return ("a union ControlNet (ControlNet++ union/promax) is not supported: its task embedding needs "
                 "diffusers' ControlNetUnionModel, which is not wired in yet")
-    if _has(state, "controlnet_mode_embedder."):
-        return "a Flux union ControlNet (InstantX) is not supported yet"
-    if _has(state, "double_blocks.", "single_transformer_blocks.", "controlnet_x_embedder.",
-            "controlnet_single_blocks"):
-        return "a Flux ControlNet is not supported yet (only SD1.x, SD2.x and SDXL ControlNets and T2I-Adapters)"
-    if _has(state, "transformer_blocks.", "pos_embed_input.", "joint_blocks.", "controlnet_blocks.", "y_embedder.",
-            "control_type"):  # diffusers' SD3ControlNetModel, Stability's SD3.5 Large ControlNets
-        return "an SD3/SD3.5 ControlNet is not supported yet (only SD1.x, SD2.x and SDXL ControlNets and T2I-Adapters)"
+    if "controlnet_blocks.0.linear.weight" in state:
+        return "a Flux ControlNet in MistoLine's layout is not supported"
+    if _has(state, "double_blocks."):
+        return ("a Flux ControlNet in XLabs' layout is not supported (only the InstantX/Shakker layout, "
+                "controlnet_x_embedder.*, which diffusers' FluxControlNetModel loads)")
+    if _has(state, "after_proj_list."):
+        return "a Hunyuan-DiT ControlNet is not supported"
+    return None
+
+
+def dit_kind(state: Mapping[str, Any]) -> str | None:
+    """Which transformer ControlNet a file holds (``DIT_KINDS``), by ComfyUI's tests of its keys, or None."""
+    if "controlnet_x_embedder.weight" in state:
+        return "flux"
+    if "pos_embed_input.proj.weight" in state:
+        return "sd35" if _has(state, "control_type") or any(
+            k.startswith("transformer_blocks.") and k.endswith(".adaLN_modulation.1.bias") for k in state) else "sd3"
+    if _has(state, "transformer_blocks.", "joint_blocks.", "controlnet_blocks.", "y_embedder.", "control_type"):
+        return "sd3"  # something SD3-like but incomplete: the loader names what is missing
     return None
 
 
@@ -327,6 +560,9 @@ def load_control(path: Path, device: Device, allow_pickle: bool = False, model: 
     why = refusal(state)
     if why is not None:
         raise CheckpointError(f"{path}: {why}")
+    kind = dit_kind(state)
+    if kind is not None:
+        return _dit_model(kind, state, path, device)
     difference = "difference" in state
     if "controlnet_cond_embedding.conv_in.weight" in state:  # diffusers' layout
         state = {k: v for k, v in state.items() if k != "difference"}
@@ -367,6 +603,139 @@ def _adapter_model(state: dict[str, torch.Tensor], path: Path, device: Device) -
     place(net, device, device.dtype)
     label = "SDXL" if config["adapter_type"] == "full_adapter_xl" else "SD1.x"
     return ControlModel("t2i_adapter", net, label, str(path), device)
+
+
+def _dit_model(kind: str, state: dict[str, torch.Tensor], path: Path, device: Device) -> ControlModel:
+    """An SD3 or Flux ControlNet as diffusers' ``SD3ControlNetModel``/``FluxControlNetModel``, with what ComfyUI
+    does with its hint (``ControlModel.latent_hint``, ``preprocess``)."""
+    from tui_diffusion.families.flux import FLUX_LATENT
+    from tui_diffusion.families.sd3 import SD3_LATENT
+
+    file = str(path)
+    preprocess = ""
+    if kind == "flux":
+        from diffusers import FluxControlNetModel as cls
+
+        config = flux_controlnet_config(state, file)
+        label, hint = "Flux.1", (FLUX_LATENT.scale_factor, FLUX_LATENT.shift_factor)
+    else:
+        from diffusers import SD3ControlNetModel as cls
+
+        label = "SD3/SD3.5"
+        if kind == "sd35":
+            control_type = state.get("control_type")
+            number = round(float(control_type.float().reshape(-1)[0])) if control_type is not None else -1
+            preprocess = {1: "canny", 2: "depth"}.get(number, "")
+            state = sd35_controlnet_to_diffusers(state, file)
+            config = sd35_controlnet_config(state, file)
+            hint = (SD3_LATENT.scale_factor, SD3_LATENT.shift_factor)
+        else:
+            config = sd3_controlnet_config(state, file)
+            hint = (SD3_LATENT.scale_factor, 0.0)  # ComfyUI: no shift for these ("SD3 controlnet weirdness")
+    net = _build(cls, config, state, f"{label} ControlNet", path)
+    place(net, device, device.dtype)
+    return ControlModel(kind, net, label, file, device, latent_hint=hint, preprocess=preprocess)
+
+
+def _width(state: Mapping[str, torch.Tensor], key: str, file: str, axis: int = 0) -> int:
+    return _dim(state, key, file, axis)
+
+
+def sd3_controlnet_config(state: Mapping[str, torch.Tensor], file: str) -> dict[str, Any]:
+    """``SD3ControlNetModel``'s config for a ControlNet in diffusers' layout (InstantX's SD3 ones), from shapes;
+    64 channels per head, as every MMDiT has."""
+    inner = _width(state, "pos_embed.proj.weight", file)
+    latent = _width(state, "pos_embed.proj.weight", file, 1)
+    positions = _width(state, "pos_embed.pos_embed", file, 1)
+    dual = sorted({int(m.group(1)) for k in state if (m := re.match(r"transformer_blocks\.(\d+)\.attn2\.", k))})
+    return {
+        "sample_size": 128, "patch_size": _width(state, "pos_embed.proj.weight", file, 2), "in_channels": latent,
+        "num_layers": _count(state, r"transformer_blocks\.(\d+)\."), "attention_head_dim": 64,
+        "num_attention_heads": inner // 64, "joint_attention_dim": _width(state, "context_embedder.weight", file, 1),
+        "caption_projection_dim": _width(state, "context_embedder.weight", file),
+        "pooled_projection_dim": _width(state, "time_text_embed.text_embedder.linear_1.weight", file, 1),
+        "out_channels": latent, "pos_embed_max_size": math.isqrt(positions),
+        "extra_conditioning_channels": _width(state, "pos_embed_input.proj.weight", file, 1) - latent,
+        "dual_attention_layers": tuple(dual),
+        "qk_norm": "rms_norm" if "transformer_blocks.0.attn.norm_q.weight" in state else None,
+    }
+
+
+#: Stability's SD3.5 ControlNet blocks (ComfyUI's DismantledBlock) -> diffusers' SD3SingleTransformerBlock
+_SD35_BLOCK = {"attn.proj": "attn.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+               "adaLN_modulation.1": "norm1.linear"}
+_SD35_EMBEDDERS = {"t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+                   "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+                   "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+                   "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2"}
+
+
+def sd35_controlnet_to_diffusers(state: Mapping[str, torch.Tensor], file: str) -> dict[str, torch.Tensor]:
+    """Stability's SD3.5 Large ControlNet keys (blocks with fused qkv; embedders named as diffusers names them,
+    or as the MMDiT does) -> ``SD3ControlNetModel``'s, the mapping of diffusers' conversion script."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "control_type":
+            continue
+        if m := re.match(r"(transformer_blocks\.\d+\.)attn\.qkv\.(weight|bias)$", key):
+            for name, piece in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0), strict=True):
+                out[f"{m.group(1)}attn.{name}.{m.group(2)}"] = piece
+            continue
+        if m := re.match(r"(transformer_blocks\.\d+\.)(.+)\.(weight|bias)$", key):
+            if m.group(2) in _SD35_BLOCK:
+                out[f"{m.group(1)}{_SD35_BLOCK[m.group(2)]}.{m.group(3)}"] = value
+                continue
+        if m := re.match(r"(.+)\.(weight|bias)$", key):
+            if m.group(1) in _SD35_EMBEDDERS:
+                out[f"{_SD35_EMBEDDERS[m.group(1)]}.{m.group(2)}"] = value
+                continue
+        out[key] = value
+    if "time_text_embed.text_embedder.linear_1.weight" in out:
+        shape = out["time_text_embed.text_embedder.linear_1.weight"].shape
+        if shape[0] == shape[1]:
+            raise CheckpointError(f"{file}: an SD3.5 ControlNet with a second pooled-vector embedding (the 2B "
+                                  "variant) is not supported; the SD3.5 Large ones are")
+    return out
+
+
+def sd35_controlnet_config(state: Mapping[str, torch.Tensor], file: str) -> dict[str, Any]:
+    """``SD3ControlNetModel``'s config for Stability's SD3.5 Large ControlNets: self-attention blocks only, no
+    context, no patch embedding of its own (the model's is used), 64 channels per head."""
+    inner = _width(state, "time_text_embed.text_embedder.linear_1.weight", file)
+    hint = _width(state, "pos_embed_input.proj.weight", file, 1)
+    return {
+        "sample_size": 128, "patch_size": _width(state, "pos_embed_input.proj.weight", file, 2), "in_channels": 16,
+        "num_layers": _count(state, r"transformer_blocks\.(\d+)\."), "attention_head_dim": 64,
+        "num_attention_heads": inner // 64, "joint_attention_dim": None, "caption_projection_dim": inner,
+        "pooled_projection_dim": _width(state, "time_text_embed.text_embedder.linear_1.weight", file, 1),
+        "out_channels": 16, "pos_embed_max_size": None, "extra_conditioning_channels": hint - 16,
+        "pos_embed_type": None, "use_pos_embed": False, "force_zeros_for_pooled_projection": False,
+    }
+
+
+def flux_controlnet_config(state: Mapping[str, torch.Tensor], file: str) -> dict[str, Any]:
+    """``FluxControlNetModel``'s config for InstantX/Shakker Flux ControlNets (diffusers' layout), from shapes;
+    128 channels per head and Flux's rotary axes, as every Flux transformer has."""
+    from tui_diffusion.modelfiles.convert_dit import FLUX_HEAD_DIM, FLUX_ROPE_AXES
+
+    inner = _width(state, "x_embedder.weight", file)
+    latent = _width(state, "x_embedder.weight", file, 1)
+    hint = _width(state, "controlnet_x_embedder.weight", file, 1)
+    if hint != latent:
+        raise CheckpointError(f"{file}: a Flux ControlNet whose hint has {hint // 4} channels per latent cell "
+                              f"(an inpainting ControlNet) is not supported; those with {latent // 4} are")
+    cfg: dict[str, Any] = {
+        "patch_size": 1, "in_channels": latent, "num_layers": _count(state, r"transformer_blocks\.(\d+)\."),
+        "num_single_layers": _count(state, r"single_transformer_blocks\.(\d+)\."),
+        "attention_head_dim": FLUX_HEAD_DIM, "num_attention_heads": inner // FLUX_HEAD_DIM,
+        "joint_attention_dim": _width(state, "context_embedder.weight", file, 1),
+        "pooled_projection_dim": _width(state, "time_text_embed.text_embedder.linear_1.weight", file, 1),
+        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in state,
+        "axes_dims_rope": list(FLUX_ROPE_AXES),
+    }
+    if "controlnet_mode_embedder.weight" in state:
+        cfg["num_mode"] = _width(state, "controlnet_mode_embedder.weight", file)
+    return cfg
 
 
 def _build(cls: Any, config: dict[str, Any], state: dict[str, torch.Tensor], what: str, path: Path) -> Any:

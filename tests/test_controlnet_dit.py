@@ -1,0 +1,256 @@
+"""SD3/SD3.5 and Flux.1 ControlNets (issue 16 item 1): Stability's SD3.5 Large ControlNet files and ControlNets in
+diffusers' SD3 and Flux (InstantX/Shakker) layouts load offline from their tensor shapes, and while sampling their
+residuals are those of diffusers' ``SD3ControlNetModel``/``FluxControlNetModel`` on the same weights, added to
+the transformer's blocks as ComfyUI adds them, with the hint encoded by the VAE as ComfyUI encodes it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dit_helpers import CPU
+from tui_diffusion.pipeline import checkpoint_writer_controlnet as cw
+from tui_diffusion.pipeline import checkpoint_writer_dit as w
+from tui_diffusion.pipeline import models_dit as md
+from tui_diffusion.pipeline.controlnet import Control, control_inputs, load_control, sd35_position_embedding
+from tui_diffusion.pipeline.errors import NodeError
+
+G = torch.Generator
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(tmp_path_factory.mktemp("controlnet_dit"))
+
+
+@pytest.fixture(scope="module")
+def vae(root: Path) -> object:
+    from tui_diffusion.pipeline.models import load_vae
+
+    return load_vae(w.write_vae16(root / "vae.safetensors", flux=False), CPU, root / "cfg")
+
+
+@pytest.fixture(scope="module")
+def sd3(root: Path) -> object:
+    """A two-block SD3 model (qk norm, dual attention in block 0)."""
+    return md.model_handle("sd3", w.build_sd3_transformer(w.TinySD3(depth=2)), CPU, "sd3")
+
+
+@pytest.fixture(scope="module")
+def flux() -> object:
+    """A Flux dev model with two double and two single blocks (ControlNets of one each are repeated)."""
+    return md.model_handle("flux", w.build_flux_transformer(w.TinyFlux(layers=2, single_layers=2)), CPU, "flux")
+
+
+def _entries(model: object, seed: int = 1) -> tuple[list, torch.Tensor, torch.Tensor]:
+    cfg = model.unet.config
+    g = G().manual_seed(seed)
+    context = torch.randn(1, 12, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+    extras = {"pooled_output": pooled}
+    if model.family.id == "flux":
+        extras["guidance"] = 3.5
+    return [(context, extras)], context, pooled
+
+
+def _hint_image(seed: int = 2, h: int = 64, w: int = 64) -> torch.Tensor:
+    return torch.rand(1, 3, h, w, generator=G().manual_seed(seed))
+
+
+def _call(model: object, entry: tuple, control: Control, x: torch.Tensor, sigma: float) -> tuple[dict, torch.Tensor]:
+    """The Denoiser's path for one row: the family's kwargs, the control hook, the model call."""
+    entries = [(entry[0], {**entry[1], "control": control})]
+    kwargs = model.family.model_kwargs(model, entries, batch=1, latent_shape=tuple(x.shape), negative=[False],
+                                       device=x.device, dtype=torch.float32)
+    ms = model.model_sampling
+    s = torch.tensor([sigma])
+    t = ms.timestep(s).float()
+    extra = control_inputs(model, entries, x, t, sigma, kwargs, 1)
+    kwargs.update(extra)
+    with torch.no_grad():
+        out = model.family.apply_model(model, x, t, kwargs)
+    return extra, out
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+def test_sd35_file_in_stabilitys_layout_loads_weight_for_weight(root: Path, sd3: object) -> None:
+    net = cw.build_sd35_controlnet(sd3.unet, num_layers=1)
+    path = cw.write_dit_controlnet(root / "sd3.5_large_controlnet_canny.safetensors", net, "sd35", control_type=1)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(path)))
+    assert "transformer_blocks.0.attn.qkv.weight" in keys and "transformer_blocks.0.adaLN_modulation.1.bias" in keys
+    assert "control_type" in keys and not any(k.startswith(("pos_embed.", "x_embedder.")) for k in keys)
+    loaded = load_control(path, CPU)
+    assert (loaded.kind, loaded.label, loaded.preprocess) == ("sd35", "SD3/SD3.5", "canny")
+    assert loaded.latent_hint == (1.5305, 0.0609)
+    ours = loaded.net.state_dict()
+    assert set(ours) == set(net.state_dict())
+    assert all(torch.equal(ours[k], v) for k, v in net.state_dict().items())
+    depth = cw.write_dit_controlnet(root / "depth.safetensors", net, "sd35", control_type=2)
+    assert load_control(depth, CPU).preprocess == "depth"
+
+
+def test_diffusers_layout_sd3_and_flux_load_with_configs_from_shapes(root: Path, sd3: object, flux: object) -> None:
+    for net, kind in ((cw.build_sd3_controlnet(sd3.unet, num_layers=2), "sd3"),
+                      (cw.build_flux_controlnet(flux.unet, num_mode=10), "flux")):
+        loaded = load_control(cw.write_dit_controlnet(root / f"{kind}.safetensors", net), CPU)
+        assert loaded.kind == kind and loaded.needs_vae
+        for key in ("num_layers", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
+                    "in_channels"):
+            assert loaded.net.config[key] == net.config[key], key
+        assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in net.state_dict().items())
+    assert load_control(root / "flux.safetensors", CPU).net.config.num_mode == 10
+    assert load_control(root / "sd3.safetensors", CPU).latent_hint == (1.5305, 0.0)
+
+
+def test_position_embedding_is_comfyuis_grid() -> None:
+    """A 2x4 grid: rows at 7.5 -/+ 7.5, columns spanning twice that; column waves first, then row waves."""
+    emb = sd35_position_embedding(8, 2, 4)
+    assert emb.shape == (8, 8)
+    cols = torch.linspace(-7.5, 22.5, 4).repeat(2)
+    rows = torch.tensor([0.0, 15.0]).repeat_interleave(4)
+    omega = torch.tensor([1.0, 0.01])
+    torch.testing.assert_close(emb[:, 0:2], torch.sin(cols[:, None] * omega))
+    torch.testing.assert_close(emb[:, 2:4], torch.cos(cols[:, None] * omega))
+    torch.testing.assert_close(emb[:, 4:6], torch.sin(rows[:, None] * omega))
+    torch.testing.assert_close(emb[:, 6:8], torch.cos(rows[:, None] * omega))
+
+
+# -- residuals against diffusers ----------------------------------------------------------------------------------
+def _encoded(vae: object, image: torch.Tensor, size: tuple[int, int], scale: float, shift: float) -> torch.Tensor:
+    """ComfyUI's hint: nearest-exact resize to the latent's pixels, VAE mean, (latent - shift) * scale."""
+    from tui_diffusion.pipeline.nodes_latent import common_upscale
+
+    pixels = common_upscale(image, size[1] * 8, size[0] * 8, "nearest-exact", "center")
+    return (vae.encode(pixels.movedim(1, -1)) - shift) * scale
+
+
+def test_sd3_diffusers_layout_residuals_equal_diffusers(root: Path, sd3: object, vae: object) -> None:
+    """InstantX-style SD3 ControlNet: diffusers' controlnet (zero pooled vector, as its pipeline does for these)
+    and its transformer called with ``block_controlnet_hidden_states`` give our output exactly."""
+    net = cw.build_sd3_controlnet(sd3.unet, num_layers=1)
+    cm = load_control(cw.write_dit_controlnet(root / "sd3_one.safetensors", net), CPU)
+    entries, context, pooled = _entries(sd3)
+    image = _hint_image()
+    control = Control(cm, image, 0.7, vae=vae)
+    x = torch.randn(1, 16, 8, 8, generator=G().manual_seed(3))
+    extra, ours = _call(sd3, entries[0], control, x, 0.6)
+    hint = _encoded(vae, image, (8, 8), 1.5305, 0.0)
+    t = torch.tensor([600.0])
+    with torch.no_grad():
+        blocks = net(hidden_states=x, controlnet_cond=hint, conditioning_scale=0.7, encoder_hidden_states=context,
+                     pooled_projections=torch.zeros_like(pooled), timestep=t, return_dict=False)[0]
+        ref = sd3.unet(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                       block_controlnet_hidden_states=blocks, return_dict=False)[0]
+        plain = sd3.unet(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                         return_dict=False)[0]
+    torch.testing.assert_close(extra["block_controlnet_hidden_states"][0], blocks[0], rtol=0, atol=0)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (ours - plain).abs().max() > 1e-3
+
+
+def test_sd35_residuals_equal_diffusers_with_comfyuis_positions(root: Path, sd3: object, vae: object) -> None:
+    """Stability's layout: the model's patch embedding plus ComfyUI's positions go into diffusers' controlnet (the
+    canny file's hint scaled as ComfyUI scales it); its one block's output serves both blocks of the model, the
+    last one included (ComfyUI adds it there; diffusers' transformer would leave that block out)."""
+    net = cw.build_sd35_controlnet(sd3.unet, num_layers=1, seed=4)
+    cm = load_control(cw.write_dit_controlnet(root / "sd35_canny.safetensors", net, "sd35", control_type=1), CPU)
+    entries, context, pooled = _entries(sd3)
+    image = _hint_image(h=48, w=80)  # another aspect: centre-cropped to the latent's
+    control = Control(cm, image, 1.0, vae=vae)
+    x = torch.randn(1, 16, 6, 10, generator=G().manual_seed(5))
+    extra, ours = _call(sd3, entries[0], control, x, 0.3)
+    hint = _encoded(vae, image * 255 * 0.5 + 0.5, (6, 10), 1.5305, 0.0609)
+    t = torch.tensor([300.0])
+    with torch.no_grad():
+        tokens = sd3.unet.pos_embed.proj(x).flatten(2).transpose(1, 2) + sd35_position_embedding(128, 3, 5)
+        (block,) = net(hidden_states=tokens, controlnet_cond=hint, pooled_projections=pooled, timestep=t,
+                       return_dict=False)[0]
+        last = sd3.unet.transformer_blocks[-1]
+        handle = last.register_forward_hook(lambda m, a, out: (out[0], out[1] + block))
+        try:
+            ref = sd3.unet(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                           block_controlnet_hidden_states=[block, block], return_dict=False)[0]
+        finally:
+            handle.remove()
+    assert [r.shape for r in extra["block_controlnet_hidden_states"]] == [block.shape] * 2
+    torch.testing.assert_close(extra["block_controlnet_hidden_states"][1], block, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # the last block's residual was used once: a call without control gives the plain output again
+    with torch.no_grad():
+        kwargs = sd3.family.model_kwargs(sd3, entries, batch=1, latent_shape=tuple(x.shape), negative=[False],
+                                         device=x.device, dtype=torch.float32)
+        plain = sd3.family.apply_model(sd3, x, t, kwargs)
+        direct = sd3.unet(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                          return_dict=False)[0]
+    torch.testing.assert_close(plain, direct, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("union_type", [None, 3])
+def test_flux_residuals_equal_diffusers(root: Path, flux: object, vae: object, union_type: int | None) -> None:
+    """InstantX/Shakker layout (a union one): the packed hint latent in Flux's latent space, the model's
+    guidance, the task token SetUnionControlNetType picks (none for "auto"); one double and one single block
+    repeated over the model's two of each, as diffusers' transformer repeats them."""
+    from tui_diffusion.families.flux import image_ids, pack
+
+    net = cw.build_flux_controlnet(flux.unet, num_mode=10, seed=6)
+    cm = load_control(cw.write_dit_controlnet(root / "flux_union.safetensors", net), CPU)
+    cm = replace(cm, union_type=union_type)
+    entries, context, pooled = _entries(flux)
+    image = _hint_image(seed=7)
+    control = Control(cm, image, 0.8, vae=vae)
+    x = torch.randn(1, 16, 8, 8, generator=G().manual_seed(8))
+    extra, ours = _call(flux, entries[0], control, x, 0.5)
+    hint = pack(_encoded(vae, image, (8, 8), 0.3611, 0.1159))
+    t, guidance = torch.tensor([0.5]), torch.tensor([3.5])
+    txt_ids, img_ids = torch.zeros(12, 3), image_ids(8, 8, "cpu", torch.float32)
+    mode = None if union_type is None else torch.tensor([[union_type]])
+    with torch.no_grad():
+        net.union = mode is not None
+        double, single = net(hidden_states=pack(x), controlnet_cond=hint, controlnet_mode=mode, conditioning_scale=0.8,
+                             encoder_hidden_states=context, pooled_projections=pooled, timestep=t, img_ids=img_ids,
+                             txt_ids=txt_ids, guidance=guidance, return_dict=False)
+        net.union = True
+        ref = flux.unet(hidden_states=pack(x), encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                        img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, controlnet_block_samples=double,
+                        controlnet_single_block_samples=single, return_dict=False)[0]
+    torch.testing.assert_close(extra["controlnet_block_samples"][1], double[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(extra["controlnet_single_block_samples"][0], single[0], rtol=1e-6, atol=1e-6)
+    from tui_diffusion.families.flux import unpack
+
+    torch.testing.assert_close(ours, unpack(ref, 8, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_chained_and_windowed_dit_controlnets(root: Path, sd3: object, vae: object) -> None:
+    """Two chained ControlNets add their strength-scaled residuals; outside its window one adds nothing."""
+    net = cw.build_sd3_controlnet(sd3.unet, num_layers=1)
+    cm = load_control(cw.write_dit_controlnet(root / "sd3_chain.safetensors", net), CPU)
+    entries, _, _ = _entries(sd3)
+    x = torch.randn(1, 16, 8, 8, generator=G().manual_seed(9))
+    first = Control(cm, _hint_image(10), 0.5, vae=vae)
+    second = Control(cm, _hint_image(11), 1.5, vae=vae, previous=first)
+    both, _ = _call(sd3, entries[0], second, x, 0.6)
+    a, _ = _call(sd3, entries[0], Control(cm, _hint_image(10), 0.5, vae=vae), x, 0.6)
+    b, _ = _call(sd3, entries[0], Control(cm, _hint_image(11), 1.5, vae=vae), x, 0.6)
+    torch.testing.assert_close(both["block_controlnet_hidden_states"][0],
+                               a["block_controlnet_hidden_states"][0] + b["block_controlnet_hidden_states"][0])
+    late = Control(cm, _hint_image(10), 1.0, 0.5, 1.0, vae=vae)  # only from half the schedule on
+    assert _call(sd3, entries[0], late, x, 0.99)[0] == {}
+    assert _call(sd3, entries[0], late, x, 0.2)[0]
+
+
+def test_wrong_family_and_missing_vae_are_clear_errors(root: Path, sd3: object, flux: object) -> None:
+    from tui_diffusion.pipeline.nodes_controlnet import apply_advanced
+
+    net = cw.build_sd3_controlnet(sd3.unet, num_layers=1)
+    cm = load_control(cw.write_dit_controlnet(root / "sd3_err.safetensors", net), CPU)
+    entries, _, _ = _entries(flux)
+    with pytest.raises(NodeError, match="SD3/SD3.5 ControlNet cannot control a Flux.1 model"):
+        _call(flux, entries[0], Control(cm, _hint_image(), 1.0), torch.randn(1, 16, 8, 8), 0.5)
+    cond = [[torch.zeros(1, 4, 8), {}]]
+    with pytest.raises(NodeError, match="vae: .*connect the model's VAE"):
+        apply_advanced(cond, cond, cm, torch.rand(1, 8, 8, 3), 1.0, 0.0, 1.0, None)
