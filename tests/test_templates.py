@@ -29,10 +29,16 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              dtype="fp8_e4m3fn")
     t5 = w.text_encoder_keys({"t5xxl": w.build_t5(seed=3)}, ("t5xxl",), prefix="")  # build_text_encoders' T5
     w.save(t5, root / "extra" / "text_encoders" / "t5xxl_fp8_e4m3fn_scaled.safetensors", "fp8_e4m3fn")
+    # Redux's template: a SigLIP image encoder and the Redux projector (T5's width, as the tiny Flux's)
+    from tui_diffusion.pipeline import checkpoint_writer_vision as wv
+
+    wv.write_siglip_vision(root / "extra" / "clip_vision" / "sigclip_vision_patch14_384.safetensors")
+    wv.write_redux(root / "extra" / "style_models" / "flux1-redux-dev.safetensors", text_width=w.TinyText().t5_width)
     rng = np.random.default_rng(0)
     (root / "input").mkdir()
     for name in ("flux_canny_model_example_input_image.png", "flux_fill_outpaint_example_input_image.png",
-                 "flux_kontext_dev_basic_input_image.jpg"):
+                 "flux_kontext_dev_basic_input_image.jpg", "flux_redux_model_example_reference_image_1.png",
+                 "flux_redux_model_example_reference_image_2.png"):
         Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(root / "input" / name)
     rgba = rng.integers(0, 256, (48, 40, 4), dtype=np.uint8)
     rgba[..., 3] = 255
@@ -48,6 +54,8 @@ CASES = {
     "sd3.5_simple_example": {"53": {"width": 64, "height": 64}, "3": {"steps": 1}},
     "flux_canny_model_example": {"3": {"steps": 1}},
     "flux_fill_outpaint_example": {"44": {"left": 16, "right": 8, "bottom": 16, "feathering": 8}, "3": {"steps": 1}},
+    "flux_redux_model_example": {"27": {"width": 64, "height": 64}, "30": {"width": 64, "height": 64},
+                                 "17": {"steps": 1}},
     # with subgraphs (node ids inside them are "<subgraph node>:<inner node>")
     "flux_fill_inpaint_example": {"47:3": {"steps": 1}},
     "flux_kontext_dev_basic": {"192:31": {"steps": 1}},
@@ -75,7 +83,8 @@ def test_template_imports_validates_and_runs(home: Path, tmp_path: Path, name: s
     for node_id, values in CASES[name].items():
         assert set(values) <= set(api[node_id]["inputs"]), (name, node_id)
         api[node_id]["inputs"].update(values)
-    extra = tuple((kind, home / "extra" / kind) for kind in ("diffusion_models", "text_encoders"))
+    extra = tuple((kind, home / "extra" / kind)
+                  for kind in ("diffusion_models", "text_encoders", "clip_vision", "style_models"))
     paths = ModelPaths(home / "models", input_dir=home / "input", extra=extra)
     assert not validate_workflow(Workflow.from_data(api), paths)
     engine = EngineState(CPU, ModelCache(2), paths, tmp_path / "out", tmp_path / "tmp", tmp_path / "cfg")
