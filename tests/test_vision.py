@@ -17,7 +17,9 @@ from tui_diffusion.pipeline.clip_vision import (
     CLIP_STD,
     SIGLIP_MEAN,
     SIGLIP_STD,
+    ClipVisionOutput,
     load_clip_vision,
+    load_style_model,
     preprocess,
 )
 
@@ -88,3 +90,83 @@ def test_not_an_image_encoder_is_a_clear_error(tmp_path: Path) -> None:
     pickle.write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="refused"):
         load_clip_vision(pickle, CPU)
+
+
+# -- StyleModelLoader / StyleModelApply (Flux Redux) ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def redux(tmp_path_factory: pytest.TempPathFactory, image: torch.Tensor) -> tuple:
+    """A tiny SigLIP encoder's output for the two images and a Redux projector to a 128-wide text."""
+    root = Path(tmp_path_factory.mktemp("redux"))
+    vision = load_clip_vision(w.write_siglip_vision(root / "sigclip.safetensors", SIZES, seed=3), CPU)
+    style = load_style_model(w.write_redux(root / "flux1-redux-dev.safetensors", SIZES.width, 128, seed=4), CPU)
+    return vision.encode(image), style, root
+
+
+def _text(tokens: int = 5) -> list:
+    gen = torch.Generator().manual_seed(5)
+    return [[torch.randn(1, tokens, 128, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
+
+
+def test_redux_appends_every_images_tokens(redux: tuple) -> None:
+    """Redux's tokens (up, SiLU, down of SigLIP's last hidden state) of both images follow the prompt's tokens in
+    one row; the prompt's own tokens and extras stay; chaining appends again."""
+    from tui_diffusion.pipeline.nodes_vision import style_model_apply
+
+    output, style, _ = redux
+    text = _text()
+    (out,) = style_model_apply(None, text, style, output, 1.0, "multiply").outputs
+    emb, extras = out[0]
+    assert emb.shape == (1, 5 + 2 * 16, 128)
+    torch.testing.assert_close(emb[:, :5], text[0][0])
+    m = style.module
+    with torch.no_grad():
+        want = m.redux_down(torch.nn.functional.silu(m.redux_up(output.last_hidden_state))).reshape(1, 32, 128)
+    torch.testing.assert_close(emb[:, 5:], want)
+    assert extras["pooled_output"] is text[0][1]["pooled_output"] and "attention_mask" not in extras
+    (chained,) = style_model_apply(None, out, style, output, 1.0, "multiply").outputs
+    assert chained[0][0].shape[1] == 5 + 64
+
+
+def test_redux_strength_multiply_scales_the_tokens(redux: tuple) -> None:
+    from tui_diffusion.pipeline.nodes_vision import style_model_apply
+
+    output, style, _ = redux
+    (full,) = style_model_apply(None, _text(), style, output, 1.0, "multiply").outputs
+    (half,) = style_model_apply(None, _text(), style, output, 0.25, "multiply").outputs
+    torch.testing.assert_close(half[0][0][:, 5:], full[0][0][:, 5:] * 0.25)
+    torch.testing.assert_close(half[0][0][:, :5], full[0][0][:, :5])
+
+
+def test_redux_strength_attn_bias_records_comfyui_mask(redux: tuple) -> None:
+    """attn_bias leaves the tokens as they are and biases attention to them by log(strength): ComfyUI's mask over
+    text, Redux tokens and one cell standing for the image (strength 1 adds no mask)."""
+    from tui_diffusion.pipeline.nodes_vision import style_model_apply
+
+    output, style, _ = redux
+    (plain,) = style_model_apply(None, _text(), style, output, 1.0, "attn_bias").outputs
+    assert "attention_mask" not in plain[0][1]
+    (biased,) = style_model_apply(None, _text(), style, output, 0.5, "attn_bias").outputs
+    emb, extras = biased[0]
+    torch.testing.assert_close(emb, plain[0][0])
+    mask = extras["attention_mask"].float()
+    assert mask.shape == (1, 5 + 32 + 1, 5 + 32 + 1) and extras["attention_mask_img_shape"] == (1, 1)
+    bias = torch.log(torch.tensor(0.5)).half().float()
+    assert bool((mask[:, :5, 5:37] == bias).all()) and bool((mask[:, 37:, 5:37] == bias).all())
+    mask[:, :5, 5:37] = mask[:, 37:, 5:37] = 0
+    assert not mask.any()  # the rest: no bias (the Redux tokens' own rows included)
+
+
+def test_style_model_errors_are_clear(redux: tuple, tmp_path: Path) -> None:
+    from tui_diffusion.pipeline.errors import NodeError
+    from tui_diffusion.pipeline.nodes_vision import style_model_apply
+
+    output, style, _ = redux
+    narrow = ClipVisionOutput(output.last_hidden_state[..., :16], output.penultimate_hidden_states,
+                              output.image_embeds)
+    with pytest.raises(NodeError, match="sigclip_vision_patch14_384"):
+        style_model_apply(None, _text(), style, narrow, 1.0, "multiply")
+    with pytest.raises(NodeError, match="connect a CLIPVisionEncode"):
+        style_model_apply(None, _text(), style, "x", 1.0, "multiply")
+    bad = w.save({"something.weight": torch.zeros(2)}, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a style model"):
+        load_style_model(bad, CPU)
