@@ -26,12 +26,17 @@ from tui_diffusion.pipeline import k_samplers
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.controlnet import control_inputs, with_uncond_controls
 from tui_diffusion.pipeline.errors import NodeError
+from tui_diffusion.pipeline.gligen import attached as gligen_attached
+from tui_diffusion.pipeline.gligen import with_gligen
+from tui_diffusion.pipeline.hypernetwork import applied as hypernetworks_applied
 from tui_diffusion.pipeline.lora import patched
 from tui_diffusion.pipeline.models import ModelHandle
 from tui_diffusion.pipeline.nodes_conditioning import entry_area, entry_weight, needs_areas, resolve_entries
 from tui_diffusion.pipeline.placement import in_use
+from tui_diffusion.pipeline.previews import choose_previewer
 from tui_diffusion.pipeline.sampling import prepare_noise
 from tui_diffusion.pipeline.schedules import advanced_sigmas, ksampler_sigmas
+from tui_diffusion.pipeline.step_cache import StepCache, step_cache_applied
 
 __all__ = ["Denoiser", "ksampler", "ksampler_advanced", "latent_preview", "prepare_noise", "run_sampler"]
 
@@ -134,6 +139,7 @@ class Denoiser:
             x_in = torch.cat([x_in, self.concat.repeat(n, 1, 1, 1)], dim=1)
         timestep = ms.timestep(sigma_all).to(self.device).float()
         kwargs.update(control_inputs(self.model, entries, x_in[:, : x.shape[1]], timestep, s, kwargs, batch))
+        with_gligen(kwargs, entries, tuple(x.shape[-2:]), batch, self.device, self.dtype)  # GLIGENTextBoxApply
         out = self.family.apply_model(self.model, x_in, timestep, kwargs).float().chunk(n)
         # Averaging and CFG act on the raw outputs: the output -> x0 map is affine with the same coefficients
         # for every row, so this equals ComfyUI's CFG on x0, with diffusers' rounding (eps/v/flow alike).
@@ -173,6 +179,7 @@ class Denoiser:
                 timestep = ms.timestep(sigma.reshape(-1).expand(batch)).to(self.device).float()
                 kwargs.update(control_inputs(self.model, [entry], x_in[:, : crop.shape[1]], timestep, s, kwargs,
                                              batch))
+                with_gligen(kwargs, [entry], tuple(crop.shape[-2:]), batch, self.device, self.dtype)
                 pred = ms.calculate_denoised(sigma, self.family.apply_model(self.model, x_in, timestep,
                                                                             kwargs).float(), crop)
                 mult = entry_weight(entry[1], crop, area, dims)
@@ -200,6 +207,14 @@ class Denoiser:
         return result
 
 
+def _step_cache(ctx: NodeContext, model: ModelHandle) -> StepCache | None:
+    """The model's step cache (ApplyStepCache), else the ``step_cache`` setting's, else none."""
+    if model.step_cache is not None:
+        return model.step_cache
+    method = ctx.engine.step_cache
+    return StepCache(method) if method != "none" else None
+
+
 def run_sampler(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.Tensor, noise_seed: int,
                 add_noise: bool, positive: list, negative: list | None, cfg: float, latent_image: dict,
                 denoised_out: dict | None = None) -> dict:
@@ -210,7 +225,10 @@ def run_sampler(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas:
         raise NodeError(f"unknown sampler {sampler_name!r}")
     if len(sigmas) < 2:
         return {**latent_image, "samples": latent_image["samples"].clone()}
-    with in_use(model.unet), patched({"unet": model.unet}, list(model.patches)):
+    with in_use(model.unet), patched({"unet": model.unet}, list(model.patches)), \
+            hypernetworks_applied(model.unet, list(model.attention_patches), model.device.torch_device,
+                                  model.device.dtype), gligen_attached(model, positive + (negative or [])), \
+            step_cache_applied(model.unet, _step_cache(ctx, model)):
         return _run(ctx, model, sampler_name, sigmas, noise_seed, add_noise, positive, negative, cfg, latent_image,
                     denoised_out if denoised_out is not None else {})
 
@@ -229,6 +247,9 @@ def _run(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.
     noise = (prepare_noise(latent, seed, latent_image.get("batch_index")) if add_noise
              else torch.zeros_like(latent))
     mask = _mask_for(latent_image, latent.shape)
+    from tui_diffusion.pipeline.clip_vision import resolve_unclip  # unCLIPConditioning, noised with this seed
+
+    positive, negative = resolve_unclip(model, positive, seed), resolve_unclip(model, negative, seed)
     denoiser = Denoiser(model, positive, negative, cfg, latent, noise, mask,
                         need_uncond=SAMPLERS[sampler_name].cfg_pp)
     dev = model.device.torch_device
@@ -237,10 +258,13 @@ def _run(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.
     x = ms.noise_scaling(sigmas[0], noise, latent, ms.is_max_denoise(float(sigmas[0]))).to(dev)
     total = len(sigmas) - 1
 
+    previewer = choose_previewer(ctx.engine, fmt, ctx.engine.preview_method) if ctx.want_previews else None
+
     def callback(i: int, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> None:
         ctx.check_interrupt()
         denoised_out["x0"] = denoised
-        ctx.report(i + 1, total, latent_preview(denoised, fmt) if ctx.want_previews else None)
+        # made only when the worker sends it (at most every 250 ms): a TAESD decode is not free
+        ctx.report(i + 1, total, (lambda d=denoised: previewer(d)) if previewer is not None else None)
 
     ctx.check_interrupt()
     out = k_samplers.sample(sampler_name, denoiser, x, sigmas.to(dev), seed=seed, callback=callback)

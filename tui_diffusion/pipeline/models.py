@@ -42,6 +42,10 @@ class ModelHandle:
     model_sampling_override: Any = None
     #: set by DifferentialDiffusion: (sigma, noise mask, sigmas, model sampling) -> the mask for this step
     denoise_mask_function: Any = None
+    #: set by ApplyStepCache (``pipeline/step_cache.py``): hooks attached to the network only while sampling
+    step_cache: Any = None
+    #: hypernetworks (``pipeline/hypernetwork.py``): hooks on the attention inputs, added only while sampling
+    attention_patches: tuple = ()
 
     @property
     def model_sampling(self) -> Any:
@@ -198,21 +202,31 @@ def load_checkpoint(path: Path, device: Device, config_cache: Path, allow_pickle
 
 
 def load_single_file_pipeline(family: Any, path: Path, folder: Path, device: Device) -> LoadedCheckpoint:
-    """A UNet family's checkpoint through diffusers' ``from_single_file`` with a local config folder."""
+    """A UNet family's checkpoint built from a local config folder at the speed of reading and casting its
+    tensors (``modelfiles/single_file.py``: meta models, memory-mapped tensors cast once and assigned); a text
+    encoder or VAE identical to one already loaded is that one."""
+    from tui_diffusion.modelfiles.single_file import load_models
+
     try:
-        pipe = family.pipeline_class().from_single_file(str(path), config=str(folder),
-                                                        **_pipeline_kwargs(family, device))
+        pipe = load_models(path, folder, device)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot load this checkpoint: {exc}") from None
     return finish_pipeline(family, pipe, device, str(path))
 
 
 def finish_pipeline(family: Any, pipe: Any, device: Device, source: str) -> LoadedCheckpoint:
-    """Place a loaded pipeline's models by the device policy and wrap them as MODEL, CLIP and VAE."""
+    """Place a loaded pipeline's models by the device policy and wrap them as MODEL, CLIP and VAE (models
+    reused from another checkpoint, ``pipe.reused``, are in place already)."""
     clip = family.make_clip(pipe, device)
+    reused = getattr(pipe, "reused", set())
+    shared = {id(getattr(pipe, name)) for name in reused}
     for module in [pipe.unet] + [e.model for e in clip.encoders]:
-        place(module, device, device.dtype)
-    _place_vae(pipe.vae, device)
+        if id(module) not in shared:
+            place(module, device, device.dtype)
+    if "vae" not in reused:
+        _place_vae(pipe.vae, device)
     if device.compile:
         compile_unet(pipe.unet, device)
     return LoadedCheckpoint(
