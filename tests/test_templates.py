@@ -34,11 +34,19 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     wv.write_siglip_vision(root / "extra" / "clip_vision" / "sigclip_vision_patch14_384.safetensors")
     wv.write_redux(root / "extra" / "style_models" / "flux1-redux-dev.safetensors", text_width=w.TinyText().t5_width)
+    # SD3.5 Large ControlNets in Stability's layout, the size of the shared SD3.5 checkpoint's transformer
+    from tui_diffusion.pipeline import checkpoint_writer_controlnet as cw
+
+    sd35 = w.build_sd3_transformer(w.TinySD3(depth=1))
+    for control_type, kind in enumerate(("blur", "canny")):
+        cw.write_dit_controlnet(root / "extra" / "controlnet" / f"sd3.5_large_controlnet_{kind}.safetensors",
+                                cw.build_sd35_controlnet(sd35, seed=control_type), "sd35", control_type)
     rng = np.random.default_rng(0)
     (root / "input").mkdir()
     for name in ("flux_canny_model_example_input_image.png", "flux_fill_outpaint_example_input_image.png",
                  "flux_kontext_dev_basic_input_image.jpg", "flux_redux_model_example_reference_image_1.png",
-                 "flux_redux_model_example_reference_image_2.png"):
+                 "flux_redux_model_example_reference_image_2.png", "sd3.5_large_blur_input_image.png",
+                 "sd3.5_large_canny_controlnet_example_input_image.png"):
         Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(root / "input" / name)
     rgba = rng.integers(0, 256, (48, 40, 4), dtype=np.uint8)
     rgba[..., 3] = 255
@@ -59,6 +67,10 @@ CASES = {
     # with subgraphs (node ids inside them are "<subgraph node>:<inner node>")
     "flux_fill_inpaint_example": {"47:3": {"steps": 1}},
     "flux_kontext_dev_basic": {"192:31": {"steps": 1}},
+    # SD3.5 Large ControlNets (Stability's blur and canny files), ControlNetApplyAdvanced with the VAE
+    "sd3.5_large_blur": {"33": {"width": 64, "height": 48}, "3": {"steps": 2}},
+    "sd3.5_large_canny_controlnet_example": {"33": {"width": 64, "height": 64}, "48": {"width": 64, "height": 64},
+                                             "3": {"steps": 1}},
 }
 #: FluxKontextImageScale sizes the image to about a megapixel, whatever the input: slower on the CPU
 SLOW = {"flux_kontext_dev_basic"}
@@ -84,7 +96,7 @@ def test_template_imports_validates_and_runs(home: Path, tmp_path: Path, name: s
         assert set(values) <= set(api[node_id]["inputs"]), (name, node_id)
         api[node_id]["inputs"].update(values)
     extra = tuple((kind, home / "extra" / kind)
-                  for kind in ("diffusion_models", "text_encoders", "clip_vision", "style_models"))
+                  for kind in ("diffusion_models", "text_encoders", "clip_vision", "style_models", "controlnet"))
     paths = ModelPaths(home / "models", input_dir=home / "input", extra=extra)
     assert not validate_workflow(Workflow.from_data(api), paths)
     engine = EngineState(CPU, ModelCache(2), paths, tmp_path / "out", tmp_path / "tmp", tmp_path / "cfg")
