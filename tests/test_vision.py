@@ -170,3 +170,141 @@ def test_style_model_errors_are_clear(redux: tuple, tmp_path: Path) -> None:
     bad = w.save({"something.weight": torch.zeros(2)}, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="bad.safetensors: not a style model"):
         load_style_model(bad, CPU)
+
+
+# -- unCLIPConditioning: SDXL revision ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ComfyUI's revision template's files: a tiny SDXL base and a CLIP-G-like image encoder whose projection is
+    as wide as the SDXL's pooled text (1280 in the real ones)."""
+    from tui_diffusion.pipeline.checkpoint_writer import TinySDXL, write_sdxl_checkpoint
+
+    root = Path(tmp_path_factory.mktemp("revision"))
+    write_sdxl_checkpoint(root / "models" / "checkpoints" / "sd_xl_base_1.0.safetensors")
+    sizes = w.TinyVision(projection_dim=TinySDXL().clip_g_width)
+    w.write_clip_vision(root / "models" / "clip_vision" / "clip_vision_g.safetensors", sizes, seed=6)
+    return root
+
+
+def _alphas_cumprod() -> torch.Tensor:
+    """The noise augmentor's schedule from diffusers (squared cosine, 1000 steps), independently of the code."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(sdxl: Path) -> object:
+    from tui_diffusion.pipeline.models import load_checkpoint
+
+    return load_checkpoint(sdxl / "models" / "checkpoints" / "sd_xl_base_1.0.safetensors", CPU, sdxl / "cfg").model
+
+
+def test_revision_replaces_sdxl_pooled_text_with_noised_image_embedding(sdxl: Path, sdxl_model: object,
+                                                                         image: torch.Tensor) -> None:
+    """ComfyUI's sdxl_pooled: with unCLIP conditioning the pooled vector SDXL's UNet takes is the image embedding,
+    noised to the augmentation's level with the sampler's seed - 10 and weighted by the strength; the UNet's
+    input and output change; conditioning without it keeps its pooled text."""
+    from tui_diffusion.pipeline.clip_vision import resolve_unclip
+    from tui_diffusion.pipeline.nodes_vision import unclip_conditioning
+
+    model = sdxl_model
+    output = load_clip_vision(sdxl / "models" / "clip_vision" / "clip_vision_g.safetensors", CPU).encode(image[:1])
+    gen = torch.Generator().manual_seed(7)
+    text = [[torch.randn(1, 77, 192, generator=gen), {"pooled_output": torch.randn(1, 128, generator=gen)}]]
+    (cond,) = unclip_conditioning(None, text, output, 0.75, 0.3).outputs
+    assert cond[0][1]["unclip_conditioning"][0]["strength"] == 0.75 and "unclip_conditioning" not in text[0][1]
+    (resolved,) = [resolve_unclip(model, cond, seed=42)]
+    level = round(999 * 0.3)
+    acp = _alphas_cumprod()[level]
+    noise = torch.randn((1, 128), generator=torch.Generator().manual_seed(32))
+    want = (acp.sqrt() * output.image_embeds + (1 - acp).sqrt() * noise) * 0.75
+    torch.testing.assert_close(resolved[0][1]["pooled_output"], want)
+    assert resolve_unclip(model, text, seed=42) is text  # nothing to do without unCLIP conditioning
+
+    kwargs = {}
+    for name, entries in (("revision", resolved), ("text", text)):
+        kwargs[name] = model.family.model_kwargs(model, [tuple(e) for e in entries], batch=1,
+                                                 latent_shape=(1, 4, 8, 8), negative=[False], device="cpu",
+                                                 dtype=torch.float32)
+    torch.testing.assert_close(kwargs["revision"]["added_cond_kwargs"]["text_embeds"], want)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    with torch.no_grad():
+        outs = [model.family.apply_model(model, x, torch.tensor([500.0]), kwargs[n]) for n in ("revision", "text")]
+    assert not torch.allclose(outs[0], outs[1])
+    # strength 0 leaves the conditioning as it is, as in ComfyUI
+    assert unclip_conditioning(None, text, output, 0.0, 0.3).outputs[0] is text
+
+
+def test_ksampler_samples_with_revision(sdxl: Path, sdxl_model: object, image: torch.Tensor, tmp_path: Path) -> None:
+    """The sampler resolves unCLIP conditioning with its seed: revision changes KSampler's latent, the same seed
+    gives the same latent."""
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState, NodeContext
+    from tui_diffusion.pipeline.ksampler import ksampler
+    from tui_diffusion.pipeline.models import ModelCache
+    from tui_diffusion.pipeline.nodes_vision import unclip_conditioning
+
+    engine = EngineState(CPU, ModelCache(1), ModelPaths(sdxl / "models"), tmp_path, tmp_path, tmp_path)
+    ctx = NodeContext(engine, "3", {}, lambda *a: None, lambda: False)
+    output = load_clip_vision(sdxl / "models" / "clip_vision" / "clip_vision_g.safetensors", CPU).encode(image[:1])
+    gen = torch.Generator().manual_seed(8)
+    text = [[torch.randn(1, 77, 192, generator=gen), {"pooled_output": torch.randn(1, 128, generator=gen)}]]
+    (revision,) = unclip_conditioning(None, text, output, 1.0, 0.1).outputs
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def sample(positive: list) -> torch.Tensor:
+        return ksampler(ctx, sdxl_model, 5, 1, 1.0, "euler", "normal", positive, text, latent)["samples"]
+
+    with_image, again, without = sample(revision), sample(revision), sample(text)
+    torch.testing.assert_close(with_image, again)
+    assert not torch.allclose(with_image, without)
+
+
+def test_unclip_on_a_model_without_image_embedding_is_a_clear_error(redux: tuple) -> None:
+    from types import SimpleNamespace
+
+    from tui_diffusion.pipeline.clip_vision import resolve_unclip
+    from tui_diffusion.pipeline.errors import NodeError
+    from tui_diffusion.pipeline.nodes_vision import unclip_conditioning
+
+    output, _, _ = redux
+    (cond,) = unclip_conditioning(None, _text(), output, 1.0, 0.0).outputs
+    sd1 = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(addition_embed_type=None,
+                                                                      class_embed_type=None)),
+                          family=SimpleNamespace(label="SD1.x"))
+    with pytest.raises(NodeError, match="SD1.x model takes no image embedding"):
+        resolve_unclip(sd1, cond, seed=0)
+
+
+def test_sdxl_revision_template_runs(sdxl: Path, tmp_path: Path) -> None:
+    """ComfyUI's sdxl_revision_text_prompts template (copied unchanged): two images' CLIP-G embeddings through
+    unCLIPConditioning into SDXL's KSampler, on the tiny files under the names it expects."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tui_diffusion.graph.ui_format import ui_to_api
+    from tui_diffusion.graph.validate import validate_workflow
+    from tui_diffusion.graph.workflow import Workflow
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+
+    data = Path(__file__).parent / "data" / "templates" / "sdxl_revision_text_prompts.json"
+    api = ui_to_api(json.loads(data.read_text(encoding="utf-8")), "revision")
+    assert [n for n in api if api[n]["class_type"] == "unCLIPConditioning"]
+    api["5"]["inputs"].update({"width": 64, "height": 64})
+    api["3"]["inputs"].update({"steps": 1})
+    (tmp_path / "input").mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("sdxl_revision_text_prompts_ref_image1.png", "sdxl_revision_text_prompts_ref_image2.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(tmp_path / "input" / name)
+    paths = ModelPaths(sdxl / "models", input_dir=tmp_path / "input")
+    assert not validate_workflow(Workflow.from_data(api), paths)
+    engine = EngineState(CPU, ModelCache(2), paths, tmp_path / "out", tmp_path / "tmp", tmp_path / "cfg")
+    Executor(engine).run(api, Hooks(), lambda: False)
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    assert len(saved) == 1 and np.asarray(Image.open(saved[0])).std() > 0

@@ -396,3 +396,47 @@ def unclip_adm(unclip: list[dict], augmentor: NoiseAugmentor, merge_augment: flo
     level = round((augmentor.max_noise_level - 1) * merge_augment)
     z, level_emb = augmentor(total[:, : augmentor.dim], level, None)
     return torch.cat([z, level_emb], dim=1)
+
+
+def resolve_unclip(model: Any, conditioning: list | None, seed: int) -> list | None:
+    """unCLIPConditioning's entries made ready for one sampling run, as ComfyUI's ``encode_adm`` does when
+    sampling starts (the image embeddings are noised with the sampler's seed - 10):
+
+    - a UNet with SDXL's added text-time embedding (base and refiner): revision; the noised image embedding
+      replaces the entry's pooled text (ComfyUI's ``sdxl_pooled``);
+    - a UNet with a projection class embedding (SD2.1 unCLIP): ``unclip_adm``, the noised embedding and its noise
+      level's embedding, which the family gives the UNet as its class labels.
+
+    Other models are told clearly that they take no image embedding."""
+    if not conditioning or not any(extras.get("unclip_conditioning") for _, extras in conditioning):
+        return conditioning
+    from tui_diffusion.pipeline.errors import NodeError
+
+    config = getattr(model.unet, "config", None)
+    revision = getattr(config, "addition_embed_type", None) == "text_time"
+    projection = getattr(config, "class_embed_type", None) == "projection"
+    if not (revision or projection):
+        raise NodeError(f"unCLIPConditioning: a {model.family.label} model takes no image embedding (unCLIP goes "
+                        "with SD2.1 unCLIP checkpoints and SDXL)")
+    out = []
+    for emb, extras in conditioning:
+        unclip = extras.get("unclip_conditioning")
+        if not unclip:
+            out.append([emb, extras])
+            continue
+        extras = dict(extras)
+        try:
+            if revision:
+                width = int(extras["pooled_output"].shape[-1]) if "pooled_output" in extras else int(
+                    unclip[0]["clip_vision_output"].image_embeds.shape[-1])
+                adm = unclip_adm(unclip, NoiseAugmentor(width), seed=seed - 10)
+                extras["pooled_output"] = adm[:, :width]
+            else:
+                augmentor = getattr(model, "noise_augmentor", None) or NoiseAugmentor(
+                    int(config.projection_class_embeddings_input_dim) // 2)
+                extras["unclip_adm"] = unclip_adm(unclip, augmentor, float(extras.get("unclip_noise_augment_merge",
+                                                                                      0.05)), seed=seed - 10)
+        except ValueError as exc:
+            raise NodeError(f"unCLIPConditioning: {exc}") from None
+        out.append([emb, extras])
+    return out
