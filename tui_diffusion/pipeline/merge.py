@@ -70,16 +70,19 @@ class MergePatch:
                 keep, take = self.coefficients(part, name)
                 if keep == 1.0 and take == 0.0:
                     continue
-                source = effective_weight(self.other, self.other_patches, part, name, backups, memo)
-                if source is None or source.shape != param.shape:
-                    continue
                 if param.device.type == "meta":
                     raise NodeError("model merges cannot be applied with --novram (layer-by-layer offload) yet; "
                                     "use --lowvram")
-                if id(param) not in backups:
+                if id(param) not in backups:  # first: the other model may be this very module (read unpatched)
                     backups[id(param)] = (param, param.detach().clone())
-                blended = param.float() * keep + source.to(param.device, torch.float32) * take
-                param.copy_(blended.to(param.dtype))
+                source = effective_weight(self.other, self.other_patches, part, name, backups, memo)
+                if source is None or source.shape != param.shape:
+                    continue
+                if param.dtype == torch.float32:
+                    param.mul_(keep).add_(source.to(param.device, torch.float32), alpha=take)
+                else:  # half precision: blend in float32, as ComfyUI patches weights, then round once
+                    blended = param.float() * keep + source.to(param.device, torch.float32) * take
+                    param.copy_(blended.to(param.dtype))
 
 
 def _parameters(module: torch.nn.Module, memo: dict[Any, Any]) -> dict[str, torch.nn.Parameter]:
@@ -179,10 +182,13 @@ def block_merge(unet: torch.nn.Module, ratios: Mapping[str, float]) -> dict[str,
 
 
 def shared_parameters(parts: Mapping[str, torch.nn.Module], other: Mapping[str, torch.nn.Module]) -> tuple[int, int]:
-    """How many of the first model's parameters the other has under the same name and shape, of how many."""
+    """Of the first model's parameters in the parts both models have, how many the other has under the same name
+    and shape, and how many there are."""
     shared = total = 0
     for part, module in parts.items():
-        theirs = {n: p.shape for n, p in other[part].named_parameters()} if part in other else {}
+        if part not in other:
+            continue
+        theirs = {n: p.shape for n, p in other[part].named_parameters()}
         for name, param in module.named_parameters():
             total += 1
             shared += theirs.get(name) == param.shape
@@ -191,9 +197,10 @@ def shared_parameters(parts: Mapping[str, torch.nn.Module], other: Mapping[str, 
 
 def check_same_architecture(parts: Mapping[str, torch.nn.Module], other: Mapping[str, torch.nn.Module],
                             first: str, second: str) -> None:
-    """Refuse a merge of different architectures: fewer than half of the first model's weights would merge.
-    (One different layer, an inpainting UNet's input, is left as the first model's, as in ComfyUI.)"""
+    """Refuse a merge of different architectures (SD1.x with SDXL, say: ComfyUI would blend the few layers that
+    happen to fit and warn about the rest). A few layers of another shape, an inpainting UNet's input, are
+    allowed: they stay the first model's, as in ComfyUI."""
     shared, total = shared_parameters(parts, other)
-    if shared * 2 < total:
+    if total == 0 or shared < 0.9 * total:
         raise NodeError(f"{second}: only {shared} of the {total} weights of {first} have a counterpart of the same "
-                        f"shape in {second}: merge models of the same architecture")
+                        f"name and shape in {second}: merge models of the same architecture")
