@@ -203,17 +203,22 @@ def test_sdxl_per_block_merge(engine: EngineState) -> None:
     assert NODE_SPECS["ModelMergeSDXL"].input("input_blocks.8").default == 1.0
 
 
-def test_models_of_different_architectures_are_refused_an_inpainting_input_is_kept(engine: EngineState,
+def test_models_of_different_architectures_are_refused_an_inpainting_input_as_comfyui(engine: EngineState,
                                                                                    sd1: tuple) -> None:
     (a, *_), _, wa, _ = sd1
     xl = loaded(engine, TINY_XL)[0]
     with pytest.raises(NodeError, match="model2 .*SDXL.*same architecture"):
         run(engine, "ModelMergeSimple", model1=a, model2=xl, ratio=0.5)
-    inpaint = loaded(engine, INPAINT_B)[0]  # 9 input channels: conv_in stays model1's, the rest is blended
-    got = merged_unet(run(engine, "ModelMergeSimple", model1=a, model2=inpaint, ratio=0.0)[0])
+    # 9 input channels: conv_in cannot take model2's weight; as in ComfyUI it is only scaled by model1's ratio
+    inpaint = loaded(engine, INPAINT_B)[0]
+    got = merged_unet(run(engine, "ModelMergeSimple", model1=a, model2=inpaint, ratio=0.25)[0])
     wi = state(inpaint.unet)
-    assert torch.equal(got["conv_in.weight"], wa["conv_in.weight"])
-    assert all(torch.equal(got[k], wi[k]) for k in wa if k != "conv_in.weight")
+    torch.testing.assert_close(got["conv_in.weight"], 0.25 * wa["conv_in.weight"])
+    assert_states({k: v for k, v in got.items() if k != "conv_in.weight"},
+                  {k: 0.25 * wa[k] + 0.75 * wi[k] for k in wa if k != "conv_in.weight"}, atol=1e-6)
+    # Add keeps it whole (model1's share is 1)
+    added = merged_unet(run(engine, "ModelMergeAdd", model1=a, model2=inpaint)[0])
+    assert torch.equal(added["conv_in.weight"], wa["conv_in.weight"])
 
 
 def test_clip_merges(engine: EngineState, sd1: tuple) -> None:

@@ -10,7 +10,9 @@ after the patches before it, and restores every parameter on the way out, so the
 loaded. ``other_weight`` is the other model's parameter with the other model's own patches (LoRAs, merges)
 evaluated one tensor at a time, from its unpatched weights, so merging a model with a patched copy of itself
 works. ComfyUI's nodes give (keep, take) = (ratio, 1 - ratio) for the Simple/Blocks merges, (1, 1) for Add
-and (m, -m) for Subtract. A parameter whose shape differs between the two models is left as model1's.
+and (m, -m) for Subtract. A parameter whose shape differs between the two models (an inpainting UNet's input)
+is only multiplied by ``keep``, which is what ComfyUI's patch arithmetic does with it (it warns "WEIGHT NOT
+MERGED"); one the other model lacks is left as it is.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ class MergePatch:
                 if id(param) not in backups:  # first: the other model may be this very module (read unpatched)
                     backups[id(param)] = (param, param.detach().clone())
                 source = effective_weight(self.other, self.other_patches, part, name, backups, memo)
-                if source is None or source.shape != param.shape:
+                if source is None:  # the other model has no such weight: no patch for it, as in ComfyUI
+                    continue
+                if source.shape != param.shape:  # ComfyUI scales, then finds it cannot add ("NOT MERGED")
+                    param.mul_(keep)
                     continue
                 if param.dtype == torch.float32:
                     param.mul_(keep).add_(source.to(param.device, torch.float32), alpha=take)
@@ -133,8 +138,10 @@ def effective_weight(parts: Mapping[str, torch.nn.Module], patches: tuple, part:
                 continue
             keep, take = patch.coefficients(part, name)
             source = effective_weight(patch.other, patch.other_patches, part, name, backups, memo)
-            if source is not None and source.shape == weight.shape:
-                weight = weight * keep + source.to(weight.device, torch.float32) * take
+            if source is not None:
+                weight = weight * keep
+                if source.shape == weight.shape:
+                    weight = weight + source.to(weight.device, torch.float32) * take
         elif leaf == "weight":  # a LoRA (lora.Patch) changes layer weights only
             layer = module.get_submodule(layer_name) if layer_name else module
             for down, up, alpha in _lora_pairs(module, part, patch.lora, memo).get(id(layer), ()):
@@ -199,7 +206,7 @@ def check_same_architecture(parts: Mapping[str, torch.nn.Module], other: Mapping
                             first: str, second: str) -> None:
     """Refuse a merge of different architectures (SD1.x with SDXL, say: ComfyUI would blend the few layers that
     happen to fit and warn about the rest). A few layers of another shape, an inpainting UNet's input, are
-    allowed: they stay the first model's, as in ComfyUI."""
+    allowed (see the module docstring for what happens to them)."""
     shared, total = shared_parameters(parts, other)
     if total == 0 or shared < 0.9 * total:
         raise NodeError(f"{second}: only {shared} of the {total} weights of {first} have a counterpart of the same "
