@@ -1,4 +1,5 @@
-"""A worker double for UI tests: it speaks the real message protocol, driven by the test."""
+"""A worker double for UI tests: a backend (``runtime.protocol.Backend``) that speaks the real message
+protocol, driven by the test."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ from typing import Any
 from PIL import Image
 
 from tui_diffusion import messages as m
-from tui_diffusion.client import WorkerDied
+from tui_diffusion.runtime.protocol import WorkerDied
 
 
 class FakeClient:
     instances: list[FakeClient] = []
+    #: a double: the runtime writes no durable rows for it (the tests share one store, and rows of jobs a
+    #: double never ran would be left over, held, in the next test)
+    records_queue = False
+    remote = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        self.ready: m.WorkerReady | None = None
         self.events: queue.Queue = queue.Queue()
         self.submitted: list[tuple[str, dict[str, Any]]] = []
         self.cancelled: list[str] = []
@@ -25,9 +31,14 @@ class FakeClient:
         self.closed = False
         FakeClient.instances.append(self)
 
-    # -- the WorkerClient interface ---------------------------------------------------------------------
+    # -- the backend protocol ---------------------------------------------------------------------------------
     def start(self) -> None:
-        self.events.put(m.WorkerReady("cpu", "Fake CPU", "float32", "0", "0", 1))
+        self.ready = m.WorkerReady("cpu", "Fake CPU", "float32", "0", "0", 1)
+        self.events.put(self.ready)
+
+    def wait_ready(self, timeout: float | None = None) -> m.WorkerReady:
+        assert self.ready is not None, "start() first"
+        return self.ready
 
     def submit(self, workflow: dict[str, Any], previews: bool = False, job_id: str | None = None) -> str:
         assert job_id is not None

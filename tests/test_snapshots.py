@@ -55,7 +55,7 @@ def test_finished_job_beside_the_form_at_100x30(snap_compare, home: Path, monkey
     import uuid
 
     # the job id names the image in the pane's title: a fixed one, or the snapshot never matches again
-    monkeypatch.setattr("tui_diffusion.screens.main.uuid", types.SimpleNamespace(uuid4=lambda: uuid.UUID(int=0x5eed)))
+    monkeypatch.setattr("tui_diffusion.runtime.queue.uuid", types.SimpleNamespace(uuid4=lambda: uuid.UUID(int=0x5eed)))
     async def queue_and_finish(pilot) -> None:
         await _ready(pilot)
         await pilot.press("ctrl+r")

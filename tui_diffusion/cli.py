@@ -1,7 +1,8 @@
-"""The command line: ``run``, ``validate``, ``models`` and ``demo-checkpoint``.
+"""The command line: the terminal app (no command) and ``run``, ``serve``, ``resume``, ``validate``,
+``history``, ``config``, ``import``, ``export``, ``models``, ``demo-checkpoint``, ``workflows``, ``doctor``.
 
-Torch-free at import time: only ``demo-checkpoint`` imports torch in this process; ``run``
-talks to the worker process through ``WorkerClient``.
+Torch-free at import time: only ``demo-checkpoint`` imports torch in this process; ``run``, ``serve``
+and the app reach the workers through the runtime's client API (``runtime.supervisor.Supervisor``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from tui_diffusion.graph.validate import validate_workflow
 from tui_diffusion.graph.values import parse_value
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.paths import ModelPaths
-from tui_diffusion.settings import PRECISIONS
+from tui_diffusion.runtime.protocol import Backend
+from tui_diffusion.runtime.supervisor import BackendFactory
+from tui_diffusion.settings import PRECISIONS, WorkerConfig
 from tui_diffusion.text import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -86,26 +89,33 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="N worker processes on the CPU (or N Ray actors with --ray)")
 
 
-def open_backend(args: argparse.Namespace, config: Any) -> Any:
-    """The executor backend the options ask for; None for the default single local worker."""
+def backend_factory(args: argparse.Namespace) -> BackendFactory:
+    """What makes the executor backend the options ask for: a pool, Ray actors, else one local worker. The
+    options are checked here, before anything starts."""
+    from tui_diffusion.runtime.supervisor import local_worker
+
     workers = getattr(args, "workers", None) or 0
     if getattr(args, "ray", None):
         from tui_diffusion.backends.ray_backend import RayUnavailable, ray_pool
 
-        try:
-            return ray_pool(config, args.ray, workers)
-        except RayUnavailable as exc:
-            raise UsageError(str(exc)) from None
+        def on_ray(config: WorkerConfig) -> Backend:
+            try:
+                return ray_pool(config, args.ray, workers)
+            except RayUnavailable as exc:
+                raise UsageError(str(exc)) from None
+
+        return on_ray
     from tui_diffusion.backends.pool import count_gpus, local_pool, parse_gpus
 
     if getattr(args, "gpus", None):
         try:
-            return local_pool(config, gpus=parse_gpus(args.gpus, count_gpus()))
+            gpus = parse_gpus(args.gpus, count_gpus())
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        return lambda config: local_pool(config, gpus=gpus)
     if workers > 1:
-        return local_pool(config, workers=workers)
-    return None
+        return lambda config: local_pool(config, workers=workers)
+    return local_worker
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -336,8 +346,8 @@ def _bar(step: int, total: int, width: int = 24) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tui_diffusion.client import WorkerDied
-    from tui_diffusion.supervisor import Supervisor
+    from tui_diffusion.runtime.protocol import WorkerDied
+    from tui_diffusion.runtime.supervisor import Supervisor
 
     resumed = getattr(args, "resume_jobs", None)
     if resumed:
@@ -362,9 +372,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "attach", False):
         from tui_diffusion.server import RemoteClient
 
-        client: Any = RemoteClient()
+        factory: BackendFactory = RemoteClient  # the server records and supervises; losing it ends the run
     else:  # a pool or Ray, else one worker that is replaced if it dies (its running job fails with the cause)
-        client = open_backend(args, config) or Supervisor(config)
+        factory = backend_factory(args)
+    client = Supervisor(config, factory)
     titles = {n: job.title(n) for job in jobs for n in job}
     results: dict[str, Any] = {}
     interrupted = False
@@ -394,7 +405,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         default_worker = f"worker 0 ({ready.device_name})"  # a pool names the worker of each job
         # the history database moved aside or unusable: said here, not only in worker.log (an attached run
         # does not repeat what the server's worker said when it started)
-        for notice in (getattr(client, "notice", None), None if getattr(args, "attach", False) else ready.notice):
+        for notice in (client.notice, None if getattr(args, "attach", False) else ready.notice):
             if notice:
                 _err(f"warning: {notice}")
         if resumed:
@@ -597,7 +608,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     from tui_diffusion.server import RemoteClient, ServerError, server_running, start_background
 
     resolved = settings(args)
-    factory = None
+    factory: BackendFactory | None = None
     running = not args.embedded and server_running()
     if args.detach and not running:
         try:
@@ -608,7 +619,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     if args.detach or running:
         factory = RemoteClient  # closing the app detaches; the server and its queue carry on
     elif args.gpus or args.ray or (args.workers or 0) > 1:
-        factory = lambda config: open_backend(args, config)  # noqa: E731
+        factory = backend_factory(args)
     return run_tui(args.workflow, resolved.worker_config(), resolved.values, client_factory=factory)
 
 
@@ -648,7 +659,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     try:
         config = settings(args).worker_config()
-        server = Server(config, backend=open_backend(args, config))
+        server = Server(config, factory=backend_factory(args))
     except ServerError as exc:
         _err(str(exc))
         return EXIT_FAILED
@@ -660,11 +671,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Jobs a worker left behind (a crash, a reboot, a closed terminal): list them, or run them again."""
     import sqlite3
 
-    from tui_diffusion.store.history import History, StoreError
+    from tui_diffusion.runtime.queue import REMOVED, left_over, record_state
+    from tui_diffusion.store.history import StoreError
 
+    config = settings(args).worker_config()
     try:
-        history = History()
-        left = history.left_over()
+        left = left_over(config)
     except (StoreError, sqlite3.Error, OSError) as exc:
         _err(f"cannot read the queue store: {exc}")
         return EXIT_FAILED
@@ -679,7 +691,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.discard:
         for row in left:
-            history.job_state(row.id, "removed", "discarded by the user")
+            why = record_state(config, row.id, REMOVED, "discarded by the user")
+            if why is not None:
+                _err(f"job {row.id}: cannot record it as discarded: {why}")
+                return EXIT_FAILED
         print(f"discarded {len(left)} job(s)")
         return EXIT_OK
     args.resume_jobs = [(row.id, row.workflow) for row in left]

@@ -1,8 +1,8 @@
 """The messages that cross the process boundary between clients and the worker.
 
 Small, frozen, picklable dataclasses and nothing else: workflows travel as plain API-format
-dicts, images as file paths, previews as small PNG bytes. Keeping the boundary this narrow lets a
-later transport (a local socket) carry exactly the same objects.
+dicts, images as file paths, previews as small PNG bytes. The same objects cross the worker's pipe,
+a Ray queue and the background server's Unix socket.
 """
 
 from __future__ import annotations
@@ -59,9 +59,11 @@ class WorkerReady:
 
 @dataclass(frozen=True)
 class WorkerFailed:
-    """The worker could not start (or stopped on an internal error)."""
+    """The worker could not start (or stopped on an internal error); with ``held`` (a list, maybe empty) the
+    runtime gave up restarting it and these pending jobs were not run (in the store, for resume)."""
 
     message: str
+    held: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,14 @@ class WorkerRestarted:
 
     reason: str
     resubmitted: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServerLost:
+    """The background server this client was attached to went away; a worker of the client's own took its
+    place (what the server had queued is in the store, held)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -151,12 +161,6 @@ class JobFailed:
 @dataclass(frozen=True)
 class JobRemoved:
     job_id: str
-
-
-@dataclass(frozen=True)
-class JobMoved:
-    job_id: str
-    position: int
 
 
 JobEnd = (JobFinished, JobFailed, JobRemoved)

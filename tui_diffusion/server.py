@@ -1,6 +1,7 @@
 """The background server: the worker and its queue outlive the terminal. Torch-free.
 
-``tui-diffusion serve`` (or ``tui-diffusion --detach``) runs a supervised worker and listens on a Unix
+``tui-diffusion serve`` (or ``tui-diffusion --detach``) runs the runtime's ``Supervisor`` over a backend
+(one worker, a pool, Ray actors) and listens on a Unix
 socket in a folder only the user can enter, with a random key in a file only the user can read
 (``multiprocessing.connection``'s challenge; no TCP port). Any number of clients attach: each gets the
 worker's state and every job of the server's life, then the live events; each can queue, interrupt,
@@ -18,12 +19,14 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
 from tui_diffusion import messages as m
-from tui_diffusion.client import WorkerDied
+from tui_diffusion.runtime.protocol import Backend, Event, Unbatcher, WorkerDied
+from tui_diffusion.runtime.queue import PENDING, UNFINISHED, make_job, state_after
 from tui_diffusion.settings import WorkerConfig
 
 log = logging.getLogger("tui_diffusion.server")
@@ -182,16 +185,19 @@ class _Link:
 
 # -- the server ------------------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, config: WorkerConfig, folder: Path | None = None, backend: Any = None) -> None:
-        from tui_diffusion.supervisor import Supervisor
+    def __init__(self, config: WorkerConfig, folder: Path | None = None, backend: Backend | None = None,
+                 factory: Callable[[WorkerConfig], Backend] | None = None) -> None:
+        """``factory`` makes the backend (and its replacements, when one dies); ``backend``: a first one already
+        made. Either way the jobs go through the runtime's supervisor: one policy, one durable queue."""
+        from tui_diffusion.runtime.supervisor import Supervisor, local_worker
 
         self.folder = folder or runtime_dir()
         self.address = socket_path(self.folder)
         if server_running(self.folder):
             raise ServerError(f"a server already runs on {self.address}")
         self.address.unlink(missing_ok=True)  # left by a server that died
-        #: where the jobs run: one supervised worker, or a pool / Ray backend (tui_diffusion.backends)
-        self.backend = backend or Supervisor(config)
+        #: where the jobs run: one worker, or a pool / Ray backend (tui_diffusion.backends), supervised
+        self.backend = Supervisor(config, factory or local_worker, backend=backend)
         self.key = _key(self.folder, create=True)
         # no authkey here: the challenge runs per connection in _handshake, off the accepting thread
         self.listener = Listener(str(self.address), family="AF_UNIX", backlog=64)
@@ -224,7 +230,8 @@ class Server:
         try:
             deliver_challenge(conn, self.key)  # as Listener(authkey=...) would, both ways
             answer_challenge(conn, self.key)
-        except Exception:  # a wrong key, a client that hung up or stayed silent: that connection only
+        except Exception as exc:  # a wrong key, a client that hung up or stayed silent: that connection only
+            log.info("a connection failed the key challenge (%s); closed", type(exc).__name__)
             _close_quietly(conn)
             return
         finally:
@@ -237,7 +244,8 @@ class Server:
                 command = link.conn.recv()
             except (EOFError, OSError):
                 break
-            except Exception:  # a message that does not unpickle (or nests too deep): that client's problem only
+            except Exception as exc:  # a message that does not unpickle (or nests too deep): that client's problem only
+                log.warning("a client sent a message that cannot be read (%s); it is disconnected", type(exc).__name__)
                 break
             why = invalid_command(command)
             if why is not None:
@@ -258,30 +266,28 @@ class Server:
         link.close()
 
     # -- jobs ------------------------------------------------------------------------------------------------
-    def _track(self, event: Any) -> None:
+    def _track(self, event: Event) -> None:
         job = self.jobs.get(getattr(event, "job_id", None))
         if job is None:
             return
         change: dict[str, Any] = {}
+        state = state_after(event)
+        if state is not None:
+            change["status"] = state
         if isinstance(event, m.JobPlaced):
-            change = {"worker": event.worker}
-        elif isinstance(event, m.JobStarted):
-            change = {"status": "running"}
+            change["worker"] = event.worker
         elif isinstance(event, m.Progress):
-            change = {"node_id": event.node_id, "step": event.step, "total": event.total}
+            change.update(node_id=event.node_id, step=event.step, total=event.total)
         elif isinstance(event, m.NodeStarted):
-            change = {"node_id": event.node_id, "step": 0, "total": 0}
+            change.update(node_id=event.node_id, step=0, total=0)
         elif isinstance(event, m.JobFinished):
-            change = {"status": "done" if event.status == "ok" else "interrupted", "outputs": list(event.outputs),
-                      "seconds": event.seconds, "node_id": None, "executed": list(event.executed),
-                      "cached": list(event.cached)}
+            change.update(outputs=list(event.outputs), seconds=event.seconds, node_id=None,
+                          executed=list(event.executed), cached=list(event.cached))
         elif isinstance(event, m.JobFailed):
-            change = {"status": "failed", "error": event.message, "error_node": event.node_id, "node_id": None}
-        elif isinstance(event, m.JobRemoved):
-            change = {"status": "removed"}
+            change.update(error=event.message, error_node=event.node_id, node_id=None)
         if change:
             self.jobs[job.job_id] = dataclasses.replace(job, **change)
-        finished = [k for k, j in self.jobs.items() if j.status not in ("pending", "running")]
+        finished = [k for k, j in self.jobs.items() if j.status not in UNFINISHED]
         for stale in finished[:-KEEP_FINISHED]:
             del self.jobs[stale]
 
@@ -304,7 +310,7 @@ class Server:
     def _command(self, payload: Any) -> None:
         if isinstance(payload, m.SubmitJob):
             known = self.jobs.get(payload.job_id)
-            if known is not None and known.status in ("pending", "running"):  # one job, one id
+            if known is not None and known.status in UNFINISHED:  # one job, one id
                 raise ValueError(f"job id {payload.job_id!r} is queued already")
             self.jobs.pop(payload.job_id, None)  # an ended job run again (resume) goes to the end
             self.jobs[payload.job_id] = m.JobSummary(payload.job_id, payload.workflow, payload.previews)
@@ -315,8 +321,8 @@ class Server:
         elif isinstance(payload, m.MoveJob):
             job = self.jobs.pop(payload.job_id, None)
             if job is not None:
-                ahead = [(k, v) for k, v in self.jobs.items() if v.status != "pending"]
-                behind = [(k, v) for k, v in self.jobs.items() if v.status == "pending"]
+                ahead = [(k, v) for k, v in self.jobs.items() if v.status != PENDING]
+                behind = [(k, v) for k, v in self.jobs.items() if v.status == PENDING]
                 self.jobs = collections.OrderedDict(ahead + [(job.job_id, job)] + behind)
             self.backend.move_to_front(payload.job_id)
         elif isinstance(payload, m.StopServer):
@@ -376,7 +382,8 @@ def server_running(folder: Path | None = None) -> bool:
         conn = Client(str(address), family="AF_UNIX", authkey=_key(address.parent, create=False))
     except (OSError, EOFError):
         return False
-    except Exception:  # AuthenticationError: someone else's socket, or a stale key
+    except Exception as exc:  # AuthenticationError: someone else's socket, or a stale key
+        log.debug("the socket %s did not accept our key: %s", address, exc)
         return False
     conn.close()
     return True
@@ -406,7 +413,11 @@ def start_background(args: list[str], folder: Path | None = None, timeout: float
 
 # -- the client's end ------------------------------------------------------------------------------------------
 class RemoteClient:
-    """The calls of ``WorkerClient``, to a running server. Closing it detaches; the server carries on."""
+    """The remote backend: the backend protocol over a running server's socket. Closing it detaches; the
+    server carries on. The server records and supervises its jobs itself (``records_queue`` is False)."""
+
+    remote = True
+    records_queue = False
 
     def __init__(self, config: WorkerConfig | None = None, folder: Path | None = None) -> None:
         self.folder = folder
@@ -415,7 +426,7 @@ class RemoteClient:
         self.attached: m.Attached | None = None
         self.process = None
         self._lock = threading.Lock()
-        self._first: collections.deque[Any] = collections.deque()
+        self._first = Unbatcher()
 
     def start(self) -> None:
         address = socket_path(self.folder)
@@ -428,12 +439,12 @@ class RemoteClient:
             raise ServerError(f"the server on {address} refused this client: {exc}") from None
         self.attached = hello
         self.ready = hello.ready
-        self._first.append(hello)  # the snapshot is the first event the caller sees
+        self._first.take(hello)  # the snapshot is the first event the caller sees
 
     def wait_ready(self, timeout: float | None = None) -> m.WorkerReady:
         """Block until the server's worker is ready; the events that came first are kept for the caller."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        early: list[Any] = []
+        early: list[Event] = []
         while self.ready is None:
             event = self.next_event(0.2)
             if isinstance(event, m.WorkerFailed):
@@ -442,7 +453,7 @@ class RemoteClient:
                 early.append(event)
             if deadline is not None and time.monotonic() >= deadline and self.ready is None:
                 raise TimeoutError("the server's worker did not become ready in time")
-        self._first.extendleft(reversed(early))
+        self._first.push_front(early)
         return self.ready
 
     def _send(self, command: Any) -> None:
@@ -455,12 +466,9 @@ class RemoteClient:
                 raise WorkerDied(f"the server went away: {exc}") from None
 
     def submit(self, workflow: Any, previews: bool = False, job_id: str | None = None) -> str:
-        import uuid
-
-        data = workflow.to_data() if hasattr(workflow, "to_data") else workflow
-        job_id = job_id or uuid.uuid4().hex[:12]
-        self._send(m.SubmitJob(job_id, data, previews))
-        return job_id
+        job = make_job(workflow, previews, job_id)
+        self._send(job)
+        return job.job_id
 
     def cancel(self, job_id: str) -> None:
         self._send(m.CancelJob(job_id))
@@ -471,9 +479,9 @@ class RemoteClient:
     def stop_server(self) -> None:
         self._send(m.StopServer())
 
-    def next_event(self, timeout: float | None = None) -> Any:
+    def next_event(self, timeout: float | None = None) -> Event | None:
         if self._first:
-            return self._first.popleft()
+            return self._first.pop()
         conn = self.conn
         if conn is None:
             raise WorkerDied("not attached to a server")
@@ -485,9 +493,7 @@ class RemoteClient:
             if self.conn is None:  # closed by this client (detaching) while another thread read
                 return None
             raise WorkerDied("the server went away") from None
-        if isinstance(event, list):
-            self._first.extend(event[1:])
-            event = event[0]
+        event = self._first.take(event)
         if isinstance(event, m.WorkerReady):
             self.ready = event
         return event

@@ -17,9 +17,9 @@ import time
 from typing import Any, Protocol
 
 from tui_diffusion import messages as m
-from tui_diffusion.client import WorkerDied
+from tui_diffusion.runtime.protocol import Event, WorkerDied
+from tui_diffusion.runtime.queue import make_job
 from tui_diffusion.settings import WorkerConfig
-from tui_diffusion.supervisor import open_store, store_queued
 
 
 class Slot(Protocol):
@@ -34,20 +34,21 @@ class Slot(Protocol):
 
     def cancel(self, job_id: str) -> None: ...
 
-    def next_event(self, timeout: float) -> Any: ...
+    def next_event(self, timeout: float) -> Event | None: ...
 
     def close(self) -> None: ...
 
 
 class LocalSlot:
-    """A supervised worker process (restarted if it dies), on one GPU or on the CPU."""
+    """A supervised worker process (restarted if it dies, by the runtime's one policy), on one GPU or on the
+    CPU."""
 
     def __init__(self, config: WorkerConfig, name: str) -> None:
-        from tui_diffusion.supervisor import Supervisor
+        from tui_diffusion.runtime.supervisor import Supervisor
 
         self.name = name
         self.alive = True
-        self.supervisor = Supervisor(config, durable=False)  # the pool writes its jobs to the store
+        self.supervisor = Supervisor(config, record=False)  # the pool's own supervisor writes the rows
 
     @property
     def process(self) -> Any:
@@ -62,7 +63,7 @@ class LocalSlot:
     def cancel(self, job_id: str) -> None:
         self.supervisor.cancel(job_id)
 
-    def next_event(self, timeout: float) -> Any:
+    def next_event(self, timeout: float) -> Event | None:
         try:
             return self.supervisor.next_event(timeout)
         except WorkerDied as exc:
@@ -86,11 +87,14 @@ def shared_nodes(a: dict[str, Any] | None, b: dict[str, Any]) -> int:
 
 
 class Pool:
-    """The pool's queue and dispatch; the same calls as ``WorkerClient``."""
+    """The pool's queue and dispatch, behind the backend protocol (``runtime.protocol.Backend``). It only
+    executes: the durable rows and the restart policy are the runtime's supervisor's."""
 
-    def __init__(self, slots: list[Any], config: WorkerConfig | None = None) -> None:
+    remote = False
+    records_queue = True
+
+    def __init__(self, slots: list[Slot]) -> None:
         self.slots = slots
-        self.store, self.session = open_store(config)
         self.pending: collections.OrderedDict[str, m.SubmitJob] = collections.OrderedDict()
         self.busy: dict[int, str] = {}
         self.last: dict[int, dict[str, Any]] = {}
@@ -98,8 +102,8 @@ class Pool:
         self.readies: dict[int, m.WorkerReady] = {}
         self.ready: m.WorkerReady | None = None
         self.placed: dict[str, str] = {}
-        self._inbox: queue.Queue = queue.Queue()
-        self._out: collections.deque[Any] = collections.deque()
+        self._inbox: queue.Queue[tuple[int, Event | None]] = queue.Queue()
+        self._out: collections.deque[Event] = collections.deque()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pumps: list[threading.Thread] = []
@@ -116,7 +120,7 @@ class Pool:
             pump.start()
             self._pumps.append(pump)
 
-    def _pump(self, index: int, slot: Any) -> None:
+    def _pump(self, index: int, slot: Slot) -> None:
         while not self._stop.is_set() and slot.alive:
             event = slot.next_event(0.2)
             if event is not None:
@@ -125,7 +129,7 @@ class Pool:
 
     def wait_ready(self, timeout: float | None = None) -> m.WorkerReady:
         deadline = None if timeout is None else time.monotonic() + timeout
-        early: list[Any] = []
+        early: list[Event] = []
         while self.ready is None:
             event = self.next_event(0.2)
             if isinstance(event, m.WorkerFailed) and not any(s.alive for s in self.slots):
@@ -149,27 +153,17 @@ class Pool:
 
     # -- commands ---------------------------------------------------------------------------------------------
     def submit(self, workflow: Any, previews: bool = False, job_id: str | None = None) -> str:
-        import uuid
-
-        data = workflow.to_data() if hasattr(workflow, "to_data") else workflow
-        job_id = job_id or uuid.uuid4().hex[:12]
-        job = m.SubmitJob(job_id, data, previews)
-        store_queued(self.store, self.session, job)  # durable before it is acknowledged
+        job = make_job(workflow, previews, job_id)
         with self._lock:
-            self.pending[job_id] = job
-            self._out.append(m.JobAccepted(job_id, len(self.pending)))
+            self.pending[job.job_id] = job
+            self._out.append(m.JobAccepted(job.job_id, len(self.pending)))
             self._dispatch()
-        return job_id
+        return job.job_id
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
             if self.pending.pop(job_id, None) is not None:
-                self._out.append(m.JobRemoved(job_id))
-                if self.store is not None:
-                    try:
-                        self.store.job_state(job_id, "removed")
-                    except Exception:
-                        pass
+                self._out.append(m.JobRemoved(job_id))  # the supervisor records it as removed
                 return
             for index, running in self.busy.items():
                 if running == job_id:
@@ -179,7 +173,6 @@ class Pool:
         with self._lock:
             if job_id in self.pending:
                 self.pending.move_to_end(job_id, last=False)
-                self._out.append(m.JobMoved(job_id, 1))
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def score(self, index: int, job: m.SubmitJob) -> int:
@@ -202,12 +195,12 @@ class Pool:
             self.last[index] = job.workflow
             self.loaded[index] |= checkpoints_of(job.workflow)
 
-    def _absorb(self, index: int, event: Any) -> Any:
+    def _absorb(self, index: int, event: Event | None) -> Event | None:
         """Update the pool from one slot's event; returns what the caller should see (or None)."""
         if event is None:  # the slot ended (a lost actor that could not be replaced)
             self.slots[index].alive = False
             running = self.busy.pop(index, None)
-            events = []
+            events: list[Event] = []
             if running is not None:
                 events.append(m.JobFailed(running, None, f"{self.slots[index].name} was lost"))
             if not any(s.alive for s in self.slots):
@@ -227,7 +220,7 @@ class Pool:
                 ready = self._all_ready()
                 if ready is not None:
                     self._out.append(ready)
-                return m.WorkerRestarted(f"{event.message}; the other workers carry on", [])
+                return m.Notice(f"{event.message}; the other workers carry on")
             return event
         if isinstance(event, m.WorkerRestarted):
             self.loaded[index] = set()
@@ -249,7 +242,7 @@ class Pool:
                                          device_name=f"{len(names)} workers: {', '.join(names)}")
         return self.ready
 
-    def next_event(self, timeout: float | None = None) -> Any:
+    def next_event(self, timeout: float | None = None) -> Event | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
@@ -285,7 +278,7 @@ def local_pool(config: WorkerConfig, workers: int = 0, gpus: list[str] | None = 
     """One worker per listed GPU (each sees only its own), or ``workers`` CPU workers."""
     from tui_diffusion.settings import DevicePolicy
 
-    slots: list[Any] = []
+    slots: list[Slot] = []
     if gpus:
         for gpu in gpus:
             one = dataclasses.replace(config, visible_devices=gpu,
@@ -298,7 +291,7 @@ def local_pool(config: WorkerConfig, workers: int = 0, gpus: list[str] | None = 
                                   torch_threads=max(1, _cpus() // max(workers, 1)))
         for _ in range(max(workers, 1)):
             slots.append(LocalSlot(cpu, f"worker {len(slots)} (CPU)"))
-    return Pool(slots, config)
+    return Pool(slots)
 
 
 def _cpus() -> int:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tui_diffusion import messages as m
-from tui_diffusion.backends.pool import Pool
+from tui_diffusion.backends.pool import Pool, Slot
+from tui_diffusion.runtime.protocol import Event, Unbatcher
 from tui_diffusion.settings import WorkerConfig
 
 log = logging.getLogger("tui_diffusion.ray")
@@ -89,7 +90,7 @@ class RaySlot:
                                        max_concurrency=2).remote(config, self.events)
         self.running: tuple[str, Any] | None = None
         self._lock = threading.Lock()
-        self._carry: list[Any] = []  # the rest of a batch of events
+        self._batch = Unbatcher()  # the rest of a batch of events
 
     def start(self) -> None:
         ref = self.actor.ready.remote()
@@ -129,19 +130,18 @@ class RaySlot:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return m.JobFailed(job_id, None, f"{self.name} was lost while running it: {reason}")
 
-    def next_event(self, timeout: float) -> Any:
-        if self._carry:
-            return self._carry.pop(0)
+    def next_event(self, timeout: float) -> Event | None:
+        if self._batch:
+            return self._batch.pop()
         try:
-            event = self.events.get(timeout=timeout)
+            received = self.events.get(timeout=timeout)
         except queue.Empty:
             return self._lost()
-        except BaseException:  # the queue's actor is gone with the cluster (Ray raises SystemExit on shutdown)
+        except BaseException as exc:  # the queue's actor is gone with the cluster (Ray raises SystemExit on shutdown)
+            log.info("%s: its event queue is gone (%s); the slot ends", self.name, type(exc).__name__)
             self.alive = False
             return None
-        if isinstance(event, list):  # a batch from the engine's event throttle
-            self._carry.extend(event[1:])
-            event = event[0]
+        event = self._batch.take(received)  # a batch from the engine's event throttle
         if isinstance(event, m.JobFinished) and event.outputs:
             event = self._fetch_outputs(event)
         return event
@@ -161,8 +161,8 @@ class RaySlot:
     def close(self) -> None:
         try:
             self.ray.kill(self.actor)
-        except Exception:
-            pass
+        except Exception as exc:  # dead already, or the cluster is gone: nothing left to stop
+            log.info("%s: could not kill its actor (%s)", self.name, exc)
 
 
 def connect(address: str, cpus: int) -> Any:
@@ -191,7 +191,7 @@ def ray_pool(config: WorkerConfig, address: str = "local", actors: int = 0) -> P
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = actors or gpus or 2
     actor_cls = ray.remote(EngineActor)
-    slots = []
+    slots: list[Slot] = []
     for index in range(count):
         if gpus:
             one = dataclasses.replace(config, device=dataclasses.replace(config.device, device="cuda:0"))
@@ -201,4 +201,4 @@ def ray_pool(config: WorkerConfig, address: str = "local", actors: int = 0) -> P
             one = dataclasses.replace(config, device=DevicePolicy("cpu"), torch_threads=1)
         kind = "GPU" if gpus else "CPU"
         slots.append(RaySlot(ray, actor_cls, one, f"actor {index} ({kind})", 1 if gpus else 0))
-    return Pool(slots, config)
+    return Pool(slots)

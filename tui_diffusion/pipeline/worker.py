@@ -1,7 +1,8 @@
 """The worker process: the only process that imports torch.
 
-Started with the ``spawn`` context; it reads commands from one multiprocessing queue and writes
-events to another (``tui_diffusion.messages``), nothing else. A reader thread takes commands
+Started with the ``spawn`` context; it reads commands from a multiprocessing queue and writes events
+(``tui_diffusion.messages``) to a pipe, nothing else; the jobs it accepts and their states go to the
+durable queue (``runtime.queue``). A reader thread takes commands
 while a job runs, so a job can be interrupted (checked every sampling step) or a pending one
 removed. This module is importable without torch: torch is imported inside ``worker_main``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import queue as queue_module
 import signal
 import sys
 import threading
@@ -20,6 +22,16 @@ from collections import deque
 from typing import Any
 
 from tui_diffusion import messages as m
+from tui_diffusion.runtime.queue import (
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    REMOVED,
+    RUNNING,
+    DurableQueue,
+    join_queue,
+    to_store,
+)
 from tui_diffusion.settings import WorkerConfig
 
 log = logging.getLogger("tui_diffusion.worker")
@@ -111,14 +123,17 @@ def _obey_sigterm(jobs: _Jobs) -> None:
     threading.Thread(target=wait, daemon=True, name="sigterm").start()
 
 
-def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs, queue: _QueueStore) -> None:
+def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs, queue: DurableQueue) -> None:
     while True:
         try:
             cmd = cmd_q.get(timeout=0.5)
         except (EOFError, OSError):  # the pipe closed under us: the client is gone
             jobs.request_stop("the command pipe closed", grace=STOP_GRACE)
             return
-        except Exception:  # queue.Empty; a command that does not unpickle is skipped
+        except queue_module.Empty:
+            continue
+        except Exception:  # a command that does not unpickle: skipped, the client's next one may be fine
+            log.exception("a command from the client could not be read; it is skipped")
             continue
         with jobs.cond:
             if isinstance(cmd, m.SubmitJob):
@@ -132,14 +147,13 @@ def _reader(cmd_q: Any, evt_q: Any, jobs: _Jobs, queue: _QueueStore) -> None:
                     for job in list(jobs.pending):
                         if job.job_id == cmd.job_id:
                             jobs.pending.remove(job)
-                            queue.state(job.job_id, "removed")
+                            queue.state(job.job_id, REMOVED)
                             evt_q.put(m.JobRemoved(job.job_id))
             elif isinstance(cmd, m.MoveJob):
-                for job in list(jobs.pending):
+                for job in list(jobs.pending):  # the client reordered its own view already: no event
                     if job.job_id == cmd.job_id:
                         jobs.pending.remove(job)
                         jobs.pending.appendleft(job)
-                        evt_q.put(m.JobMoved(job.job_id, 1))
             elif isinstance(cmd, m.Shutdown):
                 jobs.stop = True
                 jobs.interrupt.set()
@@ -206,68 +220,6 @@ def workflow_changes(before: dict[str, Any] | None, after: dict[str, Any]) -> di
     return changes
 
 
-class _QueueStore:
-    """The durable queue's writes. A job's row is written synchronously when it is accepted (on the command
-    thread); its later states go through a thread of their own so a job never waits on the disk for them,
-    in order, and at once (not when idle, as the history's details are). Without a store: nothing."""
-
-    def __init__(self, history: Any) -> None:
-        import queue
-
-        from tui_diffusion.store.history import Session
-
-        self.history = history
-        self.session = Session(history.path) if history is not None else None
-        self.tasks: queue.Queue = queue.Queue()
-        if history is not None:
-            threading.Thread(target=self._drain, daemon=True, name="queue-store").start()
-
-    def queued(self, job: m.SubmitJob) -> None:
-        if self.history is None or self.session is None:
-            return
-        try:
-            self.history.job_queued(job.job_id, job.workflow, self.session.id, job.previews)
-        except Exception:  # a store that fails never stops a job: it runs, unrecorded
-            log.exception("could not write job %s to the queue store", job.job_id)
-
-    def state(self, job_id: str, status: str, error: str | None = None) -> None:
-        if self.history is not None:
-            self.tasks.put((job_id, status, error))
-
-    def _drain(self) -> None:
-        while True:
-            job_id, status, error = self.tasks.get()
-            try:
-                self.history.job_state(job_id, status, error)
-            except Exception:
-                log.exception("could not record job %s as %s", job_id, status)
-            finally:
-                self.tasks.task_done()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the states queued so far are written; False if ``timeout`` passed first."""
-        return self.history is None or _join(self.tasks, timeout)
-
-    def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-
-
-def _join(tasks: Any, timeout: float | None) -> bool:
-    """``queue.Queue.join`` with a time limit."""
-    if timeout is None:
-        tasks.join()
-        return True
-    deadline = time.monotonic() + timeout
-    with tasks.all_tasks_done:
-        while tasks.unfinished_tasks:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            tasks.all_tasks_done.wait(left)
-    return True
-
-
 class _Recorder:
     """Writes the run history on a thread of its own, so no job waits for the database or for hashing
     its files; a failure to write is logged, never fatal to a job."""
@@ -300,7 +252,7 @@ class _Recorder:
     def flush(self, timeout: float | None = None) -> bool:
         """Write what is queued now, without waiting for the worker to be idle; False if ``timeout`` passed."""
         self.idle.set()
-        return self.history is None or _join(self.tasks, timeout)
+        return self.history is None or join_queue(self.tasks, timeout)
 
     def started(self, job: m.SubmitJob) -> None:
         if self.history is not None:
@@ -322,9 +274,10 @@ class _Recorder:
 
     def _finished(self, job: m.SubmitJob, status: str, **fields: Any) -> None:
         models = {}
+        done = status == to_store(DONE)
         for node in job.workflow.values():
             name = node.get("inputs", {}).get("ckpt_name")
-            if node.get("class_type") == "CheckpointLoaderSimple" and isinstance(name, str) and status == "ok":
+            if node.get("class_type") == "CheckpointLoaderSimple" and isinstance(name, str) and done:
                 models[name] = (self.hasher("checkpoints", name) if self.hasher else None) or ""
         self.history.job_finished(job.job_id, status, models=models, **fields)
 
@@ -464,6 +417,8 @@ class WorkerEngine:
             config_cache=platformdirs.user_cache_path("tui-diffusion") / "configs",
             allow_pickle=config.allow_pickle,
             limits=config.limits,
+            preview_method=config.preview_method,
+            step_cache=config.step_cache,
         )
         self.executor = Executor(self.engine)
         notice = _open_history(self.engine, config)
@@ -475,10 +430,10 @@ class WorkerEngine:
 
             self.engine.history.on_notice = tell
         try:
-            self.queue = _QueueStore(self.engine.history)
+            self.queue = DurableQueue(self.engine.history, background=True)
         except OSError as exc:
             log.error("the queue store is unavailable: %s", exc)
-            self.queue = _QueueStore(None)
+            self.queue = DurableQueue(None)
         self.recorder = _Recorder(self.engine.history, f"{device.torch_device} ({device.name})",
                                   self.engine.model_hash)
         self.ready = m.WorkerReady(str(device.torch_device), device.name, str(device.dtype).replace("torch.", ""),
@@ -505,7 +460,10 @@ class WorkerEngine:
                 png = None
                 now = time.monotonic()
                 if preview is not None and (now - self.last_preview > 0.25 or step == total):
-                    png, self.last_preview = _png(preview), now
+                    # a callable preview (a TAESD decode) is made only when it is sent
+                    image = preview() if callable(preview) else preview
+                    if image is not None:
+                        png, self.last_preview = _png(image), now
                 emit(m.Progress(job.job_id, node_id, step, total, png))
 
         return _Hooks()
@@ -517,7 +475,7 @@ class WorkerEngine:
 
         emit, queue, recorder = self.emit, self.queue, self.recorder
         emit(m.JobStarted(job.job_id))
-        queue.state(job.job_id, "running")
+        queue.state(job.job_id, RUNNING)
         recorder.idle.clear()
         recorder.started(job)
         start = time.perf_counter()
@@ -525,23 +483,23 @@ class WorkerEngine:
         try:
             report = self.executor.run(job.workflow, self._hooks(job), interrupted, previews=job.previews)
             seconds = time.perf_counter() - start
-            queue.state(job.job_id, "ok")
-            recorder.finished(job, "ok", outputs=report.outputs, timings=report.timings, seconds=seconds)
+            queue.state(job.job_id, DONE)
+            recorder.finished(job, to_store(DONE), outputs=report.outputs, timings=report.timings, seconds=seconds)
             end = m.JobFinished(job.job_id, report.outputs, report.executed, report.cached, report.timings, seconds)
         except Interrupted:
             if not stopping():  # stopped by the worker's end, not the user: left "running", so it can resume
-                queue.state(job.job_id, "interrupted")
-                recorder.finished(job, "interrupted", seconds=time.perf_counter() - start)
+                queue.state(job.job_id, INTERRUPTED)
+                recorder.finished(job, to_store(INTERRUPTED), seconds=time.perf_counter() - start)
             end = m.JobFinished(job.job_id, [], [], [], {}, time.perf_counter() - start, status="interrupted")
         except JobError as exc:
-            queue.state(job.job_id, "error", exc.message)
-            recorder.finished(job, "error", error=exc.message, error_node=exc.node_id)
+            queue.state(job.job_id, FAILED, exc.message)
+            recorder.finished(job, to_store(FAILED), error=exc.message, error_node=exc.node_id)
             end = m.JobFailed(job.job_id, exc.node_id, exc.message)
         except Exception as exc:  # never let one job take the worker down
             log.error("job %s failed:\n%s", job.job_id, traceback.format_exc())
             message = f"internal error: {type(exc).__name__}: {exc}"
-            queue.state(job.job_id, "error", message)
-            recorder.finished(job, "error", error=message)
+            queue.state(job.job_id, FAILED, message)
+            recorder.finished(job, to_store(FAILED), error=message)
             end = m.JobFailed(job.job_id, None, message)
         # the end is in the store before any client hears of it: a worker killed right after cannot leave a job
         # "done" on screen and "running" in the store (a few milliseconds; bounded if the disk stalls)
@@ -563,4 +521,4 @@ class WorkerEngine:
 
         self.queue.flush(left())
         self.recorder.flush(left())
-        self.queue.close()
+        self.queue.release()

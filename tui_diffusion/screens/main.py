@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -122,16 +120,7 @@ class MainScreen(Screen):
 
     def _find_left_over(self) -> None:
         """Jobs a worker that is gone left in the store: shown as held until resumed (R) or removed."""
-        if not self.app.config.record_history:
-            return
-        from tui_diffusion.store.history import History
-
-        try:
-            history = History(self.app.config.db_path)
-            rows = history.left_over()
-            history.close()
-        except Exception:  # no store, no held jobs; the history screen reports why
-            return
+        rows = self.app.bridge.left_over()
         if rows:
             self.app.call_from_thread(self._show_left_over, rows)
 
@@ -157,19 +146,14 @@ class MainScreen(Screen):
             return
         for job in held:
             job.status, job.error = PENDING, None
-            self.app.bridge.submit(job.job_id, job.workflow)
+            self.app.bridge.submit(job.workflow, job_id=job.job_id)
         self.refresh_queue()
         self.notify(f"queued {len(held)} held job(s) again")
 
     def _discard_held(self, job: Any) -> None:
-        from tui_diffusion.store.history import History
-
-        try:
-            history = History(self.app.config.db_path)
-            history.job_state(job.job_id, "removed", "discarded by the user")
-            history.close()
-        except Exception as exc:
-            self.notify(f"could not update the store: {exc}", severity="error")
+        why = self.app.bridge.discard(job.job_id)
+        if why is not None:
+            self.notify(f"could not update the store: {why}", severity="error")
         job.status = "removed"
         self.refresh_queue()
 
@@ -339,10 +323,8 @@ class MainScreen(Screen):
 
     def queue_current(self) -> str:
         data = self.document.workflow.to_data()
-        job_id = uuid.uuid4().hex[:8]
-        label = self._job_label(data)
-        self.book.add(job_id, data, label)
-        self.app.bridge.submit(job_id, data)
+        job_id = self.app.bridge.submit(data)  # the queue's id (and its durable row)
+        self.book.add(job_id, data, self._job_label(data))
         return job_id
 
     def _job_label(self, data: dict[str, Any]) -> str:
@@ -446,8 +428,14 @@ class MainScreen(Screen):
             self.app.worker_state = f"ready: {event.device_name}"
             return
         if isinstance(event, m.WorkerFailed):
+            if event.held is not None:  # the runtime gave up restarting it
+                self._stopped(event.message, [self.book.jobs[j] for j in event.held if j in self.book.jobs])
+                return
             self.app.worker_state = "failed to start"
             self.notify(event.message, severity="error", timeout=15)
+            return
+        if isinstance(event, m.ServerLost):
+            self._server_lost(event.reason)
             return
         if isinstance(event, m.Attached):  # a background server: its worker and every job it knows
             if event.ready is not None:
@@ -466,8 +454,12 @@ class MainScreen(Screen):
                 self.refresh_queue()
             return
         if isinstance(event, m.WorkerRestarted):
-            self.notify(f"the worker stopped ({event.reason}); a new one took the "
-                        f"{len(event.resubmitted)} pending job(s)", severity="error", timeout=10)
+            self.app.worker_state = "crashed: restarting"
+            self.notify(f"The worker stopped ({event.reason}); restarting it. "
+                        f"{len(event.resubmitted)} pending job(s) kept.", severity="error", timeout=10)
+            return
+        if isinstance(event, m.Notice):
+            self.notify(event.message, severity="warning", timeout=10)
             return
         job = self.book.apply(event)
         if job is None:
@@ -510,47 +502,29 @@ class MainScreen(Screen):
 
     @on(WorkerLost)
     def _worker_lost(self, message: WorkerLost) -> None:
-        from tui_diffusion.supervisor import record_lost
+        """The runtime ended for good: what was queued is held (in the store) for R after a fix."""
+        if self.app.worker_state == "stopped":
+            return  # said already, when the runtime gave up
+        self._stopped(message.reason, self.book.worker_lost(f"the worker crashed: {message.reason}"))
 
-        if self.app.attached_to is not None:
-            self._server_lost(message.reason)
-            return
-        now = time.monotonic()
-        self._losses = [t for t in getattr(self, "_losses", []) if now - t < 60] + [now]
-        running = self.book.running()
-        pending = self.book.worker_lost(f"the worker crashed: {message.reason}")
-        if running is not None:  # the dead worker cannot record it; held otherwise at the next start
-            record_lost(self.app.config, running.job_id, running.error or message.reason)
-        if len(self._losses) > 4:  # it cannot run here: stop trying, keep the queue for R after a fix
-            for job in pending:
-                job.status = HELD
-            self.app.worker_state = "stopped"
-            self.notify(f"The worker stopped again ({message.reason}); not restarting it. Fix the cause, restart "
-                        "the app, and press R to queue the held jobs again.", severity="error", timeout=30)
-            self.refresh_queue()
-            return
-        self.app.worker_state = "crashed: restarting"
-        self.notify(f"The worker stopped ({message.reason}); restarting it. "
-                    f"{len(pending)} pending job(s) kept.", severity="error", timeout=10)
-        self.app.bridge.restart()
-        for job in pending:
-            self.app.bridge.submit(job.job_id, job.workflow)
+    def _stopped(self, reason: str, held: list[Any]) -> None:
+        for job in held:
+            job.status = HELD
+        self.app.worker_state = "stopped"
+        self.notify(f"The worker stopped again ({reason}); not restarting it. Fix the cause, restart "
+                    "the app, and press R to queue the held jobs again.", severity="error", timeout=30)
         self.refresh_queue()
 
     def _server_lost(self, reason: str) -> None:
-        """The background server went away: carry on with a worker of this app's own. What the server had
-        queued is in the store and shows up as held (R queues it here)."""
-        from tui_diffusion.client import WorkerClient
-
+        """The background server went away and the runtime goes on with a worker of this app's own. What the
+        server had queued is in the store and shows up as held (R queues it here)."""
         self.app.attached_to = None
         for job in self.book.ordered():
             if job.status in (PENDING, RUNNING):
                 job.status, job.node_id = HELD, None
-        self.app.bridge.factory = WorkerClient
         self.app.worker_state = "starting…"
         self.notify(f"The background server is gone ({reason}); this app now runs its own worker. "
                     "Jobs it had queued are held: R queues them here.", severity="warning", timeout=15)
-        self.app.bridge.restart()
         self.refresh_queue()
 
     # -- files --------------------------------------------------------------------------------------------------
@@ -676,10 +650,10 @@ class MainScreen(Screen):
 
     def action_history(self) -> None:
         from tui_diffusion.screens.history import HistoryScreen
-        from tui_diffusion.store.history import History, StoreError
+        from tui_diffusion.store.history import StoreError
 
         try:
-            history = History(self.app.config.db_path)
+            history = self.app.bridge.open_history()
         except (StoreError, OSError) as exc:
             self.notify(f"no history: {exc}", severity="error")
             return

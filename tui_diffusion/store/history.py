@@ -309,12 +309,28 @@ class History:
 
     # -- jobs ---------------------------------------------------------------------------------------------
     def job_queued(self, job_id: str, workflow: dict[str, Any], session: str, previews: bool = False) -> None:
-        """The durable queue: written before the job is acknowledged. A resubmitted job keeps its id."""
-        row = (time.time(), "pending", json.dumps(workflow), session, int(previews))
+        """The durable queue: written before the job is acknowledged. A job queued again keeps its id and its
+        row (created time, history); the row goes to ``session`` unless another live session holds the job
+        unfinished (a client's session, when its worker accepts the job it was given), so a job never moves
+        away from the process that answers for it."""
+        now = time.time()
+
+        def work() -> str:
+            with self._transaction():
+                held = self.db.execute("SELECT session, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                keep = (held is not None and held[1] in UNFINISHED and held[0] not in ("", session)
+                        and session_alive(self.path, held[0]))
+                owner = held[0] if keep else session
+                self.db.execute("INSERT INTO jobs (id, created, status, workflow, session, previews) "
+                                "VALUES (?, ?, 'pending', ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                                "status = 'pending', workflow = excluded.workflow, session = excluded.session, "
+                                "previews = excluded.previews, finished = NULL, error = NULL",
+                                (job_id, now, json.dumps(workflow), owner, int(previews)))
+                return str(owner)
+
+        owner = self._guarded(work)
         with self._lock:
-            self._mine[job_id] = row
-        self._write("INSERT OR REPLACE INTO jobs (id, created, status, workflow, session, previews) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", (job_id, *row))
+            self._mine[job_id] = (now, "pending", json.dumps(workflow), owner, int(previews))
 
     def job_state(self, job_id: str, status: str, error: str | None = None) -> None:
         """A job's state as it changes (running, ok, error, interrupted, removed): small, written at once."""
