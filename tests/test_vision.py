@@ -308,3 +308,43 @@ def test_sdxl_revision_template_runs(sdxl: Path, tmp_path: Path) -> None:
     Executor(engine).run(api, Hooks(), lambda: False)
     saved = sorted((tmp_path / "out").glob("*.png"))
     assert len(saved) == 1 and np.asarray(Image.open(saved[0])).std() > 0
+
+
+def test_redux_attn_bias_reaches_flux_attention(redux: tuple) -> None:
+    """The Flux family turns attn_bias's mask into an attention bias: strength 0 (bias -inf) gives the image
+    exactly what the prompt alone gives, strength 1 what multiply gives, 0.5 something between; the mask's
+    one image cell spreads over every image token (an odd latent: the grid after padding)."""
+    from tui_diffusion.pipeline import checkpoint_writer_dit as wd
+    from tui_diffusion.pipeline import models_dit as md
+    from tui_diffusion.pipeline.nodes_vision import style_model_apply
+
+    output, style, root = redux
+    path = wd.write_flux_transformer(root / "flux1-dev.safetensors")
+    kind, transformer = md.load_transformer(md.TensorReader(path), CPU)
+    model = md.model_handle(kind, transformer, CPU, str(path))
+    family = model.family
+    x = torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(9))
+
+    def run(*conds: list) -> torch.Tensor:
+        entries = [tuple(c[0]) for c in conds]
+        kwargs = family.model_kwargs(model, entries, batch=1, latent_shape=tuple(x.shape),
+                                     negative=[False] * len(entries), device="cpu", dtype=torch.float32)
+        with torch.no_grad():
+            return family.apply_model(model, x.repeat(len(entries), 1, 1, 1), torch.tensor([0.7]), kwargs)
+
+    text = _text()
+    text[0][1]["pooled_output"] = torch.randn(1, 32, generator=torch.Generator().manual_seed(10))
+    apply = {(s, kind): style_model_apply(None, text, style, output, s, kind).outputs[0]
+             for s, kind in ((0.0, "attn_bias"), (1.0, "attn_bias"), (0.5, "attn_bias"), (1.0, "multiply"))}
+    alone = run(text)
+    torch.testing.assert_close(run(apply[0.0, "attn_bias"]), alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(apply[1.0, "attn_bias"]), run(apply[1.0, "multiply"]))
+    half = run(apply[0.5, "attn_bias"])
+    assert not torch.allclose(half, alone, atol=1e-4) and not torch.allclose(half, run(apply[1.0, "multiply"]),
+                                                                             atol=1e-4)
+    # in one batch with a prompt of another length (contexts repeated to a common length) the mask follows the
+    # repeated tokens of its own row, and the other row runs unmasked
+    both = run(apply[0.0, "attn_bias"], text)
+    assert bool(torch.isfinite(both).all())
+    assert not torch.allclose(both[:1], run(apply[1.0, "multiply"], text)[:1], atol=1e-4)
+    torch.testing.assert_close(both[1:], run(apply[1.0, "multiply"], text)[1:])

@@ -158,6 +158,14 @@ class FluxFamily(DiTFamily):
         if any(e.get("reference_latents") for e in rows):
             kwargs["flux_refs"] = [[self.latent_format.process_in(r.float()).to(device)[:1]
                                     for r in e.get("reference_latents") or []] for e in rows]
+        if any(e.get("attention_mask") is not None for e in rows):  # StyleModelApply's attn_bias (Redux)
+            from tui_diffusion.pipeline.clip_vision import dit_attention_mask
+
+            grid = (-(-latent_shape[-2] // 2), -(-latent_shape[-1] // 2))
+            size = context.shape[1] + grid[0] * grid[1]
+            masks = [dit_attention_mask(e, context.shape[1], grid) for e in rows]
+            kwargs["flux_attention_mask"] = torch.stack([m if m is not None else torch.zeros(size, size)
+                                                         for m in masks]).to(device)
         return kwargs
 
     def extra_channels(self, model: Any, latent_in: Any, mask: Any) -> Any:
@@ -213,6 +221,8 @@ class FluxFamily(DiTFamily):
         """One transformer call; reference latents join as extra image tokens and are cut from the output."""
         import torch
 
+        kwargs = dict(kwargs)
+        mask = kwargs.pop("flux_attention_mask", None)
         x = pad_to_patch(x, 2)
         hp, wp = x.shape[-2:]
         tokens, ids = pack(x), image_ids(hp, wp, x.device, x.dtype)
@@ -226,6 +236,10 @@ class FluxFamily(DiTFamily):
             ref_ids[:, 2] += (w_off + 1) // 2
             tokens = torch.cat([tokens, pack(_to_batch(ref, x.shape[0]))], dim=1)
             ids = torch.cat([ids, ref_ids])
+        if mask is not None:  # an additive bias over [text, image, reference] tokens; references get none
+            pad = tokens.shape[1] - n
+            mask = torch.nn.functional.pad(mask, (0, pad, 0, pad)) if pad else mask
+            kwargs["joint_attention_kwargs"] = {"attention_mask": mask[:, None].to(tokens.device, tokens.dtype)}
         out = net(hidden_states=tokens, timestep=t, img_ids=ids, return_dict=False, **kwargs)[0]
         return unpack(out[:, :n], hp, wp)
 

@@ -440,3 +440,41 @@ def resolve_unclip(model: Any, conditioning: list | None, seed: int) -> list | N
             raise NodeError(f"unCLIPConditioning: {exc}") from None
         out.append([emb, extras])
     return out
+
+
+# -- attention masks of DiT conditioning (StyleModelApply's attn_bias) ---------------------------------------------
+def _grid_resize(x: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """[..., h*w] over an image grid -> [..., H*W], bilinear as ComfyUI's ``upscale_dit_mask`` (one cell is
+    copied; -inf, which interpolation would turn into NaN, becomes a bias no softmax weight survives)."""
+    lead = x.shape[:-1]
+    if src == (1, 1):
+        return x.expand(*lead, dst[0] * dst[1])
+    x = x.clamp(min=-1e9).reshape(-1, 1, *src)
+    x = torch.nn.functional.interpolate(x, size=dst, mode="bilinear")
+    return x.reshape(*lead, dst[0] * dst[1])
+
+
+def dit_attention_mask(extras: dict, n_txt: int, grid: tuple[int, int]) -> torch.Tensor | None:
+    """An entry's ``attention_mask`` (ComfyUI's layout: its text tokens, then ``attention_mask_img_shape`` cells
+    for the image) as an additive bias [T, T] over one DiT call's tokens: ``n_txt`` text tokens (the entry's
+    repeated, where the batch's contexts were brought to one length) then the ``grid`` of image tokens."""
+    mask = extras.get("attention_mask")
+    if mask is None:
+        return None
+    mask = mask.cpu()
+    mask = torch.log(mask.float()) if mask.dtype == torch.bool else mask.float()
+    mask = mask[0] if mask.ndim == 3 else mask
+    hi, wi = (int(v) for v in extras.get("attention_mask_img_shape", (1, 1)))
+    t = mask.shape[-1] - hi * wi
+    if t <= 0:
+        from tui_diffusion.pipeline.errors import NodeError
+
+        raise NodeError("the conditioning's attention mask is smaller than its image cells")
+    if (hi, wi) != tuple(grid):
+        txt_txt, txt_img = mask[:t, :t], _grid_resize(mask[:t, t:], (hi, wi), grid)
+        img_txt = _grid_resize(mask[t:, :t].t(), (hi, wi), grid).t()
+        img_img = _grid_resize(mask[t:, t:], (hi, wi), grid)  # keys
+        img_img = _grid_resize(img_img.t(), (hi, wi), grid).t()  # queries
+        mask = torch.cat([torch.cat([txt_txt, txt_img], 1), torch.cat([img_txt, img_img], 1)], 0)
+    idx = torch.cat([torch.arange(n_txt) % t, t + torch.arange(grid[0] * grid[1])])
+    return mask[idx][:, idx]
