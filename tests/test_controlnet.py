@@ -178,11 +178,12 @@ def test_diff_controlnet_adds_the_models_weights(engine: EngineState, root: Path
 
 @pytest.mark.parametrize(("keys", "why"), [
     ({"transformer_blocks.0.attn.to_q.weight": (8, 8), "pos_embed_input.proj.weight": (8, 16, 2, 2),
-      "controlnet_blocks.0.weight": (8, 8)}, "SD3/SD3.5 ControlNet is not supported"),
+      "controlnet_blocks.0.weight": (8, 8)}, "incomplete ControlNet: tensor 'pos_embed.proj.weight' is missing"),
     ({"control_type": (1,), "transformer_blocks.0.adaLN_modulation.1.weight": (48, 8),
-      "y_embedder.mlp.0.weight": (8, 16)}, "SD3/SD3.5 ControlNet is not supported"),
+      "y_embedder.mlp.0.weight": (8, 16)}, "incomplete SD3/SD3.5 ControlNet: no 'pos_embed_input.proj.weight'"),
     ({"double_blocks.0.img_attn.qkv.weight": (24, 8), "controlnet_blocks.0.weight": (8, 8)},
-     "Flux ControlNet is not supported"),
+     "Flux ControlNet in XLabs' layout is not supported"),
+    ({"controlnet_blocks.0.linear.weight": (8, 8)}, "MistoLine's layout is not supported"),
     ({"lora_controlnet": (1,), "input_hint_block.0.weight": (16, 3, 3, 3)}, "Control-LoRA"),
     ({"control_add_embedding.linear_1.weight": (8, 8), "controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3)},
      "union ControlNet"),

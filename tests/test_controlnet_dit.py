@@ -254,3 +254,15 @@ def test_wrong_family_and_missing_vae_are_clear_errors(root: Path, sd3: object, 
     cond = [[torch.zeros(1, 4, 8), {}]]
     with pytest.raises(NodeError, match="vae: .*connect the model's VAE"):
         apply_advanced(cond, cond, cm, torch.rand(1, 8, 8, 3), 1.0, 0.0, 1.0, None)
+
+
+def test_set_union_controlnet_type_picks_the_task_token(root: Path, flux: object) -> None:
+    from tui_diffusion.pipeline.nodes_controlnet import set_union_controlnet_type
+
+    net = cw.build_flux_controlnet(flux.unet, num_mode=2)
+    cm = load_control(cw.write_dit_controlnet(root / "flux_union2.safetensors", net), CPU)
+    depth = set_union_controlnet_type(None, cm, "depth").outputs[0]
+    assert depth.union_type == 1 and depth.net is cm.net and cm.union_type is None
+    assert set_union_controlnet_type(None, depth, "auto").outputs[0].union_type is None
+    with pytest.raises(NodeError, match="knows 2 tasks, 'normal' is number 4"):
+        set_union_controlnet_type(None, cm, "normal")

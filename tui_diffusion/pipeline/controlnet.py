@@ -13,8 +13,18 @@ lllyasviel's and most SD1.x/SD2.x files, also without the prefix) and in diffuse
 ControlNets stored as a difference to their model (kohya's ``difference`` files, DiffControlNetLoader), and
 T2I-Adapters in TencentARC's original layout or diffusers' (``adapter.*``). They are built as diffusers'
 ``ControlNetModel`` and ``T2IAdapter`` from configs read off the tensor shapes, on the meta device, the
-weights assigned without a copy. Recognised and refused with the reason: Control-LoRA, union ControlNets
-(ControlNet++), and the SD3/Flux ControlNets (MMDiT-based), which need their families' transformer hooks.
+weights assigned without a copy.
+
+Transformer ControlNets, as ComfyUI's ``comfy/controlnet.py`` reads them: Stability's SD3.5 Large ControlNets
+(blur, canny, depth: ``control_type``, self-attention blocks, the model's own patch embedding), SD3 ControlNets in
+diffusers' layout (InstantX's), and Flux ControlNets in the InstantX/Shakker layout (union ones with a task token,
+SetUnionControlNetType), built as diffusers' ``SD3ControlNetModel`` and ``FluxControlNetModel``. Their hint is
+a latent: the image resized to the latent's pixels, encoded by the apply node's VAE and scaled into the
+ControlNet's space (SD3.5 canny/depth files first change the image as ComfyUI does); their per-block residuals are
+repeated over the model's blocks as ComfyUI repeats them and added to the image tokens (SD3's last block through
+a hook on ``norm_out``: diffusers' transformer leaves that block out, ComfyUI does not). Recognised and refused
+with the reason: Control-LoRA, UNet union ControlNets (ControlNet++), Flux ControlNets in XLabs' and MistoLine's
+layouts, inpainting Flux ControlNets, the 2B SD3.5 ControlNet variant.
 """
 
 from __future__ import annotations
@@ -562,6 +572,9 @@ def load_control(path: Path, device: Device, allow_pickle: bool = False, model: 
         raise CheckpointError(f"{path}: {why}")
     kind = dit_kind(state)
     if kind is not None:
+        if kind != "flux" and "pos_embed_input.proj.weight" not in state:
+            raise CheckpointError(f"{path}: an incomplete SD3/SD3.5 ControlNet: no 'pos_embed_input.proj.weight' "
+                                  "(its hint embedding)")
         return _dit_model(kind, state, path, device)
     difference = "difference" in state
     if "controlnet_cond_embedding.conv_in.weight" in state:  # diffusers' layout
