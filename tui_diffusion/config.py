@@ -15,7 +15,15 @@ from typing import Any
 import platformdirs
 
 from tui_diffusion.paths import ModelPaths, PathError, read_extra_model_paths
-from tui_diffusion.settings import MEMORY_MODES, PRECISIONS, DevicePolicy, Limits, WorkerConfig
+from tui_diffusion.settings import (
+    MEMORY_MODES,
+    PRECISIONS,
+    PREVIEW_METHODS,
+    STEP_CACHE_METHODS,
+    DevicePolicy,
+    Limits,
+    WorkerConfig,
+)
 from tui_diffusion.text import printable
 
 CONFIG_ENV = "TUI_DIFFUSION_CONFIG"
@@ -52,6 +60,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_side", Limits.max_side, "the widest or tallest image a workflow may ask for, in pixels", int),
     Setting("max_batch", Limits.max_batch, "the most images in one batch", int),
     Setting("max_prompt_chars", Limits.max_prompt_chars, "the longest prompt, in characters", int),
+    Setting("preview_method", "auto", "sampling previews: auto (TAESD from models/vae_approx when there, else "
+            "latent2rgb), latent2rgb, taesd or none", choices=PREVIEW_METHODS),
+    Setting("step_cache", "none", "skip work between similar sampling steps (opt-in, changes the image a little): "
+            "none, first_block_cache (SD3.x/Flux.1) or taylorseer", choices=STEP_CACHE_METHODS),
     Setting("theme", "textual-dark", "the app's Textual theme"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -147,6 +159,8 @@ class Settings:
             max_checkpoints=self.values["max_checkpoints"],
             allow_pickle=self.values["allow_pickle"],
             limits=self.limits(),
+            preview_method=self.values["preview_method"],
+            step_cache=self.values["step_cache"],
         )
 
     def limits(self) -> Limits:

@@ -12,6 +12,10 @@ from tui_diffusion.paths import default_input_dir, default_models_dir, default_o
 
 MEMORY_MODES = ("normal", "highvram", "lowvram", "novram")
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: ComfyUI's --preview-method; "auto" here takes TAESD when its decoder file is there, else latent2rgb
+PREVIEW_METHODS = ("auto", "latent2rgb", "taesd", "none")
+#: diffusers' step-cache hooks (pipeline/step_cache.py); "none": every step runs the whole network
+STEP_CACHE_METHODS = ("none", "first_block_cache", "taylorseer")
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,7 @@ class WorkerConfig:
     visible_devices: str | None = None
     #: torch's CPU threads (a pool of N CPU workers splits the cores); None: torch's default
     torch_threads: int | None = None
+    #: how sampling previews are made (PREVIEW_METHODS)
+    preview_method: str = "auto"
+    #: the step cache of models that no ApplyStepCache node set (STEP_CACHE_METHODS)
+    step_cache: str = "none"

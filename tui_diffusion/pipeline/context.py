@@ -33,6 +33,12 @@ class EngineState:
     #: load pickle checkpoints (weights only); refused when False
     allow_pickle: bool = False
     limits: Limits = field(default_factory=Limits)
+    #: how sampling previews are made (settings.PREVIEW_METHODS)
+    preview_method: str = "auto"
+    #: the step cache of models that no ApplyStepCache node set (settings.STEP_CACHE_METHODS)
+    step_cache: str = "none"
+    #: loaded TAESD preview decoders (tiny)
+    previewers: ModelCache = field(default_factory=lambda: ModelCache(2))
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def model_hash(self, kind: str, name: str) -> str | None:
