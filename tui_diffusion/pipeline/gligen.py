@@ -281,3 +281,7 @@ def attached(model: Any, conds: list) -> Iterator[None]:
                 delattr(owner, attr)
             else:
                 setattr(owner, attr, previous)
+        if model.device.offload != "none":  # the memory policy keeps models on the CPU between uses
+            gligen.position_net.to("cpu")
+            for fuser in gligen.fusers.values():
+                fuser.to("cpu")

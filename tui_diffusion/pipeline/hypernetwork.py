@@ -194,6 +194,7 @@ def applied(unet: Any, patches: list[HypernetworkPatch], device: Any, dtype: Any
         yield
         return
     handles = []
+    moved: list[torch.nn.Module] = []
 
     def hook(mlp: torch.nn.Module, strength: float) -> Any:
         def pre(module: torch.nn.Module, args: tuple) -> tuple:
@@ -210,6 +211,7 @@ def applied(unet: Any, patches: list[HypernetworkPatch], device: Any, dtype: Any
                 if pair is None:
                     continue
                 mlp_k, mlp_v = (m.to(device, dtype) for m in pair)
+                moved += [mlp_k, mlp_v]
                 handles.append(attn.to_k.register_forward_pre_hook(hook(mlp_k, patch.strength)))
                 handles.append(attn.to_v.register_forward_pre_hook(hook(mlp_v, patch.strength)))
         with eager(unet):
@@ -217,3 +219,6 @@ def applied(unet: Any, patches: list[HypernetworkPatch], device: Any, dtype: Any
     finally:
         for handle in handles:
             handle.remove()
+        if torch.device(device).type != "cpu":  # small, but not left on the accelerator for other models
+            for mlp in moved:
+                mlp.to("cpu")
