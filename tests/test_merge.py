@@ -12,12 +12,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import ROOT, TINY, TINY_XL
+from tests.conftest import ROOT, TINY, TINY_SD2_V, TINY_XL
 from tui_diffusion.graph import Workflow, validate_workflow
 from tui_diffusion.graph.specs import NODE_SPECS
 from tui_diffusion.graph.specs_merge import SDXL_BLOCKS
 from tui_diffusion.paths import ModelPaths
-from tui_diffusion.pipeline.checkpoint_writer import TinySD1, write_sd1_checkpoint, write_sdxl_checkpoint
+from tui_diffusion.pipeline.checkpoint_writer import (
+    TinySD1,
+    write_kohya_lora,
+    write_sd1_checkpoint,
+    write_sdxl_checkpoint,
+)
 from tui_diffusion.pipeline.context import EngineState, NodeContext
 from tui_diffusion.pipeline.device import resolve_device
 from tui_diffusion.pipeline.errors import NodeError
@@ -39,9 +44,11 @@ def root(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared tiny checkpoints and a second SD1.x, inpainting and SDXL model of other weights (seed 1)."""
     root = tmp_path_factory.mktemp("merge-models")
     (root / "checkpoints").mkdir()
-    for name in (TINY, TINY_XL):
+    for name in (TINY, TINY_XL, TINY_SD2_V):
         (root / "checkpoints" / name).symlink_to(models_dir / "checkpoints" / name)
-    write_sd1_checkpoint(root / "checkpoints" / SD1_B, seed=1)
+    b = write_sd1_checkpoint(root / "checkpoints" / SD1_B, seed=1)
+    unet = load_checkpoint(b, CPU, tmp_path_factory.mktemp("cfg")).model.unet
+    write_kohya_lora(root / "loras" / "b-style.safetensors", unet, [], seed=4, scale=0.3)
     write_sd1_checkpoint(root / "checkpoints" / INPAINT_B, TinySD1(in_channels=9), seed=1)
     write_sdxl_checkpoint(root / "checkpoints" / XL_B, seed=1)
     return root
@@ -134,6 +141,18 @@ def taken(got: dict[str, torch.Tensor], wa: dict[str, torch.Tensor], wb: dict[st
     from_b = {k for k in differ if torch.equal(got[k], wb[k])}
     assert all(torch.equal(got[k], wa[k]) for k in differ - from_b)
     return from_b
+
+
+def test_model2_s_own_patches_are_merged_in(engine: EngineState, sd1: tuple) -> None:
+    """ComfyUI merges model2 as its patches make it (get_key_patches): a LoRA on model2 is part of the merge."""
+    (a, *_), (b, *_), wa, wb = sd1
+    styled = run(engine, "LoraLoaderModelOnly", model=b, lora_name="b-style.safetensors", strength_model=0.8)[0]
+    with_lora = merged_unet(styled)
+    changed = {k for k in wb if not torch.equal(with_lora[k], wb[k])}
+    assert changed and all(k.endswith(".weight") for k in changed)
+    got = merged_unet(run(engine, "ModelMergeSimple", model1=a, model2=styled, ratio=0.5)[0])
+    assert_states(got, {k: (wa[k] + with_lora[k]) / 2 for k in wa}, atol=1e-6)
+    assert_states(state(b.unet), wb)
 
 
 def test_blocks_route_input_middle_and_out_to_their_modules(engine: EngineState, sd1: tuple) -> None:
@@ -369,3 +388,20 @@ def test_checkpoint_save_refuses_a_clip_of_another_family(engine: EngineState, s
     xl_clip = loaded(engine, TINY_XL)[1]
     with pytest.raises(NodeError, match="clip: a CLIP with 2 text encoder"):
         implementations()["CheckpointSave"](ctx(engine), model=a, clip=xl_clip, vae=va, filename_prefix="x")
+
+
+def test_checkpoint_save_of_a_v_prediction_model_marks_it_and_loads_back_as_one(engine: EngineState,
+                                                                               tmp_path: Path) -> None:
+    """SD2.x (OpenCLIP text tower): ComfyUI's v_pred marker and predict_key; the text encoder keeps its layers."""
+    model, clip, vae = loaded(engine, TINY_SD2_V)
+    assert model.model_sampling.prediction == "v"
+    path = Path(implementations()["CheckpointSave"](ctx(engine), model=model, clip=clip, vae=vae,
+                                                    filename_prefix="sd2/v").files[0])
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "v_pred" in keys and meta["modelspec.predict_key"] == "v" and "ztsnr" not in keys
+    assert any(k.startswith("cond_stage_model.model.transformer.resblocks.") for k in keys)
+    back = load_checkpoint(path, CPU, tmp_path / "cfg")
+    assert back.model.family is model.family and back.model.model_sampling.prediction == "v"
+    assert_states(state(back.model.unet), state(model.unet))
+    assert_states(state(back.clip.encoders[0].model), state(clip.encoders[0].model))
