@@ -29,7 +29,7 @@ def gligen_state_dict(unet: Any, text_width: int, seed: int = 0, gates: tuple[fl
     context = unet.config.cross_attention_dim
     state: dict[str, torch.Tensor] = {}
     for name, block in transformer_blocks(unet).items():
-        dim = block.norm1.normalized_shape[0]
+        dim = block.attn1.query_dim
         heads = block.attn1.heads
         fuser = GatedSelfAttentionDense(dim, context, heads, dim // heads)
         with torch.no_grad():

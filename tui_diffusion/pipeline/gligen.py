@@ -255,7 +255,8 @@ def attached(model: Any, conds: list) -> Iterator[None]:
     blocks = transformer_blocks(unet)
     for name, fuser in gligen.fusers.items():
         block = blocks.get(name)
-        if block is None or block.norm1.normalized_shape[0] != fuser.linear.out_features:
+        if block is None or block.attn1.query_dim != fuser.linear.out_features or \
+                fuser.attn.inner_dim % block.attn1.heads:
             raise NodeError(f"{gligen.name}: does not fit this {model.family.label} model (no transformer block "
                             f"{name} of width {fuser.linear.out_features}); GLIGEN text-box models are for SD1.x")
     device, dtype = model.device.torch_device, model.device.dtype
