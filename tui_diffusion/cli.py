@@ -23,7 +23,16 @@ from typing import Any, overload
 from tui_diffusion import __version__
 from tui_diffusion import messages as m
 from tui_diffusion.catalogue import resolve_workflow
-from tui_diffusion.config import BY_NAME, ConfigError, Settings, config_path, resolve
+from tui_diffusion.config import (
+    BY_NAME,
+    ConfigError,
+    Settings,
+    add_options,
+    config_path,
+    option_args,
+    resolve,
+    settings_table,
+)
 from tui_diffusion.graph.specs import INT, get_spec
 from tui_diffusion.graph.validate import validate_workflow
 from tui_diffusion.graph.values import parse_value
@@ -31,7 +40,7 @@ from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.paths import ModelPaths
 from tui_diffusion.runtime.protocol import Backend
 from tui_diffusion.runtime.supervisor import BackendFactory
-from tui_diffusion.settings import PRECISIONS, WorkerConfig
+from tui_diffusion.settings import WorkerConfig
 from tui_diffusion.text import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -48,34 +57,13 @@ def _err(text: str) -> None:
 
 # -- argument parsing ----------------------------------------------------------------------------------------
 def _add_folders(p: argparse.ArgumentParser, output: bool = True) -> None:
-    p.add_argument("--models-dir", type=Path, default=None,
-                   help="models folder in ComfyUI's layout (checkpoints/, loras/, vae/, embeddings/); "
-                        "default ./models or $TUI_DIFFUSION_MODELS_DIR")
-    p.add_argument("--extra-model-paths", type=Path, default=None, metavar="YAML",
-                   help="a ComfyUI extra_model_paths.yaml: use another install's model folders too")
-    p.add_argument("--input-dir", type=Path, default=None,
-                   help="where LoadImage reads images; default ./input or $TUI_DIFFUSION_INPUT_DIR")
-    if output:
-        p.add_argument("--output-dir", type=Path, default=None,
-                       help="where SaveImage writes; default ./output or $TUI_DIFFUSION_OUTPUT_DIR")
+    """The folder settings' options (``config.SETTINGS``), with ``--output-dir`` for commands that write."""
+    add_options(p, "folders", *(("output",) if output else ()))
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    memory = p.add_mutually_exclusive_group()
-    memory.add_argument("--highvram", dest="memory", action="store_const", const="highvram",
-                        help="keep every model on the GPU (the default does too)")
-    memory.add_argument("--lowvram", dest="memory", action="store_const", const="lowvram",
-                        help="GPUs under 3 GB: each model on the GPU only while it runs; VAE in tiles")
-    memory.add_argument("--novram", dest="memory", action="store_const", const="novram",
-                        help="layer-by-layer offload: slowest, least GPU memory")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="UNet and text encoder precision (default: fp16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--vae-precision", choices=PRECISIONS, default=None, help="VAE precision (default: fp32)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the UNet (slow first job per checkpoint and size, faster after)")
-    p.add_argument("--allow-pickle", action="store_true", default=None,
-                   help="load .ckpt/.pt/.bin checkpoints, with torch.load(weights_only=True) only (refused otherwise)")
+    """The engine settings' options (device, memory, precision, limits, ...), from ``config.SETTINGS``."""
+    add_options(p, "engine")
 
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -120,10 +108,7 @@ def backend_factory(args: argparse.Namespace) -> BackendFactory:
 
 def settings(args: argparse.Namespace) -> Settings:
     """Options given on the command line, over the environment, the config file and the defaults."""
-    options = {name: getattr(args, name, None) for name in BY_NAME}
-    if getattr(args, "cpu", False):
-        options["device"] = "cpu"
-    return resolve(options)
+    return resolve({name: getattr(args, name, None) for name in BY_NAME})
 
 
 WORKFLOW_HELP = ("a workflow file (ComfyUI API or UI format, or a PNG it made), or the name of a shipped workflow "
@@ -185,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--search", default=None, help="only jobs whose prompts contain this text")
 
     conf = sub.add_parser("config", help="the effective settings and where each came from")
-    conf.add_argument("--json", action="store_true")
+    shown = conf.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true")
+    shown.add_argument("--table", action="store_true",
+                       help="every setting with its option, environment variable and default (the README's table)")
 
     mod = sub.add_parser("models", help="list the checkpoints and their families")
     _add_folders(mod, output=False)
@@ -579,27 +567,23 @@ def build_tui_parser() -> argparse.ArgumentParser:
                         help="always start a worker of this app's own, even when a background server runs")
     _add_folders(parser)
     _add_device_options(parser)
+    add_options(parser, "app")
     _add_backend_options(parser)
     return parser
 
 
-#: options a background server is started with, passed on from the command that starts it
-_SERVER_OPTIONS = ("models_dir", "output_dir", "input_dir", "extra_model_paths", "precision", "vae_precision",
-                   "gpus", "ray", "workers")
+#: the executor options a background server is started with, besides the settings
+_BACKEND_OPTIONS = ("gpus", "ray", "workers")
 
 
 def _server_args(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    for name in _SERVER_OPTIONS:
+    """The options of this command that a background server it starts must share: its settings (derived from
+    ``config.SETTINGS``) and where jobs run."""
+    out = option_args(args, "folders", "output", "engine")
+    for name in _BACKEND_OPTIONS:
         value = getattr(args, name, None)
         if value is not None:
-            out += [f"--{name.replace('_', '-')}",
-                    str(Path(value).resolve()) if isinstance(value, Path) else str(value)]
-    if getattr(args, "memory", None):
-        out.append(f"--{args.memory}")
-    for flag in ("cpu", "compile", "allow_pickle"):
-        if getattr(args, flag, None):
-            out.append(f"--{flag.replace('_', '-')}")
+            out += [f"--{name}", str(value)]
     return out
 
 
@@ -745,6 +729,9 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.table:
+        print(settings_table())
+        return EXIT_OK
     resolved = resolve()
     if args.json:
         print(json.dumps({k: {"value": str(v) if isinstance(v, Path) else v, "from": resolved.sources[k]}

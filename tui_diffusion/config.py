@@ -1,11 +1,16 @@
-"""Settings: every one an option, an environment variable and a key in a TOML file, in that precedence
-(option > environment > file > default). ``tui-diffusion config`` shows where each value came from.
-Torch-free.
+"""Settings, declared once (``SETTINGS``): each one is a command-line option, an environment variable and a
+key in a TOML file, in that precedence (option > environment > file > default), and the worker's config is
+built from them by field name. The options (``add_options``), the arguments a background server is started
+with (``option_args``), the README's table (``settings_table``) and ``tui-diffusion config`` are all derived
+from the one tuple, so a new setting is one line here (and a field of ``WorkerConfig``, ``DevicePolicy`` or
+``Limits`` when the worker needs it). Torch-free.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import tomllib
 from dataclasses import dataclass
@@ -27,6 +32,11 @@ from tui_diffusion.settings import (
 from tui_diffusion.text import printable
 
 CONFIG_ENV = "TUI_DIFFUSION_CONFIG"
+log = logging.getLogger("tui_diffusion.config")
+
+#: which commands take a setting as an option: ``folders`` every command that reads models, ``output`` those
+#: that write images too, ``engine`` those that run jobs (and ``doctor``), ``app`` only the terminal app
+GROUPS = ("folders", "output", "engine", "app")
 
 
 @dataclass(frozen=True)
@@ -36,20 +46,35 @@ class Setting:
     help: str
     kind: type = str
     choices: tuple[str, ...] | None = None
+    #: the commands that take it as an option (``GROUPS``)
+    group: str = "engine"
+    #: options that set a fixed value (``--cpu`` is device = cpu): (flag, value, help)
+    presets: tuple[tuple[str, Any, str], ...] = ()
 
     @property
     def env(self) -> str:
         return "TUI_DIFFUSION_" + self.name.upper()
 
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("models_dir", "models", "models folder in ComfyUI's layout (checkpoints/, loras/, vae/, ...)", Path),
-    Setting("output_dir", "output", "where SaveImage writes", Path),
-    Setting("input_dir", "input", "where LoadImage reads images", Path),
-    Setting("workflows_dir", "workflows", "where the app's open dialog looks for workflows", Path),
-    Setting("extra_model_paths", None, "a ComfyUI extra_model_paths.yaml: other installs' model folders", Path),
-    Setting("device", "auto", "auto (CUDA, then MPS, then CPU), cpu, or a torch device such as cuda:1"),
-    Setting("memory", "normal", "normal, highvram, lowvram or novram", choices=MEMORY_MODES),
+    Setting("models_dir", "models", "models folder in ComfyUI's layout (checkpoints/, loras/, vae/, ...)", Path,
+            group="folders"),
+    Setting("output_dir", "output", "where SaveImage writes", Path, group="output"),
+    Setting("input_dir", "input", "where LoadImage reads images", Path, group="folders"),
+    Setting("workflows_dir", "workflows", "where the app's open dialog looks for workflows", Path, group="app"),
+    Setting("extra_model_paths", None, "a ComfyUI extra_model_paths.yaml: other installs' model folders", Path,
+            group="folders"),
+    Setting("device", "auto", "auto (CUDA, then MPS, then CPU), cpu, or a torch device such as cuda:1",
+            presets=(("--cpu", "cpu", "run on the CPU even when a GPU is present"),)),
+    Setting("memory", "normal", "normal, highvram, lowvram or novram", choices=MEMORY_MODES,
+            presets=(("--highvram", "highvram", "keep every model on the GPU (the default does too)"),
+                     ("--lowvram", "lowvram", "GPUs under 3 GB: each model on the GPU only while it runs; VAE in "
+                                              "tiles"),
+                     ("--novram", "novram", "layer-by-layer offload: slowest, least GPU memory"))),
     Setting("precision", None, "UNet and text encoder precision (default: fp16 on a GPU, fp32 on the CPU)",
             choices=PRECISIONS),
     Setting("vae_precision", None, "VAE precision (default fp32)", choices=PRECISIONS),
@@ -64,7 +89,7 @@ SETTINGS: tuple[Setting, ...] = (
             "latent2rgb), latent2rgb, taesd or none", choices=PREVIEW_METHODS),
     Setting("step_cache", "none", "skip work between similar sampling steps (opt-in, changes the image a little): "
             "none, first_block_cache (SD3.x/Flux.1) or taylorseer", choices=STEP_CACHE_METHODS),
-    Setting("theme", "textual-dark", "the app's Textual theme"),
+    Setting("theme", "textual-dark", "the app's Textual theme", group="app"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -149,22 +174,81 @@ class Settings:
         return ModelPaths(self.values["models_dir"], self.values["input_dir"], extra)
 
     def worker_config(self) -> WorkerConfig:
+        """The worker's config: each setting goes to the field of ``WorkerConfig``, ``DevicePolicy`` or ``Limits``
+        of its name; the folders go through ``ModelPaths`` (extra_model_paths read, input beside models)."""
         paths = self.model_paths()
         return WorkerConfig(
-            models_dir=paths.root, input_dir=paths.folder("input"), output_dir=self.values["output_dir"],
-            extra_model_paths=paths.extra,
-            device=DevicePolicy(self.values["device"], memory=self.values["memory"],
-                                precision=self.values["precision"], vae_precision=self.values["vae_precision"],
-                                compile=self.values["compile"]),
-            max_checkpoints=self.values["max_checkpoints"],
-            allow_pickle=self.values["allow_pickle"],
-            limits=self.limits(),
-            preview_method=self.values["preview_method"],
-            step_cache=self.values["step_cache"],
+            **self._fields(WorkerConfig, skip=("models_dir", "input_dir", "extra_model_paths", "device", "limits")),
+            models_dir=paths.root, input_dir=paths.folder("input"), extra_model_paths=paths.extra,
+            device=DevicePolicy(**self._fields(DevicePolicy)), limits=self.limits(),
         )
 
     def limits(self) -> Limits:
-        return Limits(self.values["max_side"], self.values["max_batch"], self.values["max_prompt_chars"])
+        return Limits(**self._fields(Limits))
+
+    def _fields(self, target: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(target)} - set(skip)
+        return {name: value for name, value in self.values.items() if name in names}
+
+
+# -- derived: options, server arguments, the README's table --------------------------------------------------
+_METAVARS: dict[type, str] = {Path: "PATH", int: "N"}
+
+
+def add_options(parser: argparse.ArgumentParser, *groups: str) -> None:
+    """The options of the settings in ``groups``: ``--name-with-dashes`` (a flag for a boolean), with the
+    setting's presets beside it. Each defaults to None, so an option given wins and one left out falls to the
+    environment, the file or the default (``resolve``)."""
+    for s in SETTINGS:
+        if s.group not in groups:
+            continue
+        target: Any = parser.add_mutually_exclusive_group() if s.presets else parser
+        shown = "" if s.default is None else f"; default {s.default}"
+        text = f"{s.help} (${s.env}{shown})"
+        try:
+            if s.kind is bool:
+                target.add_argument(s.flag, dest=s.name, action="store_true", default=None, help=text)
+            else:
+                metavar = None if s.choices else _METAVARS.get(s.kind, "VALUE")
+                target.add_argument(s.flag, dest=s.name, default=None, choices=s.choices, help=text,
+                                    type=s.kind if s.kind is Path else str, metavar=metavar)
+            for flag, value, about in s.presets:
+                target.add_argument(flag, dest=s.name, action="store_const", const=value, help=about)
+        except argparse.ArgumentError as exc:  # a command that declares the option itself keeps its own
+            log.debug("%s: declared by the command, not derived (%s)", s.flag, exc)
+
+
+def option_args(options: argparse.Namespace, *groups: str) -> list[str]:
+    """The options given on this command line for the settings in ``groups``, as arguments for another
+    command (a background server started by the app); paths made absolute, presets kept as typed."""
+    out: list[str] = []
+    for s in SETTINGS:
+        value = getattr(options, s.name, None)
+        if s.group not in groups or value is None:
+            continue
+        preset = next((flag for flag, const, _ in s.presets if const == value), None)
+        if preset is not None:
+            out.append(preset)
+        elif s.kind is bool:
+            out += [s.flag] if value else []
+        else:
+            out += [s.flag, str(Path(value).resolve()) if s.kind is Path else str(value)]
+    return out
+
+
+def settings_table() -> str:
+    """The README's table of settings (a test keeps the README's copy equal to this)."""
+    rows = ["| setting (TOML key) | option | environment | default | what it does |",
+            "| --- | --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        flags = " ".join(f"`{f}`" for f in (s.flag, *(p[0] for p in s.presets)))
+        if s.group == "app":
+            flags += " (app)"
+        default = "" if s.default is None else f"`{s.default}`"
+        about = s.help + (f" ({', '.join(s.choices)})" if s.choices and not any(c in s.help for c in s.choices)
+                          else "")
+        rows.append(f"| `{s.name}` | {flags} | `{s.env}` | {default} | {about.replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 def resolve(options: dict[str, Any] | argparse.Namespace | None = None) -> Settings:
