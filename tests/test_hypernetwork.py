@@ -188,3 +188,24 @@ def test_workflow_runs_end_to_end_and_strength_zero_is_the_plain_model(executor:
     stacked = decoded(executor, with_hypernetwork("hn.pt", 1.0, ("linear.safetensors", 1.0)))
     assert np.abs(stacked - ours).max() > 1e-3 and np.abs(stacked - plain).max() > 1e-3
     assert not any(m._forward_pre_hooks for m in tiny_unet(executor.engine).modules())  # the cached UNet is clean
+
+
+def test_a_compiled_unet_runs_uncompiled_while_patched(executor: Executor) -> None:
+    """A compiled graph does not see hooks added after it was traced: while patched, the UNet runs eagerly, and
+    its compiled call is back afterwards."""
+    unet = tiny_unet(executor.engine)
+    hn = load_hypernetwork(Path(executor.engine.paths.resolve("hypernetworks", "hn.safetensors")))
+
+    def compiled(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the compiled graph ran")
+
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, 64)
+    unet._compiled_call_impl = compiled
+    try:
+        with torch.no_grad(), applied(unet, [HypernetworkPatch(hn, 1.0)], torch.device("cpu"), torch.float32):
+            unet(x, t, encoder_hidden_states=c)
+        assert unet._compiled_call_impl is compiled
+        with pytest.raises(AssertionError, match="compiled graph ran"):
+            unet(x, t, encoder_hidden_states=c)
+    finally:
+        unet._compiled_call_impl = None
