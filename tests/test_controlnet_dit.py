@@ -266,3 +266,42 @@ def test_set_union_controlnet_type_picks_the_task_token(root: Path, flux: object
     assert set_union_controlnet_type(None, depth, "auto").outputs[0].union_type is None
     with pytest.raises(NodeError, match="knows 2 tasks, 'normal' is number 4"):
         set_union_controlnet_type(None, cm, "normal")
+
+
+def test_xlabs_flux_controlnet_equals_diffusers_with_repeated_blocks(root: Path) -> None:
+    """XLabs' layout: Black Forest Labs' keys, loaded weight for weight; the image itself (no VAE) in -1..1 through
+    the hint convolutions; its two blocks' outputs cycle over the model's four (diffusers'
+    ``controlnet_blocks_repeat``, ComfyUI's tiling), not each repeated in turn as a latent-hint ControlNet's."""
+    from tui_diffusion.families.flux import image_ids, pack, unpack
+    from tui_diffusion.pipeline.nodes_latent import common_upscale
+
+    model = md.model_handle("flux", w.build_flux_transformer(w.TinyFlux(layers=4)), CPU, "flux4")
+    net = cw.build_xlabs_controlnet(model.unet, num_layers=2, seed=12)
+    path = cw.write_dit_controlnet(root / "flux-canny-controlnet-v3.safetensors", net, "xlabs")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(path)))
+    assert {"double_blocks.1.img_attn.qkv.weight", "controlnet_blocks.1.weight", "pos_embed_input.weight",
+            "input_hint_block.14.weight", "img_in.weight"} <= keys
+    cm = load_control(path, CPU)
+    assert cm.kind == "flux" and not cm.needs_vae
+    assert all(torch.equal(cm.net.state_dict()[k], v) for k, v in net.state_dict().items())
+    entries, context, pooled = _entries(model)
+    image = _hint_image(seed=13, h=40, w=72)
+    x = torch.randn(1, 16, 8, 8, generator=G().manual_seed(14))
+    extra, ours = _call(model, entries[0], Control(cm, image, 0.9), x, 0.4)
+    hint = common_upscale(image, 64, 64, "nearest-exact", "center") * 2 - 1
+    t, guidance = torch.tensor([0.4]), torch.tensor([3.5])
+    txt_ids, img_ids = torch.zeros(12, 3), image_ids(8, 8, "cpu", torch.float32)
+    with torch.no_grad():
+        double, single = net(hidden_states=pack(x), controlnet_cond=hint, conditioning_scale=0.9,
+                             encoder_hidden_states=context, pooled_projections=pooled, timestep=t, img_ids=img_ids,
+                             txt_ids=txt_ids, guidance=guidance, return_dict=False)
+        ref = model.unet(hidden_states=pack(x), encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                         img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, controlnet_block_samples=double,
+                         controlnet_blocks_repeat=True, return_dict=False)[0]
+    assert single is None and "controlnet_single_block_samples" not in extra
+    got = extra["controlnet_block_samples"]
+    torch.testing.assert_close(torch.stack(got), torch.stack([double[0], double[1], double[0], double[1]]),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, unpack(ref, 8, 8), rtol=1e-5, atol=1e-5)

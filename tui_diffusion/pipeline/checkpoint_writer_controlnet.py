@@ -163,6 +163,44 @@ def build_flux_controlnet(transformer: Any, num_layers: int = 1, num_single_laye
         guidance_embeds=c.guidance_embeds, axes_dims_rope=list(c.axes_dims_rope), num_mode=num_mode))
 
 
+def build_xlabs_controlnet(transformer: Any, num_layers: int = 2, seed: int = 0) -> Any:
+    """A random Flux ControlNet shaped as XLabs' (double blocks only, the hint through its own 16-channel
+    convolutions, cut into 2x2 patches), as diffusers' ``FluxControlNetModel`` holds it."""
+    from diffusers import FluxControlNetModel
+
+    c = transformer.config
+    torch.manual_seed(seed)
+    return _randomise(FluxControlNetModel(
+        patch_size=2, in_channels=64, num_layers=num_layers, num_single_layers=0,
+        attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
+        joint_attention_dim=c.joint_attention_dim, pooled_projection_dim=c.pooled_projection_dim,
+        guidance_embeds=c.guidance_embeds, axes_dims_rope=list(c.axes_dims_rope), conditioning_embedding_channels=16))
+
+
+_XLABS_HINT = {"conv_in": 0, "conv_out": 14, **{f"blocks.{i}": 2 * i + 2 for i in range(6)}}
+
+
+def xlabs_to_original(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """``FluxControlNetModel`` keys (XLabs-shaped) -> XLabs' file: Black Forest Labs' keys for the double blocks and
+    embedders, ``controlnet_blocks``, ``pos_embed_input`` and the hint convolutions as ``input_hint_block.N``."""
+    from tui_diffusion.pipeline.checkpoint_writer_dit import flux_to_original
+
+    hidden = state["x_embedder.weight"].shape[0]
+    placeholders = {"proj_out.weight": torch.zeros(1), "proj_out.bias": torch.zeros(1),
+                    "norm_out.linear.weight": torch.zeros(2 * hidden), "norm_out.linear.bias": torch.zeros(2 * hidden)}
+    base = {k: v for k, v in state.items() if not k.startswith(("controlnet_", "input_hint_block."))}
+    out = {k: v for k, v in flux_to_original({**base, **placeholders}, num_layers, 0).items()
+           if not k.startswith("final_layer.")}
+    for key, value in state.items():
+        if key.startswith("controlnet_blocks."):
+            out[key] = value
+        elif key.startswith("controlnet_x_embedder."):
+            out["pos_embed_input." + key[len("controlnet_x_embedder."):]] = value
+        elif m := re.match(r"input_hint_block\.(.+)\.(weight|bias)$", key):
+            out[f"input_hint_block.{_XLABS_HINT[m.group(1)]}.{m.group(2)}"] = value
+    return out
+
+
 _SD35_BLOCK = {"attn.to_out.0": "attn.proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2",
                "norm1.linear": "adaLN_modulation.1"}
 
@@ -189,11 +227,13 @@ def sd35_controlnet_to_original(state: dict[str, torch.Tensor], control_type: in
 
 def write_dit_controlnet(path: str | os.PathLike[str], net: Any, layout: str = "diffusers", control_type: int = 0,
                          dtype: torch.dtype = torch.float32) -> Path:
-    """Write an SD3 or Flux ControlNet: ``layout`` "diffusers" (InstantX/Shakker files, diffusers' keys) or
-    "sd35" (Stability's SD3.5 Large ControlNets, with ``control_type``)."""
+    """Write an SD3 or Flux ControlNet: ``layout`` "diffusers" (InstantX/Shakker files, diffusers' keys), "sd35"
+    (Stability's SD3.5 Large ControlNets, with ``control_type``) or "xlabs" (XLabs' Flux ControlNets)."""
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if layout == "sd35":
         state = sd35_controlnet_to_original(state, control_type)
+    elif layout == "xlabs":
+        state = xlabs_to_original(state, net.config.num_layers)
     elif layout != "diffusers":
         raise ValueError(f"unknown layout {layout!r}")
     return _save(state, Path(path), dtype)

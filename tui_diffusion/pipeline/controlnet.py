@@ -18,13 +18,15 @@ weights assigned without a copy.
 Transformer ControlNets, as ComfyUI's ``comfy/controlnet.py`` reads them: Stability's SD3.5 Large ControlNets
 (blur, canny, depth: ``control_type``, self-attention blocks, the model's own patch embedding), SD3 ControlNets in
 diffusers' layout (InstantX's), and Flux ControlNets in the InstantX/Shakker layout (union ones with a task token,
-SetUnionControlNetType), built as diffusers' ``SD3ControlNetModel`` and ``FluxControlNetModel``. Their hint is
-a latent: the image resized to the latent's pixels, encoded by the apply node's VAE and scaled into the
-ControlNet's space (SD3.5 canny/depth files first change the image as ComfyUI does); their per-block residuals are
-repeated over the model's blocks as ComfyUI repeats them and added to the image tokens (SD3's last block through
-a hook on ``norm_out``: diffusers' transformer leaves that block out, ComfyUI does not). Recognised and refused
-with the reason: Control-LoRA, UNet union ControlNets (ControlNet++), Flux ControlNets in XLabs' and MistoLine's
-layouts, inpainting Flux ControlNets, the 2B SD3.5 ControlNet variant.
+SetUnionControlNetType) and in XLabs' layout, built as diffusers' ``SD3ControlNetModel`` and
+``FluxControlNetModel``. Their hint is a latent: the image resized to the latent's pixels, encoded by the apply
+node's VAE and scaled into the ControlNet's space (SD3.5 canny/depth files first change the image as ComfyUI
+does); their per-block residuals are repeated over the model's blocks as ComfyUI repeats them and added to the
+image tokens (SD3's last block through a hook on ``norm_out``: diffusers' transformer leaves that block out,
+ComfyUI does not). XLabs' Flux ControlNets take the image itself through their own convolutions (diffusers'
+conditioning embedding) and their outputs cycle over the model's blocks. Recognised and refused with the reason:
+Control-LoRA, UNet union ControlNets (ControlNet++), Flux ControlNets in MistoLine's layout, inpainting Flux
+ControlNets, the 2B SD3.5 ControlNet variant.
 """
 
 from __future__ import annotations
@@ -197,11 +199,13 @@ class Control:
         ``dit_single`` (Flux's single blocks)."""
         net = self.model.net
         dtype = net.dtype
-        if self.model.kind == "flux":
-            channels = int(net.config.in_channels) // 4
+        if not self.model.needs_vae:  # XLabs: the image itself at 8x the latent, in -1..1
+            scale = model.family.latent_format.downscale
+            hint = self._hint(x.shape[-1] * scale, x.shape[-2] * scale)[:, :3] * 2.0 - 1.0
+        elif self.model.kind == "flux":
+            hint = self._latent_hint(x.shape[-1], x.shape[-2], int(net.config.in_channels) // 4)
         else:
-            channels = int(net.pos_embed_input.proj.weight.shape[1])
-        hint = self._latent_hint(x.shape[-1], x.shape[-2], channels)
+            hint = self._latent_hint(x.shape[-1], x.shape[-2], int(net.pos_embed_input.proj.weight.shape[1]))
         hint = broadcast_rows(hint, x.shape[0], batch).to(x.device, dtype)
         with in_use(net):
             if self.model.kind == "flux":
@@ -366,8 +370,10 @@ def _flux_residuals(control: Control, model: Any, x: torch.Tensor, hint: torch.T
                         "(ReferenceLatent, Kontext) here")
     net, main = control.model.net, model.unet
     dtype = net.dtype
-    xp, hint = pad_to_patch(x, 2), pad_to_patch(hint, 2)
+    pixels = net.input_hint_block is not None  # XLabs: the hint convolutions make the tokens
+    xp = pad_to_patch(x, 2)
     h, w = xp.shape[-2:]
+    hint = hint if pixels else pack(pad_to_patch(hint, 2))
     t = timestep.reshape(-1).to(x.device, dtype)
     t = t.expand(x.shape[0]) if t.numel() == 1 else t
     context = kwargs["encoder_hidden_states"].to(dtype)
@@ -383,7 +389,7 @@ def _flux_residuals(control: Control, model: Any, x: torch.Tensor, hint: torch.T
         mode = torch.full((x.shape[0], 1), control.model.union_type, dtype=torch.long, device=x.device)
     try:
         net.union = mode is not None  # "auto": ComfyUI adds no task token
-        double, single = net(hidden_states=pack(xp.to(dtype)), controlnet_cond=pack(hint), controlnet_mode=mode,
+        double, single = net(hidden_states=pack(xp.to(dtype)), controlnet_cond=hint, controlnet_mode=mode,
                              conditioning_scale=float(control.strength), encoder_hidden_states=context,
                              pooled_projections=kwargs["pooled_projections"].to(dtype), timestep=t,
                              img_ids=image_ids(h, w, x.device, dtype),
@@ -393,10 +399,11 @@ def _flux_residuals(control: Control, model: Any, x: torch.Tensor, hint: torch.T
         net.union = union
     out: dict[str, list[torch.Tensor]] = {}
     n_double, n_single = len(main.transformer_blocks), len(main.single_transformer_blocks)
-    if double:
-        out["dit_blocks"] = _to_blocks(_repeat_each(list(double), math.ceil(n_double / len(double))), n_double)
-    if single and n_single:
-        out["dit_single"] = _to_blocks(_repeat_each(list(single), math.ceil(n_single / len(single))), n_single)
+    for key, outputs, blocks in (("dit_blocks", double, n_double), ("dit_single", single, n_single)):
+        if outputs and blocks:
+            times = math.ceil(blocks / len(outputs))
+            # ComfyUI: a latent-hint ControlNet's outputs each serve consecutive blocks; XLabs' cycle over them
+            out[key] = _to_blocks(list(outputs) * times if pixels else _repeat_each(list(outputs), times), blocks)
     return out
 
 
@@ -537,9 +544,8 @@ def refusal(state: Mapping[str, Any]) -> str | None:
                 "diffusers' ControlNetUnionModel, which is not wired in yet")
     if "controlnet_blocks.0.linear.weight" in state:
         return "a Flux ControlNet in MistoLine's layout is not supported"
-    if _has(state, "double_blocks."):
-        return ("a Flux ControlNet in XLabs' layout is not supported (only the InstantX/Shakker layout, "
-                "controlnet_x_embedder.*, which diffusers' FluxControlNetModel loads)")
+    if _has(state, "double_blocks.") and "controlnet_blocks.0.weight" not in state:
+        return "a Flux ControlNet in an unknown layout (double blocks but no 'controlnet_blocks.*') is not supported"
     if _has(state, "after_proj_list."):
         return "a Hunyuan-DiT ControlNet is not supported"
     return None
@@ -549,6 +555,8 @@ def dit_kind(state: Mapping[str, Any]) -> str | None:
     """Which transformer ControlNet a file holds (``DIT_KINDS``), by ComfyUI's tests of its keys, or None."""
     if "controlnet_x_embedder.weight" in state:
         return "flux"
+    if "controlnet_blocks.0.weight" in state and _has(state, "double_blocks."):
+        return "xlabs"
     if "pos_embed_input.proj.weight" in state:
         return "sd35" if _has(state, "control_type") or any(
             k.startswith("transformer_blocks.") and k.endswith(".adaLN_modulation.1.bias") for k in state) else "sd3"
@@ -572,7 +580,7 @@ def load_control(path: Path, device: Device, allow_pickle: bool = False, model: 
         raise CheckpointError(f"{path}: {why}")
     kind = dit_kind(state)
     if kind is not None:
-        if kind != "flux" and "pos_embed_input.proj.weight" not in state:
+        if kind in ("sd3", "sd35") and "pos_embed_input.proj.weight" not in state:
             raise CheckpointError(f"{path}: an incomplete SD3/SD3.5 ControlNet: no 'pos_embed_input.proj.weight' "
                                   "(its hint embedding)")
         return _dit_model(kind, state, path, device)
@@ -626,7 +634,13 @@ def _dit_model(kind: str, state: dict[str, torch.Tensor], path: Path, device: De
 
     file = str(path)
     preprocess = ""
-    if kind == "flux":
+    hint: tuple[float, float] | None
+    if kind == "xlabs":  # XLabs' layout: a pixel hint through its own convolutions; diffusers' model has them
+        from diffusers import FluxControlNetModel as cls
+
+        state, config = xlabs_to_diffusers(state, file)
+        kind, label, hint = "flux", "Flux.1", None
+    elif kind == "flux":
         from diffusers import FluxControlNetModel as cls
 
         config = flux_controlnet_config(state, file)
@@ -749,6 +763,50 @@ def flux_controlnet_config(state: Mapping[str, torch.Tensor], file: str) -> dict
     if "controlnet_mode_embedder.weight" in state:
         cfg["num_mode"] = _width(state, "controlnet_mode_embedder.weight", file)
     return cfg
+
+
+#: XLabs' hint convolutions (a Sequential with SiLUs between) -> diffusers' ControlNetConditioningEmbedding
+_XLABS_HINT = {0: "conv_in", 2: "blocks.0", 4: "blocks.1", 6: "blocks.2", 8: "blocks.3", 10: "blocks.4",
+               12: "blocks.5", 14: "conv_out"}
+
+
+def xlabs_to_diffusers(state: Mapping[str, torch.Tensor], file: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """An XLabs Flux ControlNet (Black Forest Labs' keys for its double blocks and embedders, ``controlnet_blocks``,
+    ``pos_embed_input``, ``input_hint_block``) in ``FluxControlNetModel``'s keys, and its config from shapes: the
+    hint convolutions as diffusers' conditioning embedding, whose output is cut into 2x2 patches (patch size 2)."""
+    from tui_diffusion.modelfiles.convert_dit import FLUX_HEAD_DIM, FLUX_ROPE_AXES, flux_to_diffusers
+
+    hidden = _width(state, "img_in.weight", file)
+    config: dict[str, Any] = {
+        "patch_size": 2, "in_channels": _width(state, "img_in.weight", file, 1),
+        "num_layers": _count(state, r"double_blocks\.(\d+)\."),
+        "num_single_layers": _count(state, r"single_blocks\.(\d+)\."),
+        "attention_head_dim": FLUX_HEAD_DIM, "num_attention_heads": hidden // FLUX_HEAD_DIM,
+        "joint_attention_dim": _width(state, "txt_in.weight", file, 1),
+        "pooled_projection_dim": _width(state, "vector_in.in_layer.weight", file, 1),
+        "guidance_embeds": "guidance_in.in_layer.weight" in state, "axes_dims_rope": list(FLUX_ROPE_AXES),
+        "conditioning_embedding_channels": _width(state, "input_hint_block.14.weight", file),
+    }
+
+    def get(key: str) -> torch.Tensor:
+        if key.startswith("final_layer."):  # a ControlNet has no final layer: placeholders, dropped below
+            return torch.zeros(2 * hidden)
+        if key not in state:
+            raise CheckpointError(f"{file}: an incomplete Flux ControlNet: tensor {key!r} is missing")
+        return state[key]
+
+    out = {k: v for k, v in flux_to_diffusers(state, config, get=get).items()
+           if not k.startswith(("proj_out.", "norm_out."))}
+    for key, value in state.items():
+        if key.startswith("controlnet_blocks."):
+            out[key] = value
+        elif key.startswith("pos_embed_input."):
+            out["controlnet_x_embedder." + key[len("pos_embed_input."):]] = value
+        elif m := re.match(r"input_hint_block\.(\d+)\.(weight|bias)$", key):
+            if int(m.group(1)) not in _XLABS_HINT:
+                raise CheckpointError(f"{file}: an XLabs ControlNet with unexpected hint layers ({key!r})")
+            out[f"input_hint_block.{_XLABS_HINT[int(m.group(1))]}.{m.group(2)}"] = value
+    return out, config
 
 
 def _build(cls: Any, config: dict[str, Any], state: dict[str, torch.Tensor], what: str, path: Path) -> Any:
