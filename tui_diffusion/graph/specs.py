@@ -958,7 +958,7 @@ _SPECS: tuple[NodeSpec, ...] = (
             InputSpec("start_percent", FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
             InputSpec("end_percent", FLOAT, default=1.0, min=0.0, max=1.0, step=0.001),
             InputSpec("vae", VAE, optional=True,
-                      tooltip="Only ControlNets that take a latent hint need it (none of those loaded here)."),
+                      tooltip="Encodes the hint of ControlNets that take a latent (SD3/SD3.5 and InstantX Flux ones)."),
         ),
         outputs=(OutputSpec(CONDITIONING, "positive"), OutputSpec(CONDITIONING, "negative")),
         description="Guides sampling by a hint image (edges, depth, pose) between start and end of the schedule; "

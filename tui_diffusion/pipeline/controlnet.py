@@ -659,8 +659,10 @@ def _dit_model(kind: str, state: dict[str, torch.Tensor], path: Path, device: De
         else:
             config = sd3_controlnet_config(state, file)
             hint = (SD3_LATENT.scale_factor, 0.0)  # ComfyUI: no shift for these ("SD3 controlnet weirdness")
+    from tui_diffusion.pipeline.models_dit import compute_dtype
+
     net = _build(cls, config, state, f"{label} ControlNet", path)
-    place(net, device, device.dtype)
+    place(net, device, compute_dtype(device))  # bf16 where the device's fp16 would overflow, as the model runs
     return ControlModel(kind, net, label, file, device, latent_hint=hint, preprocess=preprocess)
 
 
