@@ -21,7 +21,8 @@ def test_startup_benchmark_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     assert data["tui_first_frame"]["n"] == 1 and data["tui_first_frame"]["median_s"] > 0
-    assert "| tui_first_frame |" in done.stdout
+    assert data["bare_textual_first_frame"]["n"] == 1 and data["first_frame_over_bare"] > 0
+    assert "| tui_first_frame |" in done.stdout and "| bare_textual_first_frame |" in done.stdout
 
 
 def test_benchmark_suite_runs_at_its_smallest(tmp_path: Path) -> None:

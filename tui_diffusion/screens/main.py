@@ -114,9 +114,18 @@ class MainScreen(Screen):
         first = next(iter(self.document.workflow), None)
         self.selected_node = next((n for n in self.document.workflow if self.document.workflow.class_type(n)
                                    == "KSampler"), first)
-        await self.refresh_all(select=True)
+        # The tree first; the form page (the costliest widgets to build and style) right after the first frame
+        # is drawn, so the app is up and takes keys sooner. A node selected before then builds its own page.
+        self.revalidate()
+        self.query_one(NodeTree).show(self.document, self.issues, self.node_status, self.selected_node)
         self.query_one(NodeTree).focus()
+        self.call_after_refresh(self._first_form)
         self.run_worker(self._find_left_over, thread=True, exclusive=True, group="left-over")
+
+    async def _first_form(self) -> None:
+        form = self.query_one(ParamForm)
+        if form.node_id is None:
+            await form.show_node(self.document, self.selected_node, self.models, self.issues)
 
     def _find_left_over(self) -> None:
         """Jobs a worker that is gone left in the store: shown as held until resumed (R) or removed."""
