@@ -348,3 +348,127 @@ def test_redux_attn_bias_reaches_flux_attention(redux: tuple) -> None:
     assert bool(torch.isfinite(both).all())
     assert not torch.allclose(both[:1], run(apply[1.0, "multiply"], text)[:1], atol=1e-4)
     torch.testing.assert_close(both[1:], run(apply[1.0, "multiply"], text)[1:])
+
+
+# -- SD2.1 unCLIP: unCLIPCheckpointLoader and unCLIPConditioning through the class embedding --------------------------
+@pytest.fixture(scope="module")
+def unclip(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A tiny SD2.1 unCLIP checkpoint loaded by the node: (engine, outputs, file)."""
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState, NodeContext
+    from tui_diffusion.pipeline.models import ModelCache
+    from tui_diffusion.pipeline.nodes_vision import unclip_checkpoint_loader
+
+    root = Path(tmp_path_factory.mktemp("unclip"))
+    path = w.write_sd21_unclip_checkpoint(root / "models" / "checkpoints" / "sd21-unclip-h.safetensors")
+    engine = EngineState(CPU, ModelCache(4), ModelPaths(root / "models"), root / "out", root / "tmp", root / "cfg")
+    ctx = NodeContext(engine, "1", {}, lambda *a: None, lambda: False)
+    return engine, unclip_checkpoint_loader(ctx, path.name).outputs, path, ctx
+
+
+def test_unclip_checkpoint_loader_gives_model_and_image_encoder(unclip: tuple, image: torch.Tensor) -> None:
+    """The file's UNet has the projection class embedding (v-prediction), and its open_clip image encoder under
+    embedder.model.visual. encodes as transformers' model of the same weights."""
+    _, (model, clip, vae, vision), path, _ = unclip
+    assert model.family.id == "sd2-unclip" and model.unet.config.class_embed_type == "projection"
+    assert model.scheduler_config["prediction_type"] == "v_prediction"
+    assert model.unet.config.projection_class_embeddings_input_dim == 2 * SIZES.projection_dim
+    reference = w.build_clip_vision(SIZES, seed=3)  # the writer's encoder
+    out = vision.encode(image)
+    with torch.no_grad():
+        ref = reference(pixel_values=preprocess(image, 28, CLIP_MEAN, CLIP_STD), output_hidden_states=True)
+    torch.testing.assert_close(out.image_embeds, ref.image_embeds)
+
+
+def test_unclip_conditioning_is_the_unets_class_labels(unclip: tuple, image: torch.Tensor) -> None:
+    """ComfyUI's unclip_adm: the embedding normalised by the file's data mean/std, noised to the level with the
+    sampler's seed - 10, denormalised, beside the level's sinusoidal embedding, times the strength: the UNet's
+    class labels (zeros for a prompt without image), which change its output."""
+    from tui_diffusion.pipeline.clip_vision import resolve_unclip
+    from tui_diffusion.pipeline.nodes_vision import unclip_conditioning
+
+    _, (model, _, _, vision), path, _ = unclip
+    from safetensors.torch import load_file
+
+    stats = load_file(str(path))
+    mean, std = stats["noise_augmentor.data_mean"], stats["noise_augmentor.data_std"]
+    output = vision.encode(image[:1])
+    gen = torch.Generator().manual_seed(11)
+    text = [[torch.randn(1, 77, 64, generator=gen), {}]]
+    (cond,) = unclip_conditioning(None, text, output, 1.5, 0.2).outputs
+    (resolved,) = [resolve_unclip(model, cond, seed=100)]
+    level = round(999 * 0.2)
+    acp = _alphas_cumprod()[level]
+    noise = torch.randn((1, SIZES.projection_dim), generator=torch.Generator().manual_seed(90))
+    z = (acp.sqrt() * (output.image_embeds - mean) / std + (1 - acp).sqrt() * noise) * std + mean
+    half = SIZES.projection_dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / half)
+    level_emb = torch.cat([torch.cos(level * freqs), torch.sin(level * freqs)])[None]
+    want = torch.cat([z, level_emb], dim=1) * 1.5
+    torch.testing.assert_close(resolved[0][1]["unclip_adm"], want)
+
+    entries = [tuple(resolved[0]), tuple(text[0])]
+    kwargs = model.family.model_kwargs(model, entries, batch=1, latent_shape=(1, 4, 8, 8), negative=[False, True],
+                                       device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(kwargs["class_labels"][0:1], want)
+    assert not kwargs["class_labels"][1].any()  # no image: zeros, as ComfyUI
+    x = torch.randn(1, 4, 8, 8, generator=gen).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        out = model.family.apply_model(model, x, torch.tensor([400.0, 400.0]), kwargs)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_unclip_workflow_runs_and_follows_the_image(unclip: tuple, tmp_path: Path) -> None:
+    """An unCLIP workflow as ComfyUI's example builds it (unCLIPCheckpointLoader -> CLIPVisionEncode ->
+    unCLIPConditioning -> KSampler) validates and runs; a different image gives a different picture."""
+    import numpy as np
+    from PIL import Image
+
+    from tui_diffusion.graph.validate import validate_workflow
+    from tui_diffusion.graph.workflow import Workflow
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+
+    engine, _, path, _ = unclip
+    (tmp_path / "input").mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "input" / name)
+    api = {
+        "1": {"class_type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": path.name}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+        "3": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["1", 3], "image": ["2", 0],
+                                                            "crop": "center"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}},
+        "5": {"class_type": "unCLIPConditioning", "inputs": {"conditioning": ["4", 0], "clip_vision_output": ["3", 0],
+                                                              "strength": 1.0, "noise_augmentation": 0.1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 3, "steps": 1, "cfg": 2.0,
+                                                    "sampler_name": "euler", "scheduler": "normal",
+                                                    "positive": ["5", 0], "negative": ["6", 0],
+                                                    "latent_image": ["7", 0], "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "unclip"}},
+    }
+    paths = ModelPaths(path.parent.parent, input_dir=tmp_path / "input")
+    assert not validate_workflow(Workflow.from_data(api), paths)
+    images = []
+    for name in ("a.png", "b.png"):
+        api["2"]["inputs"]["image"] = name
+        out = tmp_path / name.removesuffix(".png")
+        run_engine = EngineState(CPU, ModelCache(4), paths, out, tmp_path / "tmp", tmp_path / "cfg")
+        Executor(run_engine).run(api, Hooks(), lambda: False)
+        (saved,) = sorted(out.glob("*.png"))
+        images.append(np.asarray(Image.open(saved)).astype(int))
+    assert images[0].std() > 0 and np.abs(images[0] - images[1]).max() > 0
+
+
+def test_unclip_loader_on_a_plain_checkpoint_says_so(tmp_path: Path, image: torch.Tensor) -> None:
+    from tui_diffusion.pipeline.errors import NodeError
+    from tui_diffusion.pipeline.nodes_vision import NoVision, clip_vision_encode
+
+    with pytest.raises(NodeError, match="plain.safetensors holds no image encoder"):
+        clip_vision_encode(None, NoVision(str(tmp_path / "plain.safetensors")), image)

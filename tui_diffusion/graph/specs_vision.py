@@ -66,6 +66,14 @@ SPECS: tuple[NodeSpec, ...] = (
                     "image). Chain several to mix images.",
     ),
     NodeSpec(
+        "unCLIPCheckpointLoader", "unCLIPCheckpointLoader", "loaders",
+        inputs=(InputSpec("ckpt_name", COMBO, choices_from="checkpoints",
+                          tooltip="An unCLIP checkpoint (SD2.1 unCLIP) with its image encoder inside."),),
+        outputs=(OutputSpec(MODEL, "MODEL"), OutputSpec(CLIP, "CLIP"), OutputSpec(VAE, "VAE"),
+                 OutputSpec(CLIP_VISION, "CLIP_VISION")),
+        description="Loads an unCLIP checkpoint: the model, text encoder and VAE, and the image encoder it holds.",
+    ),
+    NodeSpec(
         "unCLIPConditioning", "unCLIPConditioning", "conditioning",
         inputs=(
             InputSpec("conditioning", CONDITIONING),
@@ -79,6 +87,3 @@ SPECS: tuple[NodeSpec, ...] = (
     ),
 )
 
-# unCLIPCheckpointLoader's outputs, for the loader below when it is declared
-_UNCLIP_OUTPUTS = (OutputSpec(MODEL, "MODEL"), OutputSpec(CLIP, "CLIP"), OutputSpec(VAE, "VAE"),
-                   OutputSpec(CLIP_VISION, "CLIP_VISION"))

@@ -120,3 +120,40 @@ def redux_keys(vision_width: int, text_width: int, seed: int = 0) -> dict[str, t
 def write_redux(path: str | os.PathLike[str], vision_width: int = TinyVision().width, text_width: int = 128,
                 seed: int = 0) -> Path:
     return save(redux_keys(vision_width, text_width, seed), path)
+
+
+def write_sd21_unclip_checkpoint(path: str | os.PathLike[str], vision: TinyVision = TinyVision(), seed: int = 0,
+                                 dtype: torch.dtype = torch.float32) -> Path:
+    """An SD2.1 unCLIP checkpoint (ViT-H's layout, small): SD2.x's file with a projection class embedding taking
+    twice the image embedding's width, the image encoder under ``embedder.model.visual.`` (open_clip) and the
+    noise augmentor's ``data_mean``/``data_std``."""
+    from tui_diffusion.pipeline.checkpoint_writer import (
+        TinySD2,
+        _save,
+        _unet,
+        build_sd2_models,
+        ddpm_schedule_tensors,
+        openclip_from_hf,
+        unet_to_original,
+        vae_to_original,
+    )
+
+    sizes = TinySD2()
+    _, vae, text = build_sd2_models(sizes, seed)
+    torch.manual_seed(seed + 2)
+    unet = _unet(sizes.unet_channels, sizes.unet_attention, sizes.layers_per_block, sizes.text_width,
+                 sample_size=96, attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
+                 use_linear_projection=True, upcast_attention=True, class_embed_type="projection",
+                 projection_class_embeddings_input_dim=2 * vision.projection_dim).eval()
+    # the class embedding sits where SDXL's added embedding does (label_emb.0.*)
+    state = {k.replace("class_embedding.", "add_embedding.", 1): v for k, v in unet.state_dict().items()}
+    sd: dict[str, torch.Tensor] = {}
+    sd.update(unet_to_original(state, sizes.layers_per_block))
+    sd.update(vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)))
+    sd.update(openclip_from_hf(text, "cond_stage_model.model."))
+    sd.update(ddpm_schedule_tensors())
+    sd.update(clip_vision_keys(build_clip_vision(vision, seed + 3), "openclip", prefix="embedder.model."))
+    gen = torch.Generator().manual_seed(seed + 4)
+    sd["noise_augmentor.data_mean"] = torch.randn(1, vision.projection_dim, generator=gen) * 0.1
+    sd["noise_augmentor.data_std"] = torch.rand(1, vision.projection_dim, generator=gen) + 0.5
+    return _save(sd, Path(path), dtype)

@@ -278,6 +278,27 @@ def vision_from_state(state: dict[str, torch.Tensor], device: Device, source: st
     return ClipVisionModel(model, config, device, source)
 
 
+def read_tower_state(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor] | None:
+    """Only the image encoder's tensors of a file that holds more (an unCLIP checkpoint); None without one."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        state = read_state(path, allow_pickle)
+        return state if find_tower(state) is not None else None
+    header = read_header(path)
+    found = find_tower(header)
+    if found is None:
+        return None
+    layout, prefix = found
+    outer = prefix[: -len("vision_model.")] if prefix.endswith("vision_model.") else prefix
+    wanted = [k for k in header if k.startswith(prefix) or k == outer + "visual_projection.weight"]
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in wanted}
+    except Exception as exc:  # safetensors raises its own error types for damaged data
+        raise CheckpointError(f"{path}: cannot read this file: {exc}") from None
+
+
 def load_clip_vision(path: Path, device: Device, allow_pickle: bool = False) -> ClipVisionModel:
     """CLIPVisionLoader: an image encoder file."""
     return vision_from_state(read_state(path, allow_pickle), device, str(path))
@@ -432,7 +453,7 @@ def resolve_unclip(model: Any, conditioning: list | None, seed: int) -> list | N
                 adm = unclip_adm(unclip, NoiseAugmentor(width), seed=seed - 10)
                 extras["pooled_output"] = adm[:, :width]
             else:
-                augmentor = getattr(model, "noise_augmentor", None) or NoiseAugmentor(
+                augmentor = getattr(model.unet, "unclip_noise_augmentor", None) or NoiseAugmentor(
                     int(config.projection_class_embeddings_input_dim) // 2)
                 extras["unclip_adm"] = unclip_adm(unclip, augmentor, float(extras.get("unclip_noise_augment_merge",
                                                                                       0.05)), seed=seed - 10)

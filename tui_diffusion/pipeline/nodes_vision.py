@@ -51,8 +51,42 @@ def clip_vision_loader(ctx: NodeContext, clip_name: str) -> NodeResult:
     return NodeResult((_cached(ctx, "clip_vision", clip_name, load_clip_vision),))
 
 
+class NoVision:
+    """unCLIPCheckpointLoader's CLIP_VISION for a checkpoint without an image encoder (ComfyUI gives None); an
+    error names the file when something uses it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+
+@node("unCLIPCheckpointLoader")
+def unclip_checkpoint_loader(ctx: NodeContext, ckpt_name: str) -> NodeResult:
+    """CheckpointLoaderSimple's outputs and the image encoder stored in the same file (``embedder.model.visual.``
+    in SD2.1 unCLIP files)."""
+    from tui_diffusion.pipeline.clip_vision import read_tower_state, vision_from_state
+    from tui_diffusion.pipeline.nodes import checkpoint_loader
+
+    model, clip, vae = checkpoint_loader(ctx, ckpt_name).outputs
+    eng = ctx.engine
+    path, key = ctx.model_file("checkpoints", ckpt_name)
+
+    def load() -> Any:
+        try:
+            state = read_tower_state(path, eng.allow_pickle)
+            if state is None:
+                return NoVision(str(path))
+            return vision_from_state(state, eng.device, str(path))
+        except CheckpointError as exc:
+            raise NodeError(str(exc)) from None
+
+    return NodeResult((model, clip, vae, eng.models.get(key + repr("clip_vision"), load)))
+
+
 @node("CLIPVisionEncode")
 def clip_vision_encode(ctx: NodeContext, clip_vision: Any, image: torch.Tensor, crop: str = "center") -> NodeResult:
+    if isinstance(clip_vision, NoVision):
+        raise NodeError(f"clip_vision: {clip_vision.source} holds no image encoder (not an unCLIP checkpoint); "
+                        "load one with CLIPVisionLoader")
     if not isinstance(clip_vision, ClipVisionModel):
         raise NodeError("clip_vision: not a CLIP vision model (connect a CLIPVisionLoader)")
     if crop not in ("center", "none"):
