@@ -353,3 +353,19 @@ def test_flux_union_controlnet_workflow_runs_and_changes_the_image(tmp_path_fact
         (saved,) = sorted(out.glob("*.png"))
         images.append(np.asarray(Image.open(saved)).astype(int))
     assert np.abs(images[0] - images[1]).max() > 0
+
+
+def test_apply_sd3_node_shares_one_control_with_its_vae(root: Path, sd3: object, vae: object) -> None:
+    """ControlNetApplySD3 (VAE required) is ControlNetApplyAdvanced with the VAE: one control for both sides,
+    chained to what the conditioning had, holding the VAE that will encode its hint."""
+    from tui_diffusion.pipeline.nodes_controlnet import controlnet_apply_sd3
+
+    net = cw.build_sd3_controlnet(sd3.unet, num_layers=1)
+    cm = load_control(cw.write_dit_controlnet(root / "sd3_node.safetensors", net), CPU)
+    earlier = Control(cm, _hint_image(), 1.0, vae=vae)
+    positive = [[torch.zeros(1, 4, 128), {"control": earlier}]]
+    negative = [[torch.zeros(1, 4, 128), {"control": earlier}]]
+    pos, neg = controlnet_apply_sd3(None, positive, negative, cm, vae, torch.rand(1, 16, 16, 3), 0.5, 0.1, 0.9).outputs
+    control = pos[0][1]["control"]
+    assert control is neg[0][1]["control"] and control.previous is earlier and control.vae is vae
+    assert (control.strength, control.start_percent, control.end_percent) == (0.5, 0.1, 0.9)
