@@ -253,3 +253,20 @@ def test_pickled_gligen_is_refused_without_allow_pickle(executor: Executor, root
     torch.save(load_file(str(root / "gligen" / OPEN)), root / "gligen" / "gligen.pth")
     with pytest.raises(JobError, match="pickle"):
         executor.run(boxed(txt2img(**SD1), ("a ball", 32, 32, 0, 0), gligen="gligen.pth"), Hooks(), lambda: False)
+
+
+def test_boxes_on_an_area_conditioning_are_sampled_on_its_crop(executor: Executor) -> None:
+    """An area entry runs the UNet on its crop (the Denoiser's area path), and its boxes apply there too."""
+    def area(data: dict) -> dict:
+        data["20"] = {"class_type": "ConditioningSetArea", "inputs": {
+            "conditioning": data["3"]["inputs"]["positive"], "width": 64, "height": 64, "x": 64, "y": 0,
+            "strength": 1.0}}
+        data["21"] = {"class_type": "ConditioningCombine", "inputs": {
+            "conditioning_1": ["6", 0], "conditioning_2": ["20", 0]}}
+        data["3"]["inputs"]["positive"] = ["21", 0]
+        return data
+
+    wide = {**SD1, "5.width": 128}
+    plain = decoded(executor, area(txt2img(**wide)))
+    ours = decoded(executor, area(boxed(txt2img(**wide), ("a red ball", 16, 16, 8, 8))))
+    assert np.abs(ours - plain).max() > 1e-3
