@@ -18,7 +18,6 @@ from tui_diffusion.catalogue import resolve_workflow, shipped_workflows_dir
 from tui_diffusion.document import WorkflowDocument
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.paths import ModelPaths
-from tui_diffusion.screens.dialogs import ConfirmDialog
 from tui_diffusion.settings import WorkerConfig
 from tui_diffusion.state import load_state, save_state
 from tui_diffusion.text import printable
@@ -197,6 +196,8 @@ class TuiDiffusionApp(App):
                     self.exit()
             elif answer == "discard":
                 self.exit()
+
+        from tui_diffusion.screens.dialogs import ConfirmDialog  # not needed before the first frame
 
         self.push_screen(ConfirmDialog(f"{screen.document.name} has unsaved changes. Quit?",
                                        [("save", "Save and quit"), ("discard", "Quit without saving"),

@@ -19,12 +19,13 @@ from tui_diffusion.graph.specs import NODE_SPECS
 from tui_diffusion.graph.validate import ValidationIssue
 from tui_diffusion.graph.workflow import Workflow, WorkflowError
 from tui_diffusion.jobs import DONE, HELD, PENDING, RUNNING, JobBook
-from tui_diffusion.screens.dialogs import ChoiceDialog, ConfirmDialog, OpenDialog, PromptDialog
 from tui_diffusion.widgets.image_pane import ImagePane, latest_image
 from tui_diffusion.widgets.jump_bar import JumpBar
 from tui_diffusion.widgets.node_tree import NodeStatus, NodeTree
 from tui_diffusion.widgets.param_form import ParamForm, SeedModeChanged, ValueEdited
 from tui_diffusion.widgets.queue_panel import QueuePanel
+
+# The dialogs are imported where they open: their widgets are not needed for the first frame.
 
 NARROW = 100  # columns below which the panels switch instead of sitting side by side
 WIDE = 140  # columns from which the form gets the room it wants; below, the image keeps a third
@@ -285,6 +286,7 @@ class MainScreen(Screen):
                 self.document.link(event.node_id, event.name, ref)
             await self.refresh_all(focus=event.name)
 
+        from tui_diffusion.screens.dialogs import ChoiceDialog
         self.app.push_screen(ChoiceDialog(f"Connect {event.name} to…", options), done)
 
     @on(NodeTree.Requested)
@@ -300,6 +302,7 @@ class MainScreen(Screen):
                     self.selected_node = self.document.add_node(class_type)
                     await self.refresh_all(select=True)
 
+            from tui_diffusion.screens.dialogs import ChoiceDialog
             self.app.push_screen(ChoiceDialog("Add node", options), added)
         elif event.action == "delete" and event.node_id:
             self.document.delete_node(event.node_id)
@@ -312,6 +315,7 @@ class MainScreen(Screen):
                     self.document.rename(event.node_id, title)
                     await self.refresh_all()
 
+            from tui_diffusion.screens.dialogs import PromptDialog
             self.app.push_screen(PromptDialog("Node title", self.document.workflow.title(event.node_id)), renamed)
 
     # -- queue ------------------------------------------------------------------------------------------------
@@ -371,6 +375,7 @@ class MainScreen(Screen):
             self.refresh_queue()
             await self.refresh_all()
 
+        from tui_diffusion.screens.dialogs import PromptDialog
         self.app.push_screen(PromptDialog("Queue how many copies (seed +1 each)?", "4"), count)
 
     def action_interrupt(self) -> None:
@@ -560,6 +565,7 @@ class MainScreen(Screen):
             if answer:
                 self._save(Path(answer).expanduser())
 
+        from tui_diffusion.screens.dialogs import PromptDialog
         self.app.push_screen(PromptDialog("Save workflow as", current), chosen)
 
     def action_open(self) -> None:
@@ -567,6 +573,7 @@ class MainScreen(Screen):
             if answer:
                 self._confirm_discard(lambda: self.call_later(self.load, self.app.workflow_path(answer)))
 
+        from tui_diffusion.screens.dialogs import OpenDialog
         self.app.push_screen(OpenDialog(self.app.workflow_folders()), chosen)
 
     def action_new(self) -> None:
@@ -600,6 +607,7 @@ class MainScreen(Screen):
             elif answer == "discard":
                 then()
 
+        from tui_diffusion.screens.dialogs import ConfirmDialog
         self.app.push_screen(ConfirmDialog(f"{self.document.name} has unsaved changes.",
                                            [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")]),
                              answered)
