@@ -67,6 +67,31 @@ def test_siglip_encoding_equals_transformers(tmp_path: Path, image: torch.Tensor
     torch.testing.assert_close(out.image_embeds, out.last_hidden_state)
 
 
+@pytest.mark.parametrize("width, layers, mlp, positions, projection, want", [
+    (1024, 24, 4096, 257, 768, ("clip", 16, 224, "quick_gelu")),  # OpenAI ViT-L/14
+    (1024, 24, 4096, 577, 768, ("clip", 16, 336, "quick_gelu")),  # ViT-L/14 at 336 px
+    (1280, 32, 5120, 257, 1024, ("clip", 16, 224, "gelu")),  # LAION ViT-H/14 (SD2.1 unCLIP, IP-Adapter)
+    (1664, 48, 8192, 257, 1280, ("clip", 16, 224, "gelu")),  # ViT-bigG/14 (SDXL revision)
+    (1152, 27, 4304, 729, None, ("siglip", 16, 384, "gelu_pytorch_tanh")),  # SigLIP so400m/14 at 384 (Redux)
+])
+def test_full_size_configs_from_shapes(width: int, layers: int, mlp: int, positions: int, projection: int | None,
+                                       want: tuple) -> None:
+    """The published towers' configurations from their tensor shapes alone (no weights are read)."""
+    from tui_diffusion.pipeline.clip_vision import vision_config
+
+    meta = {"device": "meta"}
+    tower = {"embeddings.patch_embedding.weight": torch.empty(width, 3, 14, 14, **meta),
+             "embeddings.position_embedding.weight": torch.empty(positions, width, **meta)}
+    if want[0] == "clip":
+        tower["embeddings.class_embedding"] = torch.empty(width, **meta)
+    tower.update({f"encoder.layers.{i}.mlp.fc1.weight": torch.empty(mlp, width, **meta) for i in range(layers)})
+    config = vision_config(tower, torch.empty(projection, width, **meta) if projection else None)
+    hf = config.transformers_config()
+    assert (config.kind, config.heads, config.image_size, hf.hidden_act) == want
+    assert (config.layers, config.intermediate, config.projection_dim) == (layers, mlp, projection)
+    assert (hf.image_size // hf.patch_size) ** 2 + (want[0] == "clip") == positions
+
+
 def test_preprocess_crop_center_and_none() -> None:
     """ComfyUI's clip_preprocess: "center" scales the short side and cuts the middle; "none" squashes. A wide
     image, white in its outer quarters and black in the middle half, shows which one happened."""
@@ -418,6 +443,7 @@ def test_unclip_conditioning_is_the_unets_class_labels(unclip: tuple, image: tor
     assert not torch.allclose(out[0], out[1])
 
 
+@pytest.mark.slow  # two end-to-end runs, each loading the checkpoint
 def test_unclip_workflow_runs_and_follows_the_image(unclip: tuple, tmp_path: Path) -> None:
     """An unCLIP workflow as ComfyUI's example builds it (unCLIPCheckpointLoader -> CLIPVisionEncode ->
     unCLIPConditioning -> KSampler) validates and runs; a different image gives a different picture."""

@@ -41,6 +41,9 @@ SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 #: attention heads of the published towers by width (shapes cannot tell the head count)
 KNOWN_HEADS = {768: 12, 1024: 16, 1152: 16, 1280: 16, 1664: 16}
+#: image sizes the patch grid does not give exactly: SigLIP so400m/14 at 384 px has 27 x 27 patches (the last
+#: 6 pixels fall off the grid), as ComfyUI's clip_vision_siglip_384 config says
+KNOWN_SIZES = {(14, 27): 384}
 #: the open_clip key of a vision tower's first attention (any prefix before it)
 OPENCLIP_PROBE = "transformer.resblocks.0.attn.in_proj_weight"
 HF_PROBE = "embeddings.patch_embedding.weight"
@@ -181,7 +184,8 @@ def vision_config(tower: dict[str, torch.Tensor], projection: torch.Tensor | Non
         raise ValueError("the tower's layers or position embeddings are not those of a ViT")
     return VisionConfig(
         kind="siglip" if siglip else "clip", width=width, layers=layers, heads=heads_for(width),
-        intermediate=int(tower["encoder.layers.0.mlp.fc1.weight"].shape[0]), patch=patch, image_size=grid * patch,
+        intermediate=int(tower["encoder.layers.0.mlp.fc1.weight"].shape[0]), patch=patch,
+        image_size=KNOWN_SIZES.get((patch, grid), grid * patch),
         projection_dim=int(projection.shape[0]) if projection is not None else None,
         use_head=siglip and "head.probe" in tower)
 
