@@ -355,6 +355,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             _report_issues(f"job {resumed[i - 1][0]}" if resumed else args.workflow, issues)
     if invalid:
         return EXIT_INVALID
+    if jobs and not getattr(args, "attach", False):  # the disk reads the first job's models while torch imports
+        from tui_diffusion.modelfiles.readahead import read_ahead, workflow_model_files
+
+        read_ahead(workflow_model_files(jobs[0], models))
 
     progress = _Progress(enabled=not args.json)
     if getattr(args, "attach", False):
