@@ -4,13 +4,16 @@ same bytes for them."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import TINY, TINY_SD2_V, TINY_XL, TINY_XL_REFINER
+from tests.conftest import ROOT, TINY, TINY_SD2_V, TINY_XL, TINY_XL_REFINER
 from tui_diffusion.families import detect
 from tui_diffusion.modelfiles import single_file
 from tui_diffusion.modelfiles.configs import write_config_folder
@@ -138,3 +141,37 @@ def test_the_phases_of_a_load_are_recorded(models_dir: Path, tmp_path: Path) -> 
     phases = single_file.last_phases.seconds
     assert {"open", "convert keys", "wait for the cast", "assign"} <= set(phases)
     assert all(v >= 0 for v in phases.values())
+
+
+def test_read_ahead_finds_the_model_files_a_workflow_names(models_dir: Path, tmp_path: Path) -> None:
+    from tests.conftest import TXT2IMG
+    from tui_diffusion.graph.workflow import Workflow
+    from tui_diffusion.modelfiles.readahead import read_ahead, workflow_model_files
+    from tui_diffusion.paths import ModelPaths
+
+    data = json.loads(TXT2IMG.read_text())
+    data["4"]["inputs"]["ckpt_name"] = TINY
+    models = ModelPaths(models_dir)
+    files = workflow_model_files(Workflow.from_data(data), models)
+    assert files == [models_dir / "checkpoints" / TINY]
+    data["4"]["inputs"]["ckpt_name"] = "../../etc/passwd"  # not a model: validation's business, not read
+    assert workflow_model_files(Workflow.from_data(data), models) == []
+    thread = read_ahead(files)
+    assert thread is not None
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert read_ahead([tmp_path / "missing.safetensors"]) is None
+
+
+@pytest.mark.slow
+def test_the_first_image_benchmark_reports_every_phase(models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "first.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.first_image", "--models", str(models_dir), "--ckpt",
+                           TINY, "--size", "64", "--steps", "1", "--repeat", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {"load", "encode", "sample", "decode", "save", "CLI imports"} <= set(data["phases_s"])
+    assert data["phases_s"]["load"] > 0 and data["phases_s"]["sample"] > 0
+    assert 0 < data["total_to_png_s"] <= data["total_to_exit_s"]
+    assert "| load |" in done.stdout

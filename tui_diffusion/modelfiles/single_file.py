@@ -72,6 +72,9 @@ def open_tensors(path: Path) -> dict[str, torch.Tensor]:
         return read_pickle_checkpoint(path)
     from safetensors import safe_open
 
+    from tui_diffusion.modelfiles.readahead import read_ahead
+
+    read_ahead([path])  # a file not in the page cache yet is read while the models are built
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
