@@ -169,6 +169,24 @@ def test_blocks_route_input_middle_and_out_to_their_modules(engine: EngineState,
     assert "conv_out.weight" in differ and "time_embedding.linear_1.weight" in differ
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_blend_in_float32_and_round_once(dtype: torch.dtype) -> None:
+    """GPU models run in half precision: the blend is computed in float32 (as ComfyUI patches) and restored
+    exactly, also when the job fails while the model is patched."""
+    from tui_diffusion.pipeline.merge import MergePatch
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(64, 64).to(dtype), torch.nn.Linear(64, 64).to(dtype)
+    before = state(first)
+    patch = MergePatch({"unet": second}, keep=0.3, take=0.7)
+    with pytest.raises(RuntimeError, match="job failed"), patched({"unet": first}, [patch]):
+        for name, param in first.named_parameters():
+            want = (before[name].float() * 0.3 + dict(second.named_parameters())[name].float() * 0.7).to(dtype)
+            assert torch.equal(param, want), name
+        raise RuntimeError("job failed")
+    assert_states(state(first), before)
+
+
 def test_the_block_name_mapping_on_sdxl_s_real_layout() -> None:
     """diffusers names -> the original names ComfyUI's block inputs are prefixes of, on a UNet laid out as SDXL's
     (three levels of two layers, attention from the second level, downsamplers and upsamplers) at tiny widths."""

@@ -115,7 +115,7 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
     if not active:
         yield
         return
-    tables = {part: _targets(module, part, part == "unet") for part, module in parts.items()}
+    tables: dict[str, dict[str, torch.nn.Module]] = {}  # built for the first LoRA
     #: id(parameter) -> (parameter, its value before any patch)
     backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
@@ -124,6 +124,8 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
                 if not isinstance(patch, Patch):  # a merge (pipeline/merge.py) sets what it changes itself
                     patch.apply(parts, backups)
                     continue
+                if not tables:
+                    tables = {part: _targets(module, part, part == "unet") for part, module in parts.items()}
                 for key, (down, up, alpha) in patch.lora.pairs.items():
                     part = key.split(":", 1)[0]
                     mod = tables.get(part, {}).get(key)
