@@ -129,17 +129,21 @@ def _encoded(vae: object, image: torch.Tensor, size: tuple[int, int], scale: flo
     return (vae.encode(pixels.movedim(1, -1)) - shift) * scale
 
 
-def test_sd3_diffusers_layout_residuals_equal_diffusers(root: Path, sd3: object, vae: object) -> None:
+@pytest.mark.parametrize("mask_channels", [0, 1])
+def test_sd3_diffusers_layout_residuals_equal_diffusers(root: Path, sd3: object, vae: object,
+                                                        mask_channels: int) -> None:
     """InstantX-style SD3 ControlNet: diffusers' controlnet (zero pooled vector, as its pipeline does for these)
-    and its transformer called with ``block_controlnet_hidden_states`` give our output exactly."""
-    net = cw.build_sd3_controlnet(sd3.unet, num_layers=1)
-    cm = load_control(cw.write_dit_controlnet(root / "sd3_one.safetensors", net), CPU)
+    and its transformer called with ``block_controlnet_hidden_states`` give our output exactly. An inpainting one
+    (17 hint channels) gets a mask channel of ones, as ComfyUI gives it without a mask."""
+    net = cw.build_sd3_controlnet(sd3.unet, num_layers=1, extra_conditioning_channels=mask_channels)
+    cm = load_control(cw.write_dit_controlnet(root / f"sd3_one_{mask_channels}.safetensors", net), CPU)
     entries, context, pooled = _entries(sd3)
     image = _hint_image()
     control = Control(cm, image, 0.7, vae=vae)
     x = torch.randn(1, 16, 8, 8, generator=G().manual_seed(3))
     extra, ours = _call(sd3, entries[0], control, x, 0.6)
     hint = _encoded(vae, image, (8, 8), 1.5305, 0.0)
+    hint = torch.cat([hint, torch.ones(1, mask_channels, 8, 8)], dim=1)
     t = torch.tensor([600.0])
     with torch.no_grad():
         blocks = net(hidden_states=x, controlnet_cond=hint, conditioning_scale=0.7, encoder_hidden_states=context,
