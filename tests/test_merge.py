@@ -423,3 +423,21 @@ def test_checkpoint_save_of_a_v_prediction_model_marks_it_and_loads_back_as_one(
     assert back.model.family is model.family and back.model.model_sampling.prediction == "v"
     assert_states(state(back.model.unet), state(model.unet))
     assert_states(state(back.clip.encoders[0].model), state(clip.encoders[0].model))
+
+
+def test_flux_transformers_merge_with_the_first_ratio_and_are_not_saved_as_checkpoints(engine: EngineState,
+                                                                                      sd1: tuple) -> None:
+    """No Flux weight has a UNet block name, so ModelMergeBlocks gives every one the first input's ratio, as
+    ComfyUI's prefix rule does; CheckpointSave says it writes the UNet families only."""
+    from tui_diffusion.families import by_id
+    from tui_diffusion.pipeline.checkpoint_writer_dit import build_flux_transformer
+    from tui_diffusion.pipeline.models import ModelHandle
+
+    (_, clip, vae), *_ = sd1
+    a, b = (ModelHandle(build_flux_transformer(seed=s), {}, by_id("flux"), CPU, "flux") for s in (0, 1))
+    wa, wb = state(a.unet), state(b.unet)
+    got = merged_unet(run(engine, "ModelMergeBlocks", model1=a, model2=b, input=0.25, middle=1.0, out=0.0)[0])
+    assert_states(got, {k: 0.25 * wa[k] + 0.75 * wb[k] for k in wa}, atol=1e-6)
+    with pytest.raises(NodeError, match="model: CheckpointSave writes SD1.x, SD2.x and SDXL checkpoints; saving a "
+                                        "Flux.1 model is not supported yet"):
+        implementations()["CheckpointSave"](ctx(engine), model=a, clip=clip, vae=vae, filename_prefix="flux")
