@@ -498,3 +498,34 @@ def test_unclip_loader_on_a_plain_checkpoint_says_so(tmp_path: Path, image: torc
 
     with pytest.raises(NodeError, match="plain.safetensors holds no image encoder"):
         clip_vision_encode(None, NoVision(str(tmp_path / "plain.safetensors")), image)
+
+
+def test_t2i_style_adapter_appends_its_tokens(redux: tuple, tmp_path: Path, image: torch.Tensor) -> None:
+    """StyleModelLoader also loads SD1.x's T2I style adapter: its 8 learned tokens read the CLIP vision tokens
+    through attention blocks (checked against torch's sequence-first MultiheadAttention, as the original runs
+    them) and are appended, projected to the text width."""
+    from tui_diffusion.pipeline.nodes_vision import style_model_apply
+
+    vision = load_clip_vision(w.write_clip_vision(tmp_path / "clip_vision_l.safetensors", SIZES, seed=12), CPU)
+    output = vision.encode(image)
+    style = load_style_model(w.write_t2i_style(tmp_path / "coadapter-style.safetensors", text_width=48), CPU)
+    text = [[torch.randn(1, 77, 48, generator=torch.Generator().manual_seed(13)), {}]]
+    (out,) = style_model_apply(None, text, style, output, 1.0, "multiply").outputs
+    assert out[0][0].shape == (1, 77 + 2 * 8, 48)
+
+    sd = {k: v.float() for k, v in style.module.state_dict().items()}
+    x = torch.cat([output.last_hidden_state, sd["style_embedding"].expand(2, -1, -1)], dim=1)
+    x = torch.nn.functional.layer_norm(x, (32,), sd["ln_pre.weight"], sd["ln_pre.bias"]).permute(1, 0, 2)
+    for i in range(3):
+        p = f"transformer_layes.{i}."
+        attn = torch.nn.MultiheadAttention(32, 8)
+        attn.load_state_dict({k[len(p) + 5:]: v for k, v in sd.items() if k.startswith(p + "attn.")})
+        h = torch.nn.functional.layer_norm(x, (32,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
+        with torch.no_grad():
+            x = x + attn(h, h, h, need_weights=False)[0]
+        h = torch.nn.functional.layer_norm(x, (32,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
+        h = h @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"]
+        x = x + (h * torch.sigmoid(1.702 * h)) @ sd[p + "mlp.c_proj.weight"].t() + sd[p + "mlp.c_proj.bias"]
+    x = x.permute(1, 0, 2)[:, -8:]
+    want = torch.nn.functional.layer_norm(x, (32,), sd["ln_post.weight"], sd["ln_post.bias"]) @ sd["proj"]
+    torch.testing.assert_close(out[0][0][:, 77:], want.reshape(1, 16, 48), atol=1e-5, rtol=1e-5)

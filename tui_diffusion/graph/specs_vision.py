@@ -46,9 +46,9 @@ SPECS: tuple[NodeSpec, ...] = (
     NodeSpec(
         "StyleModelLoader", "Load Style Model", "loaders",
         inputs=(InputSpec("style_model_name", COMBO, choices_from="style_models",
-                          tooltip="A style model from style_models/ (Flux Redux)."),),
+                          tooltip="A style model from style_models/ (Flux Redux, SD1.x T2I style adapter)."),),
         outputs=(OutputSpec(STYLE_MODEL, "STYLE_MODEL"),),
-        description="Loads a style model: Flux Redux's image-to-token projector.",
+        description="Loads a style model: Flux Redux's image-to-token projector or SD1.x's T2I style adapter.",
     ),
     NodeSpec(
         "StyleModelApply", "Apply Style Model", "conditioning/style_model",

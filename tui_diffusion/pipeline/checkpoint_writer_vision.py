@@ -157,3 +157,17 @@ def write_sd21_unclip_checkpoint(path: str | os.PathLike[str], vision: TinyVisio
     sd["noise_augmentor.data_mean"] = torch.randn(1, vision.projection_dim, generator=gen) * 0.1
     sd["noise_augmentor.data_std"] = torch.rand(1, vision.projection_dim, generator=gen) + 0.5
     return _save(sd, Path(path), dtype)
+
+
+def write_t2i_style(path: str | os.PathLike[str], vision_width: int = TinyVision().width, text_width: int = 32,
+                    tokens: int = 8, layers: int = 3, seed: int = 0) -> Path:
+    """An SD1.x T2I-Adapter style model (``coadapter-style``'s keys: ``style_embedding``, ``transformer_layes.*``,
+    ``ln_pre``/``ln_post``, ``proj``), random."""
+    from tui_diffusion.pipeline.clip_vision import T2IStyleAdapter
+
+    torch.manual_seed(seed)
+    module = T2IStyleAdapter(vision_width, text_width, tokens, layers)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] == vision_width else 0.0))
+    return save({k: v.detach() for k, v in module.state_dict().items()}, path)

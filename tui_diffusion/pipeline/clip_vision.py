@@ -308,7 +308,7 @@ def load_clip_vision(path: Path, device: Device, allow_pickle: bool = False) -> 
     return vision_from_state(read_state(path, allow_pickle), device, str(path))
 
 
-# -- style models (Flux Redux) --------------------------------------------------------------------------------------
+# -- style models (Flux Redux, the SD1.x T2I style adapter) ---------------------------------------------------------
 class ReduxProjector(torch.nn.Module):
     """Flux Redux's image-to-text-token projector: SigLIP tokens -> up (3x T5 width) -> SiLU -> down (T5 width)."""
 
@@ -321,42 +321,92 @@ class ReduxProjector(torch.nn.Module):
         return self.redux_down(torch.nn.functional.silu(self.redux_up(x)))
 
 
+class _AdapterBlock(torch.nn.Module):
+    """A residual attention block of the T2I style adapter (open_clip's: pre-norm, quick-GELU MLP)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_1 = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.ModuleDict({"c_fc": torch.nn.Linear(width, width * 4),
+                                        "c_proj": torch.nn.Linear(width * 4, width)})
+        self.ln_2 = torch.nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        h = self.mlp["c_fc"](self.ln_2(x))
+        return x + self.mlp["c_proj"](h * torch.sigmoid(1.702 * h))
+
+
+class T2IStyleAdapter(torch.nn.Module):
+    """The SD1.x T2I-Adapter style model (coadapter-style): learned style tokens read CLIP ViT-L's last hidden state
+    through a few attention blocks and are projected to the text width (ComfyUI builds it with 8 heads)."""
+
+    def __init__(self, width: int, context_dim: int, tokens: int, layers: int, heads: int = 8) -> None:
+        super().__init__()
+        self.style_embedding = torch.nn.Parameter(torch.zeros(1, tokens, width))
+        self.transformer_layes = torch.nn.Sequential(*[_AdapterBlock(width, heads) for _ in range(layers)])
+        self.ln_pre, self.ln_post = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.proj = torch.nn.Parameter(torch.zeros(width, context_dim))
+
+    @property
+    def in_features(self) -> int:
+        return int(self.style_embedding.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.style_embedding.shape[1]
+        x = torch.cat([x, self.style_embedding.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        x = self.transformer_layes(self.ln_pre(x))
+        return self.ln_post(x[:, -n:]) @ self.proj
+
+
 class StyleModel:
     """STYLE_MODEL: turns a CLIP vision output into tokens appended to a prompt's (ComfyUI's ``get_cond``)."""
 
-    def __init__(self, module: ReduxProjector, device: Device, source: str) -> None:
+    def __init__(self, module: torch.nn.Module, device: Device, source: str) -> None:
         self.module, self.device, self.source = module, device, source
 
     @property
     def vision_width(self) -> int:
+        if isinstance(self.module, T2IStyleAdapter):
+            return self.module.in_features
         return int(self.module.redux_up.in_features)
 
     def get_cond(self, output: ClipVisionOutput) -> torch.Tensor:
-        """Tokens [B, N, T5 width] from the encoder's last hidden state."""
+        """Tokens [B, N, text width] from the encoder's last hidden state."""
         x = output.last_hidden_state
         if x.shape[-1] != self.vision_width:
-            raise ValueError(f"the style model takes image tokens {self.vision_width} wide (SigLIP so400m: 1152); "
-                             f"this CLIP vision output is {x.shape[-1]} wide: load the image encoder it was made "
-                             "for (Flux Redux: sigclip_vision_patch14_384.safetensors)")
+            made_for = ("CLIP ViT-L/14: clip_vision_l" if isinstance(self.module, T2IStyleAdapter)
+                        else "Flux Redux: sigclip_vision_patch14_384.safetensors")
+            raise ValueError(f"the style model takes image tokens {self.vision_width} wide; this CLIP vision output "
+                             f"is {x.shape[-1]} wide: load the image encoder it was made for ({made_for})")
         dtype = next(self.module.parameters()).dtype
         with torch.inference_mode(), in_use(self.module):
             return self.module(x.to(self.device.torch_device, dtype)).float().cpu()
 
 
 def load_style_model(path: Path, device: Device, allow_pickle: bool = False) -> StyleModel:
-    """StyleModelLoader: Flux Redux's projector (``redux_up``/``redux_down``)."""
+    """StyleModelLoader: Flux Redux's projector (``redux_up``/``redux_down``) or the SD1.x T2I style adapter
+    (``style_embedding``), sized from the file."""
     state = read_state(path, allow_pickle)
-    if "style_embedding" in state:
-        raise CheckpointError(f"{path}: a T2I-Adapter style model (SD1.x coadapter-style); only Flux Redux style "
-                              "models load here")
-    if "redux_down.weight" not in state or "redux_up.weight" not in state:
-        raise CheckpointError(f"{path}: not a style model (no 'redux_up'/'redux_down' tensors of Flux Redux)")
+    module: torch.nn.Module
     try:
-        up, down = state["redux_up.weight"], state["redux_down.weight"]
-        module = ReduxProjector(int(up.shape[1]), int(up.shape[0]), int(down.shape[0]))
+        if "style_embedding" in state:
+            emb = state["style_embedding"]
+            layers = 0
+            while f"transformer_layes.{layers}.attn.in_proj_weight" in state:
+                layers += 1
+            module = T2IStyleAdapter(int(emb.shape[-1]), int(state["proj"].shape[1]), int(emb.shape[1]), layers)
+        elif "redux_down.weight" in state and "redux_up.weight" in state:
+            up, down = state["redux_up.weight"], state["redux_down.weight"]
+            module = ReduxProjector(int(up.shape[1]), int(up.shape[0]), int(down.shape[0]))
+        else:
+            raise CheckpointError(f"{path}: not a style model (neither Flux Redux's 'redux_up'/'redux_down' nor a "
+                                  "T2I style adapter's 'style_embedding')")
         module.load_state_dict({k: v.float() for k, v in state.items()})
-    except (RuntimeError, IndexError) as exc:
-        raise CheckpointError(f"{path}: not a usable Flux Redux file: {exc}") from None
+    except (RuntimeError, IndexError, KeyError, AssertionError) as exc:
+        raise CheckpointError(f"{path}: not a usable style model: {exc}") from None
     place(module, device, device.dtype)
     return StyleModel(module, device, str(path))
 

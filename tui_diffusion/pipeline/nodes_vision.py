@@ -149,7 +149,8 @@ def style_model_apply(ctx: NodeContext, conditioning: list, style_model: Any, cl
         tokens = cond.to(emb.dtype).expand(emb.shape[0], -1, -1)
         if tokens.shape[-1] != emb.shape[-1]:
             raise NodeError(f"the style model's tokens are {tokens.shape[-1]} wide but the conditioning's are "
-                            f"{emb.shape[-1]}: Flux Redux goes with Flux's text encoders (T5)")
+                            f"{emb.shape[-1]}: Flux Redux goes with Flux's text encoders (T5), the T2I style "
+                            "adapter with SD1.x's CLIP")
         out.append([torch.cat([emb, tokens], dim=1), extras])
     return NodeResult((out,))
 
