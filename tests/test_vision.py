@@ -261,6 +261,29 @@ def test_revision_replaces_sdxl_pooled_text_with_noised_image_embedding(sdxl: Pa
     assert unclip_conditioning(None, text, output, 0.0, 0.3).outputs[0] is text
 
 
+def test_revision_with_two_images_sums_and_noises_again(sdxl: Path, sdxl_model: object, image: torch.Tensor) -> None:
+    """Two unCLIPConditioning nodes chained (the revision template): each image noised at its own level and
+    weighted, the sum noised once more at level 0 (SDXL's merge level), reproducibly for a seed."""
+    from tui_diffusion.pipeline.clip_vision import resolve_unclip
+    from tui_diffusion.pipeline.nodes_vision import unclip_conditioning
+
+    vision = load_clip_vision(sdxl / "models" / "clip_vision" / "clip_vision_g.safetensors", CPU)
+    first, second = vision.encode(image[:1]), vision.encode(image[1:])
+    text = [[torch.zeros(1, 77, 192), {"pooled_output": torch.zeros(1, 128)}]]
+    (cond,) = unclip_conditioning(None, text, first, 0.75, 0.0).outputs
+    (cond,) = unclip_conditioning(None, cond, second, 0.5, 0.1).outputs
+    pooled = resolve_unclip(sdxl_model, cond, seed=20)[0][1]["pooled_output"]
+    torch.testing.assert_close(resolve_unclip(sdxl_model, cond, seed=20)[0][1]["pooled_output"], pooled)
+    acp = _alphas_cumprod()
+
+    def noised(x: torch.Tensor, level: int) -> torch.Tensor:
+        noise = torch.randn((1, 128), generator=torch.Generator().manual_seed(10))
+        return acp[level].sqrt() * x + (1 - acp[level]).sqrt() * noise
+
+    total = noised(first.image_embeds, 0) * 0.75 + noised(second.image_embeds, round(999 * 0.1)) * 0.5
+    torch.testing.assert_close(pooled, noised(total, 0))
+
+
 def test_ksampler_samples_with_revision(sdxl: Path, sdxl_model: object, image: torch.Tensor, tmp_path: Path) -> None:
     """The sampler resolves unCLIP conditioning with its seed: revision changes KSampler's latent, the same seed
     gives the same latent."""

@@ -451,7 +451,8 @@ class NoiseAugmentor:
 def unclip_adm(unclip: list[dict], augmentor: NoiseAugmentor, merge_augment: float = 0.0,
                seed: int | None = None) -> torch.Tensor:
     """ComfyUI's ``unclip_adm``: each image's embedding noised and weighted by its strength, concatenated with
-    its noise level's embedding; several are summed and noised once more at ``merge_augment``."""
+    its noise level's embedding; several are summed and noised once more at ``merge_augment`` (ComfyUI draws that
+    noise unseeded; here it comes from the same seed, so that a seed gives one image)."""
     outs = []
     for entry in unclip:
         embeds = entry["clip_vision_output"].image_embeds
@@ -469,7 +470,7 @@ def unclip_adm(unclip: list[dict], augmentor: NoiseAugmentor, merge_augment: flo
         return outs[0]
     total = torch.stack(outs).sum(0)
     level = round((augmentor.max_noise_level - 1) * merge_augment)
-    z, level_emb = augmentor(total[:, : augmentor.dim], level, None)
+    z, level_emb = augmentor(total[:, : augmentor.dim], level, seed)
     return torch.cat([z, level_emb], dim=1)
 
 
