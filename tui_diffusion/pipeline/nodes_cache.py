@@ -20,4 +20,5 @@ def apply_step_cache(ctx: NodeContext, model: ModelHandle, method: str = "first_
     why = applicable(model.unet, method)
     if why is not None:
         raise NodeError(f"{model.family.label} model: {why}")
-    return NodeResult((dataclasses.replace(model, step_cache=None if method == "none" else cache),))
+    # "none" is kept too: it turns the step_cache setting off for this model
+    return NodeResult((dataclasses.replace(model, step_cache=cache),))

@@ -82,8 +82,8 @@ def applicable(net: Any, method: str) -> str | None:
         from diffusers.hooks._helpers import TransformerBlockRegistry
 
         blocks = _cacheable_blocks(net)
-        if len(blocks) < 3:
-            return f"first_block_cache needs at least 3 transformer blocks; this {name} has {len(blocks)}"
+        if len(blocks) < 2:
+            return f"first_block_cache needs at least 2 transformer blocks; this {name} has {len(blocks)}"
         try:
             for block in blocks:
                 TransformerBlockRegistry.get(type(block))
