@@ -19,6 +19,7 @@ from tui_diffusion.graph.specs_merge import SDXL_BLOCKS
 from tui_diffusion.paths import ModelPaths
 from tui_diffusion.pipeline.checkpoint_writer import (
     TinySD1,
+    build_sd1_models,
     write_kohya_lora,
     write_sd1_checkpoint,
     write_sdxl_checkpoint,
@@ -46,8 +47,8 @@ def root(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "checkpoints").mkdir()
     for name in (TINY, TINY_XL, TINY_SD2_V):
         (root / "checkpoints" / name).symlink_to(models_dir / "checkpoints" / name)
-    b = write_sd1_checkpoint(root / "checkpoints" / SD1_B, seed=1)
-    unet = load_checkpoint(b, CPU, tmp_path_factory.mktemp("cfg")).model.unet
+    write_sd1_checkpoint(root / "checkpoints" / SD1_B, seed=1)
+    unet = build_sd1_models(TinySD1())[0]  # the layer names and sizes of the tiny SD1.x UNet
     write_kohya_lora(root / "loras" / "b-style.safetensors", unet, [], seed=4, scale=0.3)
     write_sd1_checkpoint(root / "checkpoints" / INPAINT_B, TinySD1(in_channels=9), seed=1)
     write_sdxl_checkpoint(root / "checkpoints" / XL_B, seed=1)
