@@ -229,3 +229,31 @@ def test_sampler_previews_are_made_only_when_the_worker_sends_them(tmp_path: Pat
     from PIL import Image
 
     assert Image.open(io.BytesIO(sent[-1])).size == (32, 32)  # TAESD: 8x the latent, not latent-sized
+
+
+@pytest.mark.slow
+def test_run_preview_writes_the_taesd_preview(tmp_path: Path, models_dir: Path) -> None:
+    """``tui-diffusion run --preview FILE`` end to end (a real worker): the file holds the last preview, made by
+    TAESD (8x the latent: 64 pixels for a 64-pixel image) since the family's decoder is in vae_approx; the
+    step cache option runs along (TaylorSeer on the SD1.x UNet)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import ROOT, TINY
+
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    shutil.copy(models_dir / "checkpoints" / TINY, tmp_path / "models" / "checkpoints" / TINY)
+    write_taesd(tmp_path / "models" / "vae_approx" / "taesd_decoder.safetensors")
+    args = ["run", str(ROOT / "workflows" / "txt2img.json"), "--set", f"4.ckpt_name={TINY}", "--set", "5.width=64",
+            "--set", "5.height=64", "--set", "3.steps=3", "--preview", "preview.png", "--step-cache", "taylorseer"]
+    out = subprocess.run([sys.executable, "-m", "tui_diffusion", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_file()
+    preview = Image.open(tmp_path / "preview.png")
+    assert preview.format == "PNG" and preview.size == (64, 64)
+    assert not list(tmp_path.glob(".preview.png*"))

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folders(run)
     _add_device_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object per job on stdout, nothing else")
+    run.add_argument("--preview", type=Path, default=None, metavar="PNG",
+                     help="keep this PNG file updated with the sampling preview (at most every 250 ms; TAESD or "
+                          "latent2rgb as --preview-method says), for an image viewer to watch")
     _add_backend_options(run)
     run.add_argument("--attach", action="store_true",
                      help="queue the jobs on the background server ('tui-diffusion serve') instead of a worker of "
@@ -333,11 +336,22 @@ def _bar(step: int, total: int, width: int = 24) -> str:
     return "#" * filled + "-" * (width - filled)
 
 
+def _write_preview(path: Path, png: bytes) -> None:
+    """Replace ``path`` at once (a viewer never reads half a file); a preview that cannot be written is skipped."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(png)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tui_diffusion.runtime.protocol import WorkerDied
     from tui_diffusion.runtime.supervisor import Supervisor
 
     resumed = getattr(args, "resume_jobs", None)
+    preview_file: Path | None = getattr(args, "preview", None)
     if resumed:
         models = settings(args).model_paths()
         jobs = [Workflow.from_data(data, f"job {job_id}") for job_id, data in resumed]
@@ -403,7 +417,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if resumed:
             ids = [client.submit(job, job_id=job_id) for job, (job_id, _) in zip(jobs, resumed, strict=True)]
         else:
-            ids = [client.submit(job) for job in jobs]
+            ids = [client.submit(job, previews=preview_file is not None) for job in jobs]
         index = {job_id: n for n, job_id in enumerate(ids, 1)}
         if interrupted:
             for job_id in ids:
@@ -426,6 +440,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if args.json:  # stdout carries only the result lines; progress goes to stderr
                     print(f"job {index[event.job_id]}: started", file=sys.stderr, flush=True)
             elif isinstance(event, m.Progress):
+                if preview_file is not None and event.preview_png:
+                    _write_preview(preview_file, event.preview_png)
                 progress.show(f"job {index[event.job_id]}/{len(ids)} {titles.get(event.node_id, event.node_id)} "
                               f"[{_bar(event.step, event.total)}] {event.step}/{event.total}")
             elif isinstance(event, m.NodeStarted):
