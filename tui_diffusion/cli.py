@@ -352,6 +352,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     resumed = getattr(args, "resume_jobs", None)
     preview_file: Path | None = getattr(args, "preview", None)
+    jobs: Sequence[Workflow]
     if resumed:
         models = settings(args).model_paths()
         jobs = [Workflow.from_data(data, f"job {job_id}") for job_id, data in resumed]
@@ -637,6 +638,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         client = RemoteClient()
         client.start()
         hello = client.attached
+        assert hello is not None  # start() attached or raised
         if args.status:
             counts: dict[str, int] = {}
             for job in hello.jobs:

@@ -7,11 +7,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tui_diffusion import messages as m
+from tui_diffusion.runtime.queue import (  # the queue's one vocabulary of states
+    DONE,
+    FAILED,
+    FINAL,
+    HELD,
+    INTERRUPTED,
+    PENDING,
+    REMOVED,
+    RUNNING,
+    state_after,
+)
 
-PENDING, RUNNING, DONE, FAILED, INTERRUPTED, REMOVED = "pending", "running", "done", "failed", "interrupted", "removed"
-#: left unfinished by a worker that is gone (a crash, a reboot, a closed terminal): waits for "resume"
-HELD = "held"
-FINAL = frozenset({DONE, FAILED, INTERRUPTED, REMOVED})
+__all__ = ["DONE", "FAILED", "FINAL", "HELD", "INTERRUPTED", "PENDING", "REMOVED", "RUNNING", "JobBook", "JobRecord"]
 
 
 @dataclass
@@ -88,13 +96,17 @@ class JobBook:
     def apply(self, event: Any, now: float | None = None) -> JobRecord | None:
         """Update the record an event belongs to; returns it (None for events of no known job)."""
         now = time.monotonic() if now is None else now
-        record = self.jobs.get(getattr(event, "job_id", None))
+        job_id = getattr(event, "job_id", None)
+        record = self.jobs.get(job_id) if isinstance(job_id, str) else None
         if record is None:
             return None
+        state = state_after(event)
+        if state is not None:
+            record.status = state
         if isinstance(event, m.JobPlaced):
             record.worker = event.worker
         elif isinstance(event, m.JobStarted):
-            record.status, record.started = RUNNING, now
+            record.started = now
         elif isinstance(event, m.NodeStarted):
             record.node_id, record.step, record.total, record.step_started = event.node_id, 0, 0, now
         elif isinstance(event, m.Progress):
@@ -109,15 +121,12 @@ class JobBook:
         elif isinstance(event, m.NodeCached):
             record.cached.append(event.node_id)
         elif isinstance(event, m.JobFinished):
-            record.status = DONE if event.status == "ok" else INTERRUPTED
             record.outputs, record.seconds, record.node_id = list(event.outputs), event.seconds, None
             if event.status == "ok":
                 record.executed, record.cached, record.timings = list(event.executed), list(event.cached), dict(
                     event.timings)
         elif isinstance(event, m.JobFailed):
-            record.status, record.error, record.error_node, record.node_id = FAILED, event.message, event.node_id, None
-        elif isinstance(event, m.JobRemoved):
-            record.status = REMOVED
+            record.error, record.error_node, record.node_id = event.message, event.node_id, None
         return record
 
     def worker_lost(self, reason: str) -> list[JobRecord]:

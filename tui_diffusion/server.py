@@ -267,7 +267,8 @@ class Server:
 
     # -- jobs ------------------------------------------------------------------------------------------------
     def _track(self, event: Event) -> None:
-        job = self.jobs.get(getattr(event, "job_id", None))
+        job_id = getattr(event, "job_id", None)
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
         if job is None:
             return
         change: dict[str, Any] = {}

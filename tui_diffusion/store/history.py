@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import platformdirs
+
+log = logging.getLogger("tui_diffusion.store")
 
 DB_ENV = "TUI_DIFFUSION_DB"
 SCHEMA_VERSION = 2
@@ -160,8 +163,8 @@ class History:
         if self.on_notice is not None:
             try:
                 self.on_notice(text)
-            except Exception:
-                pass
+            except Exception:  # a notice is news, never a reason for the write that found the damage to fail
+                log.exception("could not pass on a notice about %s", self.path)
 
     def _recover(self, exc: BaseException) -> None:
         """Move the damaged file aside and start a new one holding what can be read from it and this process's
@@ -172,8 +175,8 @@ class History:
         with self._lock:
             try:
                 self.db.close()
-            except Exception:
-                pass
+            except Exception as failure:  # the damaged connection may not even close; a new one replaces it anyway
+                log.info("closing the damaged connection to %s failed: %s", self.path, failure)
             folder = _sessions_dir(self.path)
             folder.mkdir(parents=True, exist_ok=True)
             guard = os.open(folder / "recover.guard", os.O_CREAT | os.O_RDWR, 0o600)
@@ -380,7 +383,7 @@ class History:
             rows.append(JobRow(**raw))
         return rows
 
-    def job_finished(self, job_id: str, status: str, *, outputs: list[str] = (),
+    def job_finished(self, job_id: str, status: str, *, outputs: Sequence[str] = (),
                      timings: dict[str, float] | None = None, error: str | None = None,
                      error_node: str | None = None, models: dict[str, str] | None = None,
                      seconds: float | None = None) -> None:
