@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,10 +91,10 @@ def one_run(models: Path, ckpt: str, size: int, steps: int, seed: int, cold: boo
     proc.wait(timeout=600)
     marks["exit"] = time.perf_counter() - start
     reader.join(timeout=5)
-    if proc.returncode != 0 or result.get("status") != "ok":
+    saved = bool(result.get("outputs")) and (home / result["outputs"][0]).is_file()  # absolute, or under home
+    shutil.rmtree(home, ignore_errors=True)
+    if proc.returncode != 0 or result.get("status") != "ok" or not saved:
         raise RuntimeError(f"run failed ({proc.returncode}): {result}")
-    png = Path(result["outputs"][0])
-    marks["png_mtime"] = png.stat().st_mtime  # wall clock; turned into seconds below
     timings = result["timings"]
     record = {"started_s": marks.get("started", float("nan")), "result_s": marks["result"], "exit_s": marks["exit"]}
     for phase, nodes in NODE_PHASES:
