@@ -421,6 +421,12 @@ def test_unclip_checkpoint_loader_gives_model_and_image_encoder(unclip: tuple, i
     assert model.family.id == "sd2-unclip" and model.unet.config.class_embed_type == "projection"
     assert model.scheduler_config["prediction_type"] == "v_prediction"
     assert model.unet.config.projection_class_embeddings_input_dim == 2 * SIZES.projection_dim
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # the class embedding is the file's label_emb
+        for ours, theirs in (("linear_1.weight", "0.0.weight"), ("linear_2.bias", "0.2.bias")):
+            torch.testing.assert_close(model.unet.class_embedding.get_parameter(ours),
+                                       f.get_tensor(f"model.diffusion_model.label_emb.{theirs}"))
     reference = w.build_clip_vision(SIZES, seed=3)  # the writer's encoder
     out = vision.encode(image)
     with torch.no_grad():
