@@ -4,8 +4,10 @@ CLIPVisionEncode gives a ``clip_vision.ClipVisionOutput``. StyleModelApply appen
 conditioning entry's tokens (Flux Redux), as ComfyUI does: "multiply" scales the tokens; "attn_bias" records an
 attention bias of log(strength) towards them in the entry's ``attention_mask`` (with ComfyUI's layout: text
 tokens, then the image's, summarised by ``attention_mask_img_shape``), which the family turns into an attention
-mask. unCLIPConditioning adds ``{clip_vision_output, strength, noise_augmentation}`` to the entry's
-``unclip_conditioning`` list; SDXL reads it as revision (the noised image embedding replaces the pooled text).
+mask (Flux). unCLIPConditioning adds ``{clip_vision_output, strength, noise_augmentation}`` to the entry's
+``unclip_conditioning`` list, which the sampler resolves with its seed (``clip_vision.resolve_unclip``): SDXL reads
+it as revision (the noised image embedding replaces the pooled text), SD2.1 unCLIP as its UNet's class labels.
+unCLIPCheckpointLoader adds the image encoder an unCLIP checkpoint holds to CheckpointLoaderSimple's outputs.
 """
 
 from __future__ import annotations
