@@ -421,7 +421,7 @@ async def test_the_queue_shows_which_worker_runs_each_job(home: Path) -> None:
         fake.emit(m.JobPlaced(first, "worker 0 (GPU 0)"), m.JobPlaced(second, "worker 1 (GPU 1)"))
         await settle(pilot, 6)
         queue = app.screen.query_one(QueuePanel)
-        labels = [str(queue.get_row_at(i)[2]) for i in range(queue.row_count)]
+        labels = [str(queue.get_row_at(i)[3]) for i in range(queue.row_count)]
         assert labels[0].endswith("· worker 0 (GPU 0)") and labels[1].endswith("· worker 1 (GPU 1)")
 
 

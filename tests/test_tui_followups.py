@@ -305,3 +305,34 @@ async def test_a_long_token_count_line_ends_in_an_ellipsis_at_100_columns(home: 
         assert tokens.size.width < len("4/75 tokens (an embedding counts as 1)")
         shown = tokens.render_line(0).text.rstrip()
         assert shown.startswith("3/75 tokens (an embedding") and shown.endswith("…")
+
+
+async def test_at_100_columns_a_running_jobs_progress_and_a_failures_cause_are_in_sight(home: Path) -> None:
+    """The job's label (a long seed) came before the progress column and pushed it out of the narrow queue pane;
+    a long error did the same to the next columns."""
+    from textual.widgets import DataTable
+
+    from tui_diffusion.widgets.queue_panel import ERROR_CELL
+
+    app = make_app(home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        queue = app.screen.query_one("#queue", DataTable)
+        fake = FakeClient.instances[-1]
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        job = fake.submitted[-1][0]
+        fake.run_job(job, home / "out", steps=4, finish=False)
+        await settle(pilot, 6)
+        shown = "\n".join(queue.render_line(y).text for y in range(queue.size.height))
+        assert "4/4" in shown, shown
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        second = fake.submitted[-1][0]
+        fake.emit(m.JobStarted(second), m.JobFailed(second, "3", "the sampler ran out of memory " * 6 + "\nmore"))
+        await settle(pilot, 6)
+        shown = "\n".join(queue.render_line(y).text for y in range(queue.size.height))
+        assert "failed   the sampler ran" in shown, shown  # the cause's start, beside the state
+        cell = str(queue.get_cell(second, queue.ordered_columns[2].key))
+        assert cell.startswith("the sampler ran out of memory") and cell.endswith("…") and "more" not in cell
+        assert len(cell) == ERROR_CELL

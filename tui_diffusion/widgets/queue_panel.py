@@ -13,24 +13,32 @@ _STYLE = {PENDING: "yellow", RUNNING: "bold cyan", DONE: "green", FAILED: "bold 
           REMOVED: "dim", HELD: "italic yellow"}
 
 
+#: the longest error shown in a queue cell
+ERROR_CELL = 48
+
+
 def _bar(step: int, total: int, width: int = 12) -> str:
     filled = int(width * step / max(total, 1))
     return "█" * filled + "░" * (width - filled)
 
 
-def describe(job: JobRecord) -> Text:
+def describe(job: JobRecord, bar: int = 12) -> Text:
+    """The progress cell; ``bar`` cells of progress bar (fewer in a narrow pane). The step count comes first:
+    what a cut cell keeps."""
     text = Text()
     if job.status == RUNNING:
         if job.total:
-            text.append(f"{_bar(job.step, job.total)} {job.step}/{job.total}")
+            text.append(f"{job.step}/{job.total} {_bar(job.step, job.total, bar)}")
             if job.eta is not None:
                 text.append(f" ETA {job.eta:.0f}s", style="dim")
         else:
             text.append(f"node {job.node_id or '…'}", style="dim")
     elif job.status == DONE:
         text.append(f"{job.seconds:.1f}s · ran {len(job.executed)}, cached {len(job.cached)}")
-    elif job.status == FAILED:
-        text.append(job.error or "failed", style="red")
+    elif job.status == FAILED:  # the first line, cut: the image pane shows the whole message
+        lines = (job.error or "").strip().splitlines()
+        error = lines[0] if lines else "failed"
+        text.append(error if len(error) <= ERROR_CELL else error[:ERROR_CELL - 1] + "…", style="red")
     return text
 
 
@@ -57,15 +65,16 @@ class QueuePanel(DataTable):
         self._placed: str | None = None
 
     def on_mount(self) -> None:
-        self._columns = self.add_columns("#", "state", "job", "progress")
+        # progress before the job's label: its width is bounded, and on a narrow pane it stays in sight
+        self._columns = self.add_columns("#", "state", "progress", "job")
         self._order: list[str] = []
 
-    @staticmethod
-    def _cells(job: JobRecord) -> tuple[str, Text, Text, Text]:
+    def _cells(self, job: JobRecord) -> tuple[str, Text, Text, Text]:
         label = Text(job.label)
         if job.worker:  # a pool or Ray: which worker or actor has it
             label.append(f" · {job.worker}", style="dim")
-        return str(job.number), Text(job.status, style=_STYLE.get(job.status, "")), label, describe(job)
+        bar = 12 if self.size.width >= 60 else 6
+        return str(job.number), Text(job.status, style=_STYLE.get(job.status, "")), describe(job, bar), label
 
     def show(self, jobs: list[JobRecord], selected: str | None) -> None:
         """Cells update in place while the jobs are the same, in the same order (progress, state); the rows
