@@ -167,8 +167,31 @@ def test_a_big_latent_is_previewed_at_the_preview_size(tmp_path: Path) -> None:
     assert pv.MAX_PREVIEW_SIDE == 512
     write_taesd(tmp_path / "taesd_decoder.safetensors")
     preview = pv.TaesdPreviewer(pv.load_taesd_decoder(tmp_path / "taesd_decoder.safetensors"), max_side=64)
+    preview.share = 1.0  # no time budget: two previews in a row
     assert preview(torch.randn(1, 4, 12, 16)).shape == (48, 64, 3)
     assert preview(torch.randn(1, 4, 4, 6)).shape == (32, 48, 3)  # small ones as they are
+
+
+def test_taesd_decodes_take_at_most_their_share_of_the_time(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a decode that took t, calls within 4t (a fifth of the time) give None: no new picture, no cost."""
+    write_taesd(tmp_path / "taesd_decoder.safetensors")
+    preview = pv.TaesdPreviewer(pv.load_taesd_decoder(tmp_path / "taesd_decoder.safetensors"))
+    now = [100.0]
+    monkeypatch.setattr(pv.time, "perf_counter", lambda: now[0])
+    decode = preview._decode
+
+    def slow(x0: torch.Tensor) -> np.ndarray:
+        now[0] += 1.0  # a decode of one second
+        return decode(x0)
+
+    monkeypatch.setattr(preview, "_decode", slow)
+    x = torch.randn(1, 4, 2, 2)
+    assert preview(x) is not None  # 100 -> 101
+    now[0] = 104.9
+    assert preview(x) is None
+    now[0] = 105.0
+    assert preview(x) is not None
 
 
 def test_latent2rgb_is_the_samplers_projection() -> None:
@@ -194,6 +217,7 @@ def test_sampler_previews_are_made_only_when_the_worker_sends_them(tmp_path: Pat
     from tui_diffusion.pipeline.worker import WorkerEngine
 
     write_taesd(tmp_path / "vae_approx" / "taesd3_decoder.safetensors", 16)
+    monkeypatch.setattr(pv.TaesdPreviewer, "share", 1.0)  # the time budget is tested on its own
     clock = itertools.count()
     monkeypatch.setattr(time, "monotonic", lambda: 1000.0 + 0.01 * next(clock))
     events: list = []

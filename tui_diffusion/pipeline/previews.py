@@ -9,13 +9,16 @@ is ComfyUI's option: ``latent2rgb``, ``taesd``, ``none``, and ``auto``, which he
 is present (the better picture) and latent-to-RGB otherwise (ComfyUI's ``auto`` always takes latent-to-RGB).
 
 Previews are made lazily: the sampler hands the worker a callable, and the worker calls it only for the
-previews it sends (at most one every 250 ms), so a TAESD decode never runs for a step nobody sees.
+previews it sends (at most one every 250 ms), so a TAESD decode never runs for a step nobody sees; and TAESD
+decodes take at most a fifth of the time (``TaesdPreviewer.share``), which matters on a CPU, where one takes
+longer than a step of a small model.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ __all__ = ["MAX_PREVIEW_SIDE", "PREVIEW_METHODS", "Latent2RGBPreviewer", "TaesdP
 #: latent runs on a latent shrunk to fit, so a big image does not cost a full-size decode per preview
 MAX_PREVIEW_SIDE = 512
 
-Previewer = Callable[[torch.Tensor], np.ndarray]
+Previewer = Callable[[torch.Tensor], np.ndarray | None]
 
 
 def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
@@ -59,16 +62,33 @@ class Latent2RGBPreviewer:
 
 
 class TaesdPreviewer:
-    """A TAESD decoder: a real-looking image at 8x the latent's size, for a few ms on a GPU."""
+    """A TAESD decoder: a real-looking image at 8x the latent's size, for a few ms on a GPU.
+
+    On a CPU one decode of a 512-pixel preview takes seconds, longer than the 250 ms between previews; so
+    decodes may take at most ``share`` of the sampling's time: after a decode that took t seconds, calls
+    within t * (1 / share - 1) seconds give None (the worker then sends no new picture)."""
+
+    #: the most of the wall time that preview decodes may take
+    share = 0.2
 
     def __init__(self, decoder: Any, max_side: int = MAX_PREVIEW_SIDE) -> None:
         self.decoder = decoder
         self.max_side = max_side
         param = next(decoder.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._next = 0.0
 
     @torch.inference_mode()
-    def __call__(self, x0: torch.Tensor) -> np.ndarray:
+    def __call__(self, x0: torch.Tensor) -> np.ndarray | None:
+        start = time.perf_counter()
+        if start < self._next:
+            return None
+        image = self._decode(x0)
+        end = time.perf_counter()
+        self._next = end + (end - start) * (1 / self.share - 1)
+        return image
+
+    def _decode(self, x0: torch.Tensor) -> np.ndarray:
         z = x0[:1].to(self.device, self.dtype)
         longest = max(z.shape[-2:]) * 8
         if longest > self.max_side:  # decode a smaller latent rather than shrink a big decode
