@@ -205,3 +205,28 @@ def test_spec_and_validation() -> None:
     assert applicable(torch.nn.Linear(2, 2), "taylorseer") == "taylorseer found no layers it knows in a Linear"
     with pytest.raises(NodeError, match="not one of none, first_block_cache, taylorseer"):
         StepCache("teacache")
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_rewrites_only_its_docs_section(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nload figures\n\n<!-- step_cache:begin -->\nold\n<!-- step_cache:end -->\n\ntail\n")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.step_cache", "--smallest", "--repeat", "1", "--json",
+                           str(tmp_path / "r.json"), "--docs", str(docs)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["step_cache"]
+    assert {r["method"] for r in rows} == {"first_block_cache", "taylorseer"}
+    ran = [r for r in rows if "skipped" not in r]
+    assert all(r["speedup"] > 0 and 0 < r["full_calls_share"] <= 1 and r["rel_l2"] >= 0 for r in ran)
+    assert [r["model"].split(" ")[0] for r in rows if "skipped" in r] == ["SD1.x", "SD1.x"]  # FBC refuses UNets
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nload figures\n\n<!-- step_cache:begin -->") and text.endswith("\n\ntail\n")
+    assert "\nold\n" not in text
+    assert "## Step caching" in text and "taylorseer (interval 3, warmup 2)" in text
