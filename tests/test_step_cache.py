@@ -230,3 +230,34 @@ def test_benchmark_runs_and_rewrites_only_its_docs_section(tmp_path: Path) -> No
     assert text.startswith("# Benchmarks\n\nload figures\n\n<!-- step_cache:begin -->") and text.endswith("\n\ntail\n")
     assert "\nold\n" not in text
     assert "## Step caching" in text and "taylorseer (interval 3, warmup 2)" in text
+
+
+def test_each_kind_of_call_keeps_its_own_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook state is named by the input's shape and the call's place among that step's calls of that shape
+    (area conditionings of one size run one after the other), so two areas never share cached work."""
+    import diffusers.hooks.hooks as dh
+
+    from tui_diffusion.pipeline.step_cache import step_cache_applied
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+            self.proj_out = torch.nn.Linear(4, 4)
+
+        def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            for block in self.transformer_blocks:
+                hidden_states = block(hidden_states)
+            return self.proj_out(hidden_states)
+
+    names: list[str | None] = []
+    real = dh._set_cache_context
+    monkeypatch.setattr(dh, "_set_cache_context",
+                        lambda net, ctx: (names.append(ctx.name if ctx else None), real(net, ctx))[1])
+    net = Net()
+    with step_cache_applied(net, StepCache("taylorseer", interval=2, warmup=1)):
+        for t in (1.0, 0.5):
+            for shape in ((1, 3, 4), (1, 3, 4), (2, 5, 4)):  # two areas of one size, then a batched call
+                net(hidden_states=torch.randn(*shape), timestep=torch.tensor([t]))
+    assert names == ["1x3x4#0", "1x3x4#1", "2x5x4#0"] * 2 + [None]
+    assert no_hooks(net)

@@ -20,7 +20,8 @@ ranges and weights, and on the tiny SD3/Flux models it was no faster.
 The cache is a property of the MODEL as the ApplyStepCache node returns it (or of every model, with the
 ``step_cache`` setting); the hooks are attached to the shared network only while one sampler runs and removed
 afterwards, so the loaded model in the cache is the same network for every other job. Hook state is kept per
-input shape (a batched cond/uncond call, an area's crop), so calls of different shapes never mix.
+kind of call (its input shape, and its place among that step's calls of that shape: a batched cond/uncond
+call, each area conditioning's crop), so different calls never reuse each other's work.
 """
 
 from __future__ import annotations
@@ -166,10 +167,18 @@ def step_cache_applied(net: Any, cache: StepCache | None) -> Iterator[None]:
         raise NodeError(f"step cache: {why}")
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
+    calls: dict[tuple, int] = {}
+
     def before(module: Any, args: tuple, kwargs: dict) -> None:
+        # one state per kind of call: its input shape and its place among the calls of that shape at this
+        # timestep (area conditionings of one size are evaluated one after the other, in the same order)
         x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-        name = "x".join(str(d) for d in x.shape) if isinstance(x, torch.Tensor) else "call"
-        _set_cache_context(net, CacheContext(name))
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+        when = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) and t.numel() else None
+        nth = calls.get((shape, when), 0)
+        calls[(shape, when)] = nth + 1
+        _set_cache_context(net, CacheContext(f"{'x'.join(str(d) for d in shape)}#{nth}"))
 
     _apply(net, cache)
     handle = net.register_forward_pre_hook(before, with_kwargs=True)
