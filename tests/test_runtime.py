@@ -193,3 +193,22 @@ def test_the_app_bridge_hands_out_the_queue_ids(tmp_path: Path) -> None:
     assert len(job) == 12 and FakeClient.instances[-1].submitted[0][0] == job
     assert bridge.left_over() == []
     bridge.close()
+
+
+def test_the_remote_backend_hands_out_the_servers_snapshot_first(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attaching client sees the server's Attached before any live event (it was swallowed once)."""
+    import tui_diffusion.server as server
+
+    class Conn:
+        def recv(self) -> Any:
+            return m.Attached(None, [], 7)
+
+        def poll(self, timeout: float | None) -> bool:
+            return False
+
+    monkeypatch.setattr(server, "Client", lambda *a, **k: Conn())
+    monkeypatch.setattr(server, "_key", lambda *a, **k: b"key")
+    remote = server.RemoteClient(folder=tmp_path)
+    remote.start()
+    assert isinstance(remote.next_event(0.01), m.Attached) and remote.next_event(0.01) is None

@@ -440,7 +440,7 @@ class RemoteClient:
             raise ServerError(f"the server on {address} refused this client: {exc}") from None
         self.attached = hello
         self.ready = hello.ready
-        self._first.take(hello)  # the snapshot is the first event the caller sees
+        self._first.push_front([hello])  # the snapshot is the first event the caller sees
 
     def wait_ready(self, timeout: float | None = None) -> m.WorkerReady:
         """Block until the server's worker is ready; the events that came first are kept for the caller."""
