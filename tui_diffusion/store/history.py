@@ -1,6 +1,7 @@
 """Run history and model hashes in SQLite (WAL, a schema version, migrations). Torch-free.
 
-The worker writes a row per job; the CLI and the TUI read them. Several processes may use the database
+A row per job, written through the runtime's queue (``runtime.queue``, in the client and in the worker) and
+the worker's recorder; the CLI and the TUI read them. Several processes may use the database
 at once. A corrupt database is moved aside (never deleted) and a new one started; one from a newer
 version of the program is refused with a message rather than touched.
 """
@@ -53,8 +54,8 @@ _MIGRATIONS: dict[int, str] = {
         sha256 TEXT NOT NULL
     );
     """,
-    # the durable queue: a job's row is written when the worker accepts it; ``session`` names the worker
-    # that holds it, so jobs left behind by a worker that died can be told from those of a live one
+    # the durable queue: a job's row is written when the runtime accepts it; ``session`` names the process
+    # that holds it, so jobs left behind by a process that died can be told from those of a live one
     2: """
     ALTER TABLE jobs ADD COLUMN session TEXT NOT NULL DEFAULT '';
     ALTER TABLE jobs ADD COLUMN previews INTEGER NOT NULL DEFAULT 0;
