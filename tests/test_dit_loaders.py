@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.dit_helpers import CPU
 from tui_diffusion.modelfiles import convert_dit
 from tui_diffusion.modelfiles.header import read_header
 from tui_diffusion.pipeline import checkpoint_writer_dit as w
+from tui_diffusion.pipeline import models_dit as md
 
 
 def _diffusers_flux_converter(width: int):
@@ -222,3 +224,47 @@ def test_comfyui_scaled_fp8_weights_are_dequantised_on_load(tmp_path: Path) -> N
     _equal_states(ours.state_dict(), reference.state_dict())
     assert not torch.equal(ours.state_dict()["proj_out.weight"], w.build_flux_transformer(sizes).state_dict()[
         "proj_out.weight"])
+
+
+def test_fp8_weight_dtype_keeps_the_transformer_in_fp8_and_computes_as_rounded_weights(models_root: Path) -> None:
+    """UNETLoader's fp8 ``weight_dtype``: the linear layers are held in fp8 (a quarter of fp32's bytes) and
+    upcast per call, so the output is that of the same model with those layers rounded through fp8."""
+    path = models_root / "unet" / "flux1-schnell.safetensors"
+    _, stored = md.load_transformer(md.TensorReader(path), CPU, "fp8_e4m3fn")
+    _, rounded = md.load_transformer(md.TensorReader(path), CPU)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):
+                for param in module.parameters():
+                    param.copy_(param.to(torch.float8_e4m3fn).float())
+    linear = [m for m in stored.modules() if isinstance(m, torch.nn.Linear)]
+    assert {p.dtype for m in linear for p in m.parameters()} == {torch.float8_e4m3fn}
+    g = torch.Generator().manual_seed(0)
+    args = {"hidden_states": torch.randn(1, 12, 64, generator=g),
+            "encoder_hidden_states": torch.randn(1, 5, 128, generator=g),
+            "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.5]),
+            "img_ids": torch.zeros(12, 3), "txt_ids": torch.zeros(5, 3), "return_dict": False}
+    with torch.no_grad():
+        torch.testing.assert_close(stored(**args)[0], rounded(**args)[0], rtol=0, atol=0)
+
+
+def test_which_transformers_stay_in_fp8() -> None:
+    from tui_diffusion.modelfiles.header import TensorInfo
+    from tui_diffusion.pipeline.device import Device
+
+    def header(dtype: str, scaled: bool = False) -> dict[str, TensorInfo]:
+        out = {f"double_blocks.{i}.img_attn.qkv.weight": TensorInfo(dtype, (96, 32)) for i in range(4)}
+        out["final_layer.linear.weight"] = TensorInfo("BF16", (64, 32))  # a minority kept in bf16
+        out["double_blocks.0.img_attn.norm.query_norm.scale"] = TensorInfo("BF16", (16,))
+        if scaled:
+            out["double_blocks.0.img_attn.qkv.scale_weight"] = TensorInfo("F32", (1,))
+        return out
+
+    gpu = Device(torch.device("cpu"), torch.bfloat16, torch.float32, "test")
+    sequential = Device(torch.device("cpu"), torch.bfloat16, torch.float32, "test", offload="sequential")
+    assert md.fp8_storage(header("F8_E4M3"), "", "default", gpu) is torch.float8_e4m3fn
+    assert md.fp8_storage(header("F8_E5M2"), "", "default", gpu) is torch.float8_e5m2
+    assert md.fp8_storage(header("BF16"), "", "default", gpu) is None
+    assert md.fp8_storage(header("BF16"), "", "fp8_e4m3fn", gpu) is torch.float8_e4m3fn
+    assert md.fp8_storage(header("F8_E4M3", scaled=True), "", "default", gpu) is None  # scaled: upcast
+    assert md.fp8_storage(header("F8_E4M3"), "", "default", sequential) is None

@@ -118,13 +118,47 @@ def test_text_conditioning_as_comfyui(clip: md.DitClip) -> None:
     assert not torch.allclose(pooled_other, pooled)
 
 
+def _call(model, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 8, 6, generator=g)
+    entries = [(torch.randn(1, 20, 128, generator=g), {"pooled_output": torch.randn(1, 32, generator=g),
+                                                       "guidance": 3.5})]
+    kwargs = model.family.model_kwargs(model, entries, batch=1, latent_shape=(1, 16, 8, 6), negative=[False],
+                                       device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        return model.family.apply_model(model, x, torch.tensor([0.7]), kwargs)
+
+
+def _fp8_upcast_reference(path: Path):
+    """The same transformer with its weights rounded through fp8 (as the fp8 file holds them), upcast."""
+    model = _model(path)
+    with torch.no_grad():
+        for param in model.unet.parameters():
+            param.copy_(param.to(torch.float8_e4m3fn).float())
+    return model
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def test_all_in_one_fp8_checkpoint(files: dict[str, Path], tmp_path: Path) -> None:
+    """An fp8 file's transformer stays fp8 in memory (its matrices; norms and position embeddings in the compute
+    dtype) and computes exactly as the model upcast on load would."""
     loaded = md.load_dit_checkpoint(files["checkpoint"], read_header(files["checkpoint"]), CPU, tmp_path)
     assert loaded.model.family.id == "flux" and loaded.clip.kind == "flux" and loaded.vae.latent_channels == 16
-    reference = _model(files["dev"]).unet.state_dict()
-    for key, value in loaded.model.unet.state_dict().items():
-        assert value.dtype == torch.float32
-        torch.testing.assert_close(value, reference[key].to(torch.float8_e4m3fn).float(), rtol=0, atol=0)
+    reference = _fp8_upcast_reference(files["dev"])
+    ref_state = reference.unet.state_dict()
+    stored = loaded.model.unet.state_dict()
+    # every linear layer's weights in fp8, the norms' own weights in the compute dtype
+    assert {v.dtype for k, v in stored.items() if v.ndim >= 2} == {torch.float8_e4m3fn}
+    assert {v.dtype for k, v in stored.items() if k.endswith("norm.weight")} <= {torch.float32}
+    for key, value in stored.items():
+        torch.testing.assert_close(value.float(), ref_state[key], rtol=0, atol=0)
+    assert _bytes(loaded.model.unet) < 0.3 * _bytes(reference.unet)
+    torch.testing.assert_close(_call(loaded.model), _call(reference), rtol=0, atol=0)
+    assert {v.dtype for v in loaded.model.unet.state_dict().values() if v.ndim >= 2} == {
+        torch.float8_e4m3fn}  # back in fp8 after the call
     from tui_diffusion.pipeline.models import load_vae
 
     z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))

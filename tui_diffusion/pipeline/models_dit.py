@@ -4,10 +4,12 @@ ComfyUI loads these families from separate files (``diffusion_models/``, ``text_
 all-in-one checkpoints; both are read here. Each model is built from a config derived from the tensors
 (``modelfiles/convert_dit.py``; the shipped full-size configs in ``tui_diffusion/configs/`` give what shapes do
 not tell), on the meta device, and its converted weights are assigned without a second copy. Weights stored as
-fp16, bf16 or fp8 (e4m3fn, e5m2, and ComfyUI's scaled fp8 with per-layer ``scale_weight``) are cast to the
-compute dtype as they are read: fp8 is upcast on load, so on the CPU and the GPU alike the model computes in the
-device's dtype (an fp8 ``weight_dtype`` rounds the weights through fp8 first, as ComfyUI's storage does; the
-memory saving of keeping them fp8 on a GPU is not implemented).
+fp16, bf16 or fp8 (e4m3fn, e5m2, and ComfyUI's scaled fp8 with per-layer ``scale_weight``) are read into the
+compute dtype. A transformer stays in fp8 in memory, half the bytes of bf16, when ``weight_dtype`` asks for fp8
+(its weights rounded through fp8, as ComfyUI's storage does) or when its file holds plain fp8 weights: diffusers'
+layerwise casting then upcasts each layer to the compute dtype while it runs, so the numbers are those of the
+upcast model. Scaled fp8 files (whose true weights are too small for plain fp8) and layer-by-layer offload
+(``--lowvram``'s sequential mode) keep the compute dtype.
 
 The text side is a ``DitClip`` (a ``ClipHandle``): CLIP-L, CLIP-G and T5-XXL as ComfyUI combines them for SD3
 and Flux (``encode_prompt`` for CLIPTextEncode; ``encode_sd3``/``encode_flux`` for the family nodes).
@@ -161,8 +163,35 @@ def load_transformer(reader: TensorReader, device: Device, weight_dtype: str = "
         cls = FluxTransformer2DModel
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     model = _build(cls, config, state, f"{kind.upper()} transformer", reader.path)
-    place(model, device, dtype)
+    storage = fp8_storage(reader.header, prefix, weight_dtype, device)
+    if storage is None:
+        place(model, device, dtype)
+    else:  # cast down on the CPU, so the device never holds the full-precision copy
+        from diffusers.hooks import apply_layerwise_casting
+
+        model.to(dtype=dtype)
+        # every linear layer, the norms' projections too, as ComfyUI's fp8 storage has them (diffusers' default
+        # would keep those, a quarter of Flux's weights, in the compute dtype)
+        apply_layerwise_casting(model, storage, dtype, skip_modules_pattern=("pos_embed",))
+        place(model, device, None)
     return kind, model
+
+
+def fp8_storage(header: Mapping[str, Any], prefix: str, weight_dtype: str, device: Device) -> torch.dtype | None:
+    """The fp8 dtype a transformer is kept in between layer calls, or None to keep the compute dtype: fp8 when
+    ``weight_dtype`` asks for it, or when most of the file's matrices are plain (unscaled) fp8 (ComfyUI also
+    keeps a model in the dtype most of its weights have)."""
+    if device.offload == "sequential":  # accelerate's per-layer hooks move weights as they are; not both
+        return None
+    if WEIGHT_DTYPES.get(weight_dtype) is not None:
+        return WEIGHT_DTYPES[weight_dtype]
+    stored = [info.dtype for name, info in header.items()
+              if name.startswith(prefix) and isinstance(info, TensorInfo) and len(info.shape) >= 2]
+    if not stored or any(name.endswith(".scale_weight") for name in header):
+        return None
+    kinds = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    most = max(set(stored), key=stored.count)
+    return kinds.get(most) if stored.count(most) * 2 > len(stored) else None
 
 
 def model_handle(kind: str, transformer: Any, device: Device, source: str) -> ModelHandle:

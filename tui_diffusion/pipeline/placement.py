@@ -18,9 +18,12 @@ from tui_diffusion.pipeline.device import Device
 _HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
-def place(module: torch.nn.Module, device: Device, dtype: torch.dtype) -> None:
-    """Put a freshly loaded model where the policy keeps it between uses."""
-    module.to(dtype=dtype).eval().requires_grad_(False)
+def place(module: torch.nn.Module, device: Device, dtype: torch.dtype | None) -> None:
+    """Put a freshly loaded model where the policy keeps it between uses (``dtype`` None: keep the dtypes it
+    has, e.g. fp8 storage under layerwise casting)."""
+    if dtype is not None:
+        module.to(dtype=dtype)
+    module.eval().requires_grad_(False)
     if device.offload == "none":
         module.to(device.torch_device)
     elif device.offload == "model":
