@@ -73,6 +73,7 @@ a111:
     embeddings: embeddings
     upscale_models: models/ESRGAN
     hypernetworks: models/hypernetworks
+    photomaker: models/photomaker
 """
 
 
@@ -91,7 +92,8 @@ def test_extra_model_paths_with_both_sections(tmp_path: Path) -> None:
     extra = read_extra_model_paths(yaml_file)
     assert ("loras", a1111 / "models" / "LyCORIS") in extra and ("vae", a1111 / "models" / "VAE") in extra
     assert ("upscale_models", a1111 / "models" / "ESRGAN") in extra
-    assert all(kind != "hypernetworks" for kind, _ in extra)  # a kind no loader reads is left out
+    assert ("hypernetworks", a1111 / "models" / "hypernetworks") in extra  # HypernetworkLoader reads it
+    assert all(kind != "photomaker" for kind, _ in extra)  # a kind no loader reads is left out
     paths = ModelPaths(tmp_path / "own-models", None, extra)
     assert paths.list("checkpoints") == ["dreamshaper.safetensors", "sdxl/base.safetensors"]
     assert paths.resolve("loras", "style.safetensors") == a1111 / "models" / "LyCORIS" / "style.safetensors"

@@ -286,7 +286,8 @@ def test_missing_node_types_are_named_at_once_and_custom_ones_marked() -> None:
 
 def test_the_core_node_list_holds_comfyuis_nodes_and_all_of_ours() -> None:
     core = comfy_core_nodes()
-    assert set(NODE_SPECS) <= core
+    assert {name for name, spec in NODE_SPECS.items() if not spec.extension} <= core
+    assert "ApplyStepCache" not in core and NODE_SPECS["ApplyStepCache"].extension  # ours, not ComfyUI's
     assert {"KSampler", "ImageScaleToMaxDimension", "LotusConditioning", "Flux2Scheduler"} <= core
     assert "FaceDetailerPro" not in core and not any(_is_uuid(n) for n in core)
 

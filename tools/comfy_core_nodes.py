@@ -7,7 +7,7 @@ from a custom node (not in ComfyUI's core). The list is derived, not hand-kept, 
   ``NODE_CLASS_MAPPINGS`` keys and the ``node_id="..."`` of nodes declared with the newer schema);
 - ComfyUI's published workflow templates (the ``comfyui-workflow-templates`` packages, MIT): every node there
   whose ``properties.cnr_id`` is ``"comfy-core"``, the marker ComfyUI's frontend writes for core nodes;
-- this program's own node specs (each mirrors the ComfyUI core node of the same name).
+- this program's own node specs (each mirrors the ComfyUI core node of the same name; its own extensions aside).
 
 Usage: ``python tools/comfy_core_nodes.py [--comfy FILE_OR_FOLDER ...] [--templates FOLDER ...]``; it rewrites the
 list (sorted, one name a line, after a header saying what it came from). Torch-free; run from the repository root.
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from tui_diffusion.graph.specs import NODE_SPECS
 
-    names = set(NODE_SPECS)
+    names = {name for name, spec in NODE_SPECS.items() if not spec.extension}  # ours alone are not ComfyUI's
     sources = ["this program's node specs"]
     for path in args.comfy:
         names |= from_source(path)

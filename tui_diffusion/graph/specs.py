@@ -83,6 +83,8 @@ class NodeSpec:
     outputs: tuple[OutputSpec, ...] = ()
     output_node: bool = False
     description: str = ""
+    #: this program's own node, not one of ComfyUI's (every other spec mirrors ComfyUI's node of its name)
+    extension: bool = False
     _by_name: dict[str, InputSpec] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

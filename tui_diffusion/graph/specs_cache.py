@@ -28,5 +28,6 @@ SPECS: tuple[NodeSpec, ...] = (
         outputs=(OutputSpec(MODEL, "MODEL"),),
         description="Skips work between similar sampling steps with diffusers' cache hooks: faster, and the "
                     "image changes a little. Opt-in; the loaded model itself is not changed.",
+        extension=True,
     ),
 )
