@@ -139,6 +139,8 @@ class TuiDiffusionApp(App):
 
     def _first_frame(self) -> None:
         self.first_frame_at = time.time()  # wall clock: the benchmark compares it with the launch time
+        if self.main_screen is not None:
+            self.main_screen.first_frame_drawn()
         # the worker starts once the first frame is up: spawning it earlier competes with that frame
         self.bridge.start()
         if self._exit_after_first_frame:

@@ -115,13 +115,16 @@ class MainScreen(Screen):
         first = next(iter(self.document.workflow), None)
         self.selected_node = next((n for n in self.document.workflow if self.document.workflow.class_type(n)
                                    == "KSampler"), first)
-        # The tree first; the form page (the costliest widgets to build and style) right after the first frame
-        # is drawn, so the app is up and takes keys sooner. A node selected before then builds its own page.
+        # The tree first; the form page (the costliest widgets to build and style) once the first frame is drawn
+        # (the app calls ``first_frame_drawn``), so the app is up and takes keys sooner. A node selected before
+        # then builds its own page.
         self.revalidate()
         self.query_one(NodeTree).show(self.document, self.issues, self.node_status, self.selected_node)
         self.query_one(NodeTree).focus()
-        self.call_after_refresh(self._first_form)
         self.run_worker(self._find_left_over, thread=True, exclusive=True, group="left-over")
+
+    def first_frame_drawn(self) -> None:
+        self.call_later(self._first_form)
 
     async def _first_form(self) -> None:
         form = self.query_one(ParamForm)
