@@ -268,3 +268,28 @@ def test_which_transformers_stay_in_fp8() -> None:
     assert md.fp8_storage(header("BF16"), "", "fp8_e4m3fn", gpu) is torch.float8_e4m3fn
     assert md.fp8_storage(header("F8_E4M3", scaled=True), "", "default", gpu) is None  # scaled: upcast
     assert md.fp8_storage(header("F8_E4M3"), "", "default", sequential) is None
+
+
+def test_lowvram_streams_the_transformers_blocks_and_computes_the_same(models_root: Path) -> None:
+    """``--lowvram`` (model offload) on a diffusion transformer: diffusers' group offloading per block instead of
+    the whole model at once (it does not fit a small GPU); here the onload device is the CPU, the same code path
+    as a GPU's without the side stream."""
+    from types import SimpleNamespace
+
+    from tui_diffusion.pipeline.device import Device
+
+    _NONE = SimpleNamespace(hooks={})
+    path = models_root / "unet" / "flux1-schnell.safetensors"
+    lowvram = Device(torch.device("cpu"), torch.float32, torch.float32, "test", offload="model")
+    _, streamed = md.load_transformer(md.TensorReader(path), lowvram)
+    _, plain = md.load_transformer(md.TensorReader(path), CPU)
+    hooked = [m for m in streamed.modules()
+              if any(name.startswith("group_offloading") for name in getattr(m, "_diffusers_hook", _NONE).hooks)]
+    assert len(hooked) >= len(streamed.transformer_blocks) + len(streamed.single_transformer_blocks)
+    g = torch.Generator().manual_seed(0)
+    args = {"hidden_states": torch.randn(1, 12, 64, generator=g),
+            "encoder_hidden_states": torch.randn(1, 5, 128, generator=g),
+            "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.5]),
+            "img_ids": torch.zeros(12, 3), "txt_ids": torch.zeros(5, 3), "return_dict": False}
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(**args)[0], plain(**args)[0], rtol=0, atol=0)

@@ -1,7 +1,11 @@
 """Which model sits on which device when: the memory policy (--lowvram, --novram) as one small unit.
 
 Built on accelerate's hooks, as diffusers' own offloading is: ``model`` offload moves a whole model to
-the GPU when it runs and back to the CPU when its node is done; ``sequential`` streams layer by layer.
+the GPU when it runs and back to the CPU when its node is done; ``sequential`` streams layer by layer. The
+diffusion transformers of SD3 and Flux (8 and 24 GB in bf16) do not fit a small GPU whole: under ``model``
+offload their blocks are streamed one at a time by diffusers' group offloading (on CUDA with a side stream, so
+the next block's copy overlaps this block's compute; its weights are pinned as they are sent, so a merge patched
+into them between runs is what is sent).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ def place(module: torch.nn.Module, device: Device, dtype: torch.dtype | None) ->
     module.eval().requires_grad_(False)
     if device.offload == "none":
         module.to(device.torch_device)
+    elif device.offload == "model" and type(module).__name__ in STREAMED:
+        stream_blocks(module, device)
     elif device.offload == "model":
         from accelerate import cpu_offload_with_hook
 
@@ -38,6 +44,19 @@ def place(module: torch.nn.Module, device: Device, dtype: torch.dtype | None) ->
         cpu_offload(module, execution_device=device.torch_device)
     else:
         raise ValueError(f"unknown offload mode {device.offload!r}")
+
+
+#: the models whose blocks stream under ``model`` offload (``--lowvram``)
+STREAMED = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def stream_blocks(module: Any, device: Device) -> None:
+    """Keep the model on the CPU and move one block at a time to the device while it runs."""
+    module.to("cpu")
+    cuda = device.torch_device.type == "cuda"
+    module.enable_group_offload(onload_device=device.torch_device, offload_device=torch.device("cpu"),
+                                offload_type="block_level", num_blocks_per_group=1, use_stream=cuda,
+                                low_cpu_mem_usage=cuda)
 
 
 def home_device(module: torch.nn.Module) -> torch.device:
