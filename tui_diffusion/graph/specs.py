@@ -275,6 +275,18 @@ _SPECS: tuple[NodeSpec, ...] = (
         description="Encodes images into latents (img2img).",
     ),
     NodeSpec(
+        "VAEEncodeTiled", "VAE Encode (Tiled)", "_for_testing",
+        inputs=(InputSpec("pixels", IMAGE), InputSpec("vae", VAE),
+                InputSpec("tile_size", INT, default=512, min=64, max=4096, step=64),
+                InputSpec("overlap", INT, default=64, min=0, max=4096, step=32),
+                InputSpec("temporal_size", INT, default=64, min=8, max=4096, step=4,
+                          tooltip="Only used for video VAEs: amount of frames to encode at a time."),
+                InputSpec("temporal_overlap", INT, default=8, min=4, max=4096, step=4,
+                          tooltip="Only used for video VAEs: amount of frames to overlap.")),
+        outputs=(OutputSpec(LATENT, "LATENT"),),
+        description="Encodes images in overlapping tiles: large images in less memory.",
+    ),
+    NodeSpec(
         "VAEEncodeForInpaint", "VAE Encode (for Inpainting)", "latent/inpaint",
         inputs=(
             InputSpec("pixels", IMAGE), InputSpec("vae", VAE), InputSpec("mask", MASK),
@@ -369,6 +381,18 @@ _SPECS: tuple[NodeSpec, ...] = (
         inputs=(InputSpec("samples", LATENT), InputSpec("vae", VAE)),
         outputs=(OutputSpec(IMAGE, "IMAGE"),),
         description="Decodes latent images back into pixel space.",
+    ),
+    NodeSpec(
+        "VAEDecodeTiled", "VAE Decode (Tiled)", "_for_testing",
+        inputs=(InputSpec("samples", LATENT), InputSpec("vae", VAE),
+                InputSpec("tile_size", INT, default=512, min=64, max=4096, step=32),
+                InputSpec("overlap", INT, default=64, min=0, max=4096, step=32),
+                InputSpec("temporal_size", INT, default=64, min=8, max=4096, step=4,
+                          tooltip="Only used for video VAEs: amount of frames to decode at a time."),
+                InputSpec("temporal_overlap", INT, default=8, min=4, max=4096, step=4,
+                          tooltip="Only used for video VAEs: amount of frames to overlap.")),
+        outputs=(OutputSpec(IMAGE, "IMAGE"),),
+        description="Decodes latents in overlapping tiles: large images in less memory.",
     ),
     NodeSpec(
         "SaveImage", "Save Image", "image",

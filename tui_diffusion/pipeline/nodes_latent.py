@@ -125,6 +125,37 @@ def vae_encode(ctx: NodeContext, pixels: torch.Tensor, vae: VaeHandle) -> NodeRe
     return NodeResult(({"samples": vae.encode(pixels)},))
 
 
+def _tile_passes(tile: int) -> tuple[tuple[int, int], ...]:
+    """ComfyUI's three tilings (square, tall, wide), averaged so that no seam sits in the same place twice."""
+    return (tile, tile), (tile * 2, max(1, tile // 2)), (max(1, tile // 2), tile * 2)
+
+
+def tiled_vae(samples: torch.Tensor, function: Any, tile: int, overlap: int, scale: float, out_channels: int,
+              ctx: NodeContext) -> torch.Tensor:
+    from tui_diffusion.pipeline.upscale import tiled_scale
+
+    out = [tiled_scale(samples, function, t, overlap, scale, out_channels, on_tile=ctx.check_interrupt)
+           for t in _tile_passes(tile)]
+    return (out[0] + out[1] + out[2]) / 3
+
+
+@node("VAEEncodeTiled")
+@torch.inference_mode()
+def vae_encode_tiled(ctx: NodeContext, pixels: torch.Tensor, vae: VaeHandle, tile_size: int = 512,
+                     overlap: int = 64, temporal_size: int = 64, temporal_overlap: int = 8) -> NodeResult:
+    """VAEEncode in tiles of ``tile_size`` pixels (the temporal inputs are for video VAEs, which are not here).
+    An overlap over a quarter of the tile is cut to that quarter, as VAEDecodeTiled does (the half-size tiles of
+    the second and third tilings would otherwise not advance)."""
+    overlap = min(overlap, tile_size // 4)
+    pixels = _crop_to_multiple(pixels[..., :3], vae.downscale)
+    if pixels.shape[1] == 0 or pixels.shape[2] == 0:
+        raise NodeError(f"the image is smaller than {vae.downscale} pixels")
+    x = pixels.movedim(-1, 1)
+    latent = tiled_vae(x, lambda t: vae.encode(t.movedim(1, -1)), tile_size, overlap, 1 / vae.downscale,
+                       vae.latent_channels, ctx)
+    return NodeResult(({"samples": latent},))
+
+
 @node("VAEEncodeForInpaint")
 @torch.inference_mode()
 def vae_encode_for_inpaint(ctx: NodeContext, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor,
@@ -163,3 +194,20 @@ def conditioning_set_timestep_range(ctx: NodeContext, conditioning: list, start:
                                     end: float = 1.0) -> NodeResult:
     return NodeResult(([[emb, {**extras, "timestep_start": start, "timestep_end": end}]
                         for emb, extras in conditioning],))
+
+
+@node("VAEDecodeTiled")
+@torch.inference_mode()
+def vae_decode_tiled(ctx: NodeContext, samples: dict, vae: VaeHandle, tile_size: int = 512, overlap: int = 64,
+                     temporal_size: int = 64, temporal_overlap: int = 8) -> NodeResult:
+    """VAEDecode in tiles of ``tile_size`` pixels; as in ComfyUI an overlap over a quarter of the tile is cut to
+    that quarter (the temporal inputs are for video VAEs, which are not here)."""
+    z = samples["samples"]
+    if z.shape[1] != vae.latent_channels:
+        raise NodeError(f"the latent has {z.shape[1]} channels but this VAE takes {vae.latent_channels}: use the "
+                        "VAE of the model family that made it")
+    if tile_size < overlap * 4:
+        overlap = tile_size // 4
+    scale = vae.downscale
+    images = tiled_vae(z, vae.decode, tile_size // scale, overlap // scale, scale, 3, ctx)
+    return NodeResult(((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous(),))

@@ -153,32 +153,35 @@ def load_upscale_model(path: Path, allow_pickle: bool = False) -> Any:
     return model
 
 
-def tiled_scale(samples: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor], tile: int, overlap: int,
-                scale: float, out_channels: int, on_tile: Callable[[], None] = lambda: None) -> torch.Tensor:
+def tiled_scale(samples: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor], tile: int | tuple[int, int],
+                overlap: int, scale: float, out_channels: int,
+                on_tile: Callable[[], None] = lambda: None) -> torch.Tensor:
     """``function`` applied to overlapping tiles of ``samples`` ``[B, C, H, W]``, the results (``scale`` times
-    larger) averaged where they overlap with weights ramping linearly over the scaled overlap.
+    larger, or smaller) averaged where they overlap with weights ramping linearly over the scaled overlap.
 
-    The grid is ComfyUI's: tiles start every ``tile - overlap`` pixels (the last one clipped by the image), an
-    image that fits in one tile runs whole. The result is float32 on the CPU.
+    The grid is ComfyUI's: tiles (``tile`` square, or ``(height, width)``) start every ``tile - overlap`` pixels
+    (the last one clipped by the image), an image that fits in one tile runs whole. The result is float32 on the
+    CPU.
     """
+    tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
     batch, _, height, width = samples.shape
     out_h, out_w = round(height * scale), round(width * scale)
     output = torch.empty((batch, out_channels, out_h, out_w), dtype=torch.float32)
     feather = round(overlap * scale)
     for b in range(batch):
         image = samples[b:b + 1]
-        if height <= tile and width <= tile:
+        if height <= tile_h and width <= tile_w:
             output[b:b + 1] = function(image).float().cpu()
             on_tile()
             continue
         total = torch.zeros((1, out_channels, out_h, out_w), dtype=torch.float32)
         weights = torch.zeros_like(total)
-        rows = range(0, height - overlap, tile - overlap) if height > tile else [0]
-        cols = range(0, width - overlap, tile - overlap) if width > tile else [0]
+        rows = range(0, height - overlap, tile_h - overlap) if height > tile_h else [0]
+        cols = range(0, width - overlap, tile_w - overlap) if width > tile_w else [0]
         for row in rows:
             for col in cols:
                 y, x = max(0, min(height - overlap, row)), max(0, min(width - overlap, col))
-                piece = function(image[:, :, y:y + tile, x:x + tile]).float().cpu()
+                piece = function(image[:, :, y:y + tile_h, x:x + tile_w]).float().cpu()
                 ramp = torch.ones_like(piece)
                 for dim in (2, 3):
                     if feather >= ramp.shape[dim]:
