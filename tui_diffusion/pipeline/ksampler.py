@@ -211,7 +211,7 @@ def _step_cache(ctx: NodeContext, model: ModelHandle) -> StepCache | None:
     """The model's step cache (ApplyStepCache), else the ``step_cache`` setting's, else none."""
     if model.step_cache is not None:
         return model.step_cache
-    method = ctx.engine.step_cache
+    method = getattr(ctx.engine, "step_cache", "none")  # no engine: a sampler called on its own (benchmarks)
     return StepCache(method) if method != "none" else None
 
 
