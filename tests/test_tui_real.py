@@ -175,5 +175,29 @@ def test_key_storm_against_the_real_app_in_tmux(home: Path) -> None:
         ran = Counter(row.status for row in History(Path(os.environ["TUI_DIFFUSION_DB"])).jobs(limit=1000))
         print(f"key storm: {sent} keys; jobs meanwhile: {dict(ran)}")
         assert sum(n for status, n in ran.items() if status not in ("pending", "running")) >= 1, ran
+        # the terminal goes away (SIGHUP): the app and its worker end, even mid-write to the dead terminal
+        shell = int(_tmux("display-message", "-p", "#{pane_pid}").strip())
+        family = [int(p) for p in subprocess.run(["pgrep", "-P", str(shell)], capture_output=True,
+                                                 text=True).stdout.split()]
+        app = family[0]
+        worker = [int(p) for p in subprocess.run(["pgrep", "-P", str(app)], capture_output=True,
+                                                 text=True).stdout.split()]
+        _tmux("kill-server")
+        gone = time.monotonic() + 20
+        while time.monotonic() < gone and any(_alive(p) for p in [app, *worker]):
+            time.sleep(0.2)
+        alive = [p for p in [app, *worker] if _alive(p)]
+        for pid in alive:
+            os.kill(pid, 9)
+        assert not alive, "the app or its worker outlived its terminal"
     finally:
         _tmux("kill-server")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat")
+    return not (state.exists() and state.read_text().split(")")[-1].split()[0] == "Z")  # a zombie has ended

@@ -24,6 +24,8 @@ from tui_diffusion.text import printable
 
 #: the exit code after UI code raised (the crash handler kept the workflow and logged the traceback)
 CRASH_EXIT_CODE = 1
+#: seconds a hung-up app may take to shut down before it is ended
+HANG_UP_GRACE_S = 5.0
 
 
 class TuiDiffusionApp(App):
@@ -136,6 +138,14 @@ class TuiDiffusionApp(App):
         if doc.dirty:
             save_recovery(doc.name, doc.workflow.to_data())
         self.exit(return_code=129)
+        if not self.is_headless:
+            # Textual's shutdown writes to the terminal that is gone, and such a write was seen to block for
+            # good: the process ends anyway (the worker sees its parent go, jobs stay held in the store).
+            import threading
+
+            watchdog = threading.Timer(HANG_UP_GRACE_S, os._exit, args=(129,))
+            watchdog.daemon = True
+            watchdog.start()
 
     def _first_frame(self) -> None:
         self.first_frame_at = time.time()  # wall clock: the benchmark compares it with the launch time
