@@ -103,11 +103,14 @@ class TuiDiffusionApp(App):
                 error = str(exc)
         return WorkflowDocument(Workflow.load(self.default_workflow), None), error
 
-    def on_mount(self) -> None:
+    def get_default_screen(self) -> Any:
+        """The main screen is the bottom of the stack itself: no empty screen under it to lay out and resize."""
         from tui_diffusion.screens.main import MainScreen
 
         self.main_screen = MainScreen(self.document)
-        self.push_screen(self.main_screen)
+        return self.main_screen
+
+    def on_mount(self) -> None:
         self.update_title()
         if self.open_error:
             self.notify(self.open_error, severity="error", timeout=10)
