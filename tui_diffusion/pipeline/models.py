@@ -133,20 +133,26 @@ def _quiet_libraries() -> None:
 _TORCH_TO_SAFETENSORS = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-def read_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .ckpt/.pt/.bin file, through ``torch.load(weights_only=True)`` only: a pickle that
-    would build anything but tensors and plain containers (and so could run code) is refused unread."""
+def load_weights_only(path: Path, error: type[Exception] = CheckpointError) -> Any:
+    """What a pickle file (.ckpt/.pt/.pth/.bin) holds, through ``torch.load(weights_only=True)`` only: a pickle
+    that would build anything but tensors and plain containers (and so could run code) is refused unread, with
+    ``error`` naming the file. The one place every loader reads pickles."""
     import pickle
     import zipfile
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not weights only"
-        raise CheckpointError(f"{path}: refused: this pickle holds more than weights, so loading it could run "
-                              f"code ({reason})") from None
+        raise error(f"{path}: refused: this pickle holds more than weights, so loading it could run "
+                    f"code ({reason})") from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read this pickle checkpoint: {exc}") from None
+        raise error(f"{path}: cannot read this pickle file: {exc}") from None
+
+
+def read_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The named tensors of a pickle checkpoint (``load_weights_only``), under its ``state_dict`` if nested."""
+    obj = load_weights_only(path)
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -109,17 +109,9 @@ def read_state_dict(path: Path, allow_pickle: bool) -> dict[str, Any]:
             raise NodeError(f"{path}: pickle files ({suffix}) can run arbitrary code when loaded and are refused; "
                             "use the .safetensors version of the model, or allow them with --allow-pickle "
                             "(loaded with torch.load(weights_only=True))")
-        import pickle
-        import zipfile
+        from tui_diffusion.pipeline.models import load_weights_only
 
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except pickle.UnpicklingError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not weights only"
-            raise NodeError(f"{path}: refused: this pickle holds more than weights, so loading it could run "
-                            f"code ({reason})") from None
-        except (OSError, RuntimeError, EOFError, ValueError) as exc:
-            raise NodeError(f"{path}: cannot read this pickle file: {exc}") from None
+        obj = load_weights_only(path, NodeError)
     else:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
