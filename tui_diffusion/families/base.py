@@ -81,6 +81,8 @@ class Family:
     #: whether epsilon vs v-prediction is read from the weights themselves (SD2.x), so that ``models`` must
     #: look at a tensor to say which a file is
     prediction_from_weights: bool = False
+    #: whether its flow shift follows the image size (Flux): what ``ModelSamplingFlux`` sets
+    resolution_shift: bool = False
 
     # -- recognising a file (torch-free) ----------------------------------------------------------------
     def matches(self, header: Header) -> bool:

@@ -115,6 +115,7 @@ def reference_offsets(refs: list[Any]) -> list[tuple[int, int]]:
 class FluxFamily(DiTFamily):
     id = "flux"
     label = "Flux.1"
+    resolution_shift = True
     latent_format = FLUX_LATENT
     text_encoders = ("clip_l", "t5xxl")
     probe = FLUX_KEY
@@ -134,6 +135,16 @@ class FluxFamily(DiTFamily):
         from tui_diffusion.pipeline.model_sampling import FluxSampling
 
         return FluxSampling(shift=DEV_SHIFT if model.unet.config.guidance_embeds else SCHNELL_SHIFT)
+
+    def control_kwargs(self, model: Any, residuals: dict[str, list[Any]]) -> dict[str, Any]:
+        """Flux ControlNets' residuals for the double and the single blocks."""
+        dtype = model.unet.dtype
+        out: dict[str, Any] = {}
+        if residuals.get("dit_blocks"):
+            out["controlnet_block_samples"] = [r.to(dtype) for r in residuals["dit_blocks"]]
+        if residuals.get("dit_single"):
+            out["controlnet_single_block_samples"] = [r.to(dtype) for r in residuals["dit_single"]]
+        return out
 
     def model_kwargs(self, model: Any, entries: list[tuple[Any, dict]], *, batch: int, latent_shape: tuple,
                      negative: list[bool], device: Any, dtype: Any) -> dict[str, Any]:

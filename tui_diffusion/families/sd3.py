@@ -109,6 +109,13 @@ class SD3Family(DiTFamily):
 
         return DiscreteFlowSampling(shift=SD3_SHIFT, multiplier=1000.0)
 
+    def control_kwargs(self, model: Any, residuals: dict[str, list[Any]]) -> dict[str, Any]:
+        """SD3 ControlNets' residuals, one per joint block (``pipeline/controlnet.py`` sums them)."""
+        from tui_diffusion.pipeline.controlnet import sd3_block_kwargs
+
+        dtype = model.unet.dtype
+        return sd3_block_kwargs(model.unet, [r.to(dtype) for r in residuals.get("dit_blocks", [])])
+
     def model_kwargs(self, model: Any, entries: list[tuple[Any, dict]], *, batch: int, latent_shape: tuple,
                      negative: list[bool], device: Any, dtype: Any) -> dict[str, Any]:
         context, pooled = batched(entries, batch, int(model.unet.config.joint_attention_dim), device, dtype)

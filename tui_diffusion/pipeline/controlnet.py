@@ -253,7 +253,7 @@ def fits(control: ControlModel, model: Any) -> None:
     what = "ControlNet" if control.kind == "controlnet" else "T2I-Adapter"
     refuse = NodeError(f"{control.name}: an {control.label} {what} cannot control a {label} model; use one made "
                        f"for {label}")
-    if channels is None or not hasattr(unet_config, "cross_attention_dim") or model.family.id in ("sd3", "flux"):
+    if channels is None or not hasattr(unet_config, "cross_attention_dim"):  # not a UNet (SD3/Flux transformers)
         raise refuse
     xl = getattr(unet_config, "addition_embed_type", None) == "text_time"
     cfg = control.net.config
@@ -414,18 +414,9 @@ def _add_last_block(module: Any, args: tuple) -> tuple | None:
     return (args[0] + residual.to(args[0].dtype), *args[1:])
 
 
-def _dit_kwargs(model: Any, merged: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
-    """The transformer's keyword arguments for the summed residuals of SD3/Flux ControlNets."""
-    main = model.unet
-    dtype = main.dtype
-    blocks = [r.to(dtype) for r in merged.get("dit_blocks", [])]
-    if model.family.id == "flux":
-        out: dict[str, Any] = {}
-        if blocks:
-            out["controlnet_block_samples"] = blocks
-        if merged.get("dit_single"):
-            out["controlnet_single_block_samples"] = [r.to(dtype) for r in merged["dit_single"]]
-        return out
+def sd3_block_kwargs(main: Any, blocks: list[torch.Tensor]) -> dict[str, Any]:
+    """SD3's transformer arguments for ControlNet residuals (the SD3 family's ``control_kwargs``): diffusers'
+    transformer skips the last block's residual, which ComfyUI adds, so a hook on ``norm_out`` adds it."""
     if not blocks:
         return {}
     norm_out = main.norm_out
@@ -485,8 +476,6 @@ def control_inputs(model: Any, entries: list[tuple[Any, dict]], x: torch.Tensor,
                     full[rows.to(full.device)] = out[key][p]
             slots.append(full)
         merged[key] = slots
-    if any(key.startswith("dit_") for key in merged):
-        return _dit_kwargs(model, merged)
     return model.family.control_kwargs(model, merged)
 
 

@@ -93,7 +93,7 @@ def model_sampling_flux(ctx: NodeContext, model: ModelHandle, max_shift: float =
                         width: int = 1024, height: int = 1024) -> NodeResult:
     from tui_diffusion.pipeline.model_sampling import FluxSampling, flux_resolution_shift
 
-    if model.family.id != "flux":
+    if not model.family.resolution_shift:
         raise NodeError(f"ModelSamplingFlux needs a Flux model, not {model.family.label}")
     shift = flux_resolution_shift(width, height, max_shift, base_shift)
     return NodeResult((dataclasses.replace(model, model_sampling_override=FluxSampling(shift)),))
