@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo-checkpoint", help="write a small random-weight checkpoint to try the program with")
-    demo.add_argument("--family", choices=["sd15", "sd2", "sd2-v", "sdxl"], default="sd15")
+    demo.add_argument("--family", choices=list(DEMO_FILES), default="sd15")
     demo.add_argument("--name", default=None, help="file name (default demo-<family>-tiny.safetensors)")
     _add_folders(demo, output=False)
 
@@ -519,19 +519,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: demo-checkpoint's choices: the tiny writer (``pipeline/checkpoint_writer.py``), its arguments, and the shipped
+#: workflow the hint names
+DEMO_FILES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "sd15": ("write_sd1_checkpoint", {}, "txt2img"),
+    "sd2": ("write_sd2_checkpoint", {}, "txt2img"),
+    "sd2-v": ("write_sd2_checkpoint", {"v_prediction": True}, "txt2img"),
+    "sdxl": ("write_sdxl_checkpoint", {}, "sdxl"),
+}
+
+
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
     from tui_diffusion.pipeline import checkpoint_writer as w
 
     models = settings(args).model_paths()
     name = args.name or f"demo-{args.family}-tiny.safetensors"
     target = models.folder("checkpoints") / name
-    if args.family == "sdxl":
-        path = w.write_sdxl_checkpoint(target)
-    elif args.family.startswith("sd2"):
-        path = w.write_sd2_checkpoint(target, v_prediction=args.family == "sd2-v")
-    else:
-        path = w.write_sd1_checkpoint(target)
-    workflow = "sdxl" if args.family == "sdxl" else "txt2img"  # shipped: found by name from any folder
+    writer, kwargs, workflow = DEMO_FILES[args.family]  # workflow: shipped, found by name from any folder
+    path = getattr(w, writer)(target, **kwargs)
     print(f"wrote {path} (random weights: its images are noise)")
     where = ""  # the default ./models is found from this folder; another one is named, so the hint works anywhere
     if models.root.resolve() != Path("models").resolve():

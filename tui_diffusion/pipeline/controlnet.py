@@ -59,6 +59,10 @@ HINT_UPSCALE = "nearest-exact"
 
 
 # -- the loaded network ---------------------------------------------------------------------------------------
+#: a transformer ControlNet layout (``ControlModel.kind``) -> the family id it controls
+_LAYOUT_FAMILY = {"sd3": "sd3", "sd35": "sd3", "flux": "flux"}
+
+
 @dataclass(eq=False)
 class ControlModel:
     """CONTROL_NET: a loaded ControlNet or T2I-Adapter, and the model family it was trained for."""
@@ -81,6 +85,11 @@ class ControlModel:
     @property
     def needs_vae(self) -> bool:
         return self.latent_hint is not None
+
+    @property
+    def family_id(self) -> str | None:
+        """The id of the family a transformer ControlNet's layout is made for (UNet ones are fitted by shape)."""
+        return _LAYOUT_FAMILY.get(self.kind)
 
     @property
     def name(self) -> str:
@@ -281,9 +290,8 @@ def fits(control: ControlModel, model: Any) -> None:
 
 def _fits_dit(control: ControlModel, model: Any) -> None:
     label = model.family.label
-    family = "flux" if control.kind == "flux" else "sd3"
     refuse = f"{control.name}: an {control.label} ControlNet cannot control a {label} model; use one made for {label}"
-    if model.family.id != family:
+    if model.family.id != control.family_id:
         raise NodeError(refuse)
     main, cfg = model.unet.config, control.net.config
     width = int(main.num_attention_heads) * int(main.attention_head_dim)
