@@ -29,7 +29,7 @@ class DevicePolicy:
     precision: str | None = None
     #: the VAE; None: fp32 (SD's VAE overflows in fp16)
     vae_precision: str | None = None
-    #: torch.compile the UNet: a slow first job per checkpoint and size, then faster steps (opt-in)
+    #: torch.compile the UNet or transformer: a slow first job per checkpoint and size, then faster steps (opt-in)
     compile: bool = False
 
 

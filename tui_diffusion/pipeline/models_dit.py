@@ -174,6 +174,8 @@ def load_transformer(reader: TensorReader, device: Device, weight_dtype: str = "
         # would keep those, a quarter of Flux's weights, in the compute dtype)
         apply_layerwise_casting(model, storage, dtype, skip_modules_pattern=("pos_embed",))
         place(model, device, None)
+    if device.compile:  # without inductor's freezing: a LoRA's patches must reach the compiled model's weights
+        model.compile()
     return kind, model
 
 
