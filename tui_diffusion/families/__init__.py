@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from tui_diffusion.families.base import Family, Header, LatentFormat, UnsupportedFamily, as_header, has_prefix
 from tui_diffusion.families.flux import FLUX
+from tui_diffusion.families.lotus import LOTUS
 from tui_diffusion.families.sd1 import SD1, SD1_INPAINT
 from tui_diffusion.families.sd2 import SD2, SD2_INPAINT
 from tui_diffusion.families.sd2_unclip import SD2_UNCLIP
@@ -19,7 +20,7 @@ from tui_diffusion.families.sdxl import SDXL, SDXL_REFINER
 __all__ = ["FAMILIES", "Family", "LatentFormat", "UnsupportedFamily", "by_id", "detect", "register"]
 
 #: every supported family, most specific first (the first whose ``matches`` says yes wins)
-FAMILIES: list[Family] = [SD3, FLUX, SDXL, SDXL_REFINER, SD2_INPAINT, SD2_UNCLIP, SD2, SD1_INPAINT, SD1]
+FAMILIES: list[Family] = [SD3, FLUX, LOTUS, SDXL, SDXL_REFINER, SD2_INPAINT, SD2_UNCLIP, SD2, SD1_INPAINT, SD1]
 
 
 def register(family: Family, before: Family | None = None) -> None:

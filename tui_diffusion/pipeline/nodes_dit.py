@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from tui_diffusion.modelfiles.header import CheckpointError
+from tui_diffusion.families import detect
+from tui_diffusion.modelfiles.header import CheckpointError, read_header
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.models import ClipHandle, ModelHandle
@@ -32,7 +33,11 @@ def unet_loader(ctx: NodeContext, unet_name: str, weight_dtype: str = "default")
 
     def load() -> ModelHandle:
         try:
-            kind, transformer = load_transformer(TensorReader(path), eng.device, weight_dtype)
+            header = read_header(path)
+            family = detect(header)
+            if hasattr(family, "load_diffusion_model"):  # a UNet family loaded from diffusion_models/ (Lotus)
+                return family.load_diffusion_model(path, header, eng.device, weight_dtype)
+            kind, transformer = load_transformer(TensorReader(path, header), eng.device, weight_dtype)
         except CheckpointError as exc:
             raise NodeError(str(exc)) from None
         return model_handle(kind, transformer, eng.device, str(path))

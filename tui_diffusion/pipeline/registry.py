@@ -41,6 +41,7 @@ def implementations() -> dict[str, NodeFn]:
         nodes_images,
         nodes_latent,
         nodes_latent_ops,
+        nodes_lotus,
         nodes_masks,
         nodes_merge,
         nodes_sampling,
