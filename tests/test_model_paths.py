@@ -262,8 +262,9 @@ def test_diffusers_folders_of_each_family_load_offline(tmp_path: Path, kind: str
 
 
 # -- LoRA files ------------------------------------------------------------------------------------------
-def test_a_lora_for_a_transformer_model_is_refused_by_name(tmp_path: Path) -> None:
-    """Keys 'transformer.*' passed the key pattern and then failed with a KeyError (issue 12)."""
+def test_a_lora_for_a_transformer_model_loads_for_the_denoising_network(tmp_path: Path) -> None:
+    """Keys 'transformer.*' passed the key pattern and then failed with a KeyError (issue 12); they were then
+    refused; now they patch the SD3/Flux transformer (tests/test_lora_flux.py applies them)."""
     import torch
     from safetensors.torch import save_file
 
@@ -272,8 +273,7 @@ def test_a_lora_for_a_transformer_model_is_refused_by_name(tmp_path: Path) -> No
     path = tmp_path / "flux-style.safetensors"
     save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
                "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}, str(path))
-    with pytest.raises(CheckpointError, match=r"flux-style\.safetensors: a LoRA for a transformer model"):
-        load_lora(path)
+    assert set(load_lora(path).pairs) == {"unet:single_transformer_blocks.0.attn.to_q"}
 
 
 def test_models_describes_the_file_the_loader_takes(tmp_path: Path, models_dir: Path,

@@ -45,11 +45,28 @@ def files(home: Path) -> Path:  # noqa: F811  (the imported fixture)
                              dtype="fp8_e4m3fn")
     w.write_flux_transformer(extra / "diffusion_models" / "flux.1-fill-dev-OneReward-transformer_fp8.safetensors",
                              w.TinyFlux(in_channels=384), seed=2, dtype="fp8_e4m3fn")
+    _write_flux_lora(extra / "loras" / "removal_timestep_alpha-2-1740.safetensors", w.TinyFlux(in_channels=384))
     rgba = np.random.default_rng(1).integers(0, 256, (48, 40, 4), dtype=np.uint8)
     rgba[..., 3] = 255
     rgba[8:32, 8:24, 3] = 0
     Image.fromarray(rgba).save(home / "input" / ONEREWARD_INPUT)
     return home
+
+
+def _write_flux_lora(path: Path, sizes: w.TinyFlux) -> None:
+    """A rank-2 LoRA on every attention projection of a Flux transformer, in diffusers' names (``transformer.*``,
+    as diffusers-based trainers save them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(4)
+    sd = {}
+    for name, module in w.build_flux_transformer(sizes).named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attn." in name:
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=gen) * 0.1
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=gen) * 0.1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
 
 
 def _api(name: str) -> dict:
@@ -58,8 +75,7 @@ def _api(name: str) -> dict:
     return ui_to_api(json.loads((TEMPLATES / f"{name}.json").read_text(encoding="utf-8")), name)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="Flux LoRAs refused"))
-                                  if n == "image_flux.1_fill_dev_OneReward" else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_subgraph_template_imports_validates_and_runs(files: Path, tmp_path: Path, name: str) -> None:
     from tui_diffusion.graph.validate import validate_workflow
     from tui_diffusion.graph.workflow import Workflow
