@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tui_diffusion.families.base import Header, has_prefix, shape
-from tui_diffusion.families.sd1 import UNET
-from tui_diffusion.families.sd2 import SD2Family
+from tui_diffusion.families.sd1 import UNET, UNetFamily
 from tui_diffusion.modelfiles.header import TensorInfo
 
 #: where a Lotus file's UNet keys sit: bare as published, or under the checkpoint prefix
@@ -42,12 +41,13 @@ def unet_prefix(header: Header) -> str | None:
     return None
 
 
-class LotusFamily(SD2Family):
+class LotusFamily(UNetFamily):
+    """SD2.x's UNet and latent space, without a text encoder (the sizes from the shapes, the rest from SD2.1's
+    shipped configs)."""
+
     id = "lotus"
     label = "Lotus (SD2.x UNet: depth/normals)"
-    text_prefixes = ()
-    text_encoders = ()
-    prediction_from_weights = False  # its own model sampling: x0 from the unscaled latent
+    template = "sd21-v"
 
     def matches(self, header: Header) -> bool:
         prefix = unet_prefix(header)
@@ -66,13 +66,14 @@ class LotusFamily(SD2Family):
         from tui_diffusion.modelfiles.configs import _load_json, package_config_dir, unet_config
 
         prefix = unet_prefix(header) or ""
+        label = shape(header, prefix + CLASS_EMBED)
         # under the checkpoint prefix, without the class embedding (the shared reader takes one for SDXL's)
         rest = {UNET + k[len(prefix):]: v for k, v in header.items()
                 if k.startswith(prefix) and not k[len(prefix):].startswith("label_emb.")}
-        base = package_config_dir("sd21-v")
+        base = package_config_dir(self.template)
         unet = unet_config(rest, _load_json(base / "unet" / "config.json"), file)
         unet["class_embed_type"] = "projection"
-        unet["projection_class_embeddings_input_dim"] = int(shape(header, prefix + CLASS_EMBED)[1])
+        unet["projection_class_embeddings_input_dim"] = int(label[1]) if label else TASK_INPUTS
         scheduler = _load_json(base / "scheduler" / "scheduler_config.json")
         scheduler["prediction_type"] = prediction
         return {"unet/config.json": unet, "scheduler/scheduler_config.json": scheduler}
