@@ -128,6 +128,17 @@ def test_the_published_layout_is_a_lotus_unet(tmp_path: Path) -> None:
         load_checkpoint(bare, CPU, tmp_path / "cfg")
 
 
+def test_weight_dtype_fp8_rounds_the_unets_weights(tmp_path: Path) -> None:
+    path = lw.write_lotus_unet(tmp_path / "lotus.safetensors")
+    header = read_header(path)
+    full = LOTUS.load_diffusion_model(path, header, CPU).unet.conv_in.weight
+    rounded = LOTUS.load_diffusion_model(path, header, CPU, "fp8_e4m3fn").unet.conv_in.weight
+    assert rounded.dtype == torch.float32 and torch.equal(rounded, full.to(torch.float8_e4m3fn).float())
+    assert not torch.equal(rounded, full)
+    with pytest.raises(CheckpointError, match="weight_dtype"):
+        LOTUS.load_diffusion_model(path, header, CPU, "int4")
+
+
 def test_img_to_img_model_sampling() -> None:
     """ComfyUI's IMG_TO_IMG on the SD schedule: the input unscaled, the output taken as x0, sigma 10000 at the last
     training timestep, and the task embedding [sin 1, sin 0, cos 1, cos 0]."""
