@@ -50,8 +50,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             cw.build_sd35_controlnet(sd35, seed=2), "sd35", 2)
     (root / "input").mkdir()
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
-        root / "input" / "sd3.5_large_depth_input_image.png")
+    pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    for name in ("sd3.5_large_depth_input_image.png", "image_lotus_depth_v1_1_input_image.png"):
+        Image.fromarray(pixels).save(root / "input" / name)
     return root
 
 
@@ -248,3 +249,21 @@ def test_sd35_large_depth_template_runs(home: Path, tmp_path: Path) -> None:
     assert len(saved) == 1
     image = np.asarray(Image.open(saved[0]))
     assert image.shape[:2] == (96, 96) and image.std() > 0  # the depth image's size, through VAEEncode
+
+
+def test_lotus_depth_template_gives_the_subgraphs_depth_map(home: Path, tmp_path: Path) -> None:
+    """ComfyUI's Lotus template (SetFirstSigma 999: still timestep 999, and one Euler step to sigma 0 returns x0
+    whatever the first sigma) saves the depth map the nodes above give for the same image."""
+    api = _api("image_lotus_depth_v1_1")
+    assert not validate_workflow(Workflow.from_data(api), _paths(home))
+    Executor(_engine(home, tmp_path)).run(api, Hooks(), lambda: False)
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    assert len(saved) == 1 and saved[0].name.startswith("Lotus_depth")
+    image = np.asarray(Image.open(saved[0])).astype(np.int16)
+    graph = _lotus_graph("image_lotus_depth_v1_1_input_image.png")
+    ex = Executor(_engine(home, tmp_path / "direct"))
+    ex.run(graph, Hooks(), lambda: False)
+    expected = (_output(ex, graph, "13")[0].clamp(0, 1) * 255).numpy()
+    assert image.shape == (40, 40, 3) and image.std() > 0
+    assert np.abs(image - expected).max() <= 1.0
+
