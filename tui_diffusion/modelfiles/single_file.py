@@ -20,11 +20,15 @@ Worker side only: imports torch.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import re
+import sys
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +83,87 @@ def open_tensors(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+_CONVERSION = "diffusers.loaders.single_file_utils"
+_SCIPY_LOCK = threading.RLock()
+#: a scheduler module's import of scipy, done only when diffusers finds scipy installed: ``import scipy.stats``
+#: binds ``scipy``, ``from scipy import integrate`` binds ``integrate``
+_SCIPY_IMPORT = re.compile(r"^\s+(?:import (scipy)(?:\.\w+)*|from scipy import (\w+))\s*$", re.MULTILINE)
+
+
+class _LazyScipy:
+    """Stands for ``scipy`` or one of its submodules in a module that skipped importing it: the real module is
+    imported when an attribute is first read (a beta-sigma schedule), not when the module is."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = importlib.import_module(self._name)
+        try:
+            return getattr(module, attr)
+        except AttributeError:
+            return importlib.import_module(f"{self._name}.{attr}")  # ``scipy.stats`` before it was imported
+
+
+def conversion_module() -> Any:
+    """diffusers' key conversion functions (``single_file_utils``), imported without ``scipy.stats``: the
+    module imports nine scheduler classes at its top, each of which imports ``scipy.stats`` (see
+    ``_without_scipy_stats``), for functions that only rename dict keys."""
+    found = sys.modules.get(_CONVERSION)
+    if found is not None:
+        return found
+    with _without_scipy_stats():
+        return importlib.import_module(_CONVERSION)
+
+
+@contextlib.contextmanager
+def _without_scipy_stats() -> Iterator[None]:
+    """Import diffusers' scheduler modules without their ``import scipy.stats`` (``scipy.integrate`` too).
+
+    Each scheduler module imports scipy's statistics when scipy is installed, for beta-sigma schedules; a
+    fresh worker's first load met them through the conversion module and a scheduler's ``from_config`` (which
+    imports every compatible scheduler class): about 500 modules and most of a second, for schedules no
+    sampler of ours takes from diffusers (ours import scipy themselves for the beta schedule and LMS). So
+    these imports run with diffusers' ``_scipy_available`` flag off, and each diffusers module imported
+    meanwhile that skipped a scipy import gets a lazy stand-in under the name that import binds: diffusers'
+    schedulers still work with beta sigmas, importing scipy then. Where scipy's statistics are loaded
+    already, or diffusers has no such flag, nothing is changed."""
+    from diffusers.utils import import_utils
+
+    if "scipy.stats" in sys.modules or getattr(import_utils, "_scipy_available", False) is not True:
+        yield
+        return
+    # the schedulers package itself reads the flag to choose real classes or placeholders (LMS needs scipy):
+    # it is imported with the flag as it is (a lazy module: a few hundred microseconds)
+    importlib.import_module("diffusers.schedulers")
+    with _SCIPY_LOCK:
+        before = set(sys.modules)
+        import_utils._scipy_available = False
+        try:
+            yield
+        finally:
+            import_utils._scipy_available = True
+            for name in set(sys.modules) - before:
+                _stand_in_for_scipy(sys.modules.get(name), name)
+
+
+def _stand_in_for_scipy(module: Any, name: str) -> None:
+    """Bind lazy stand-ins for the scipy imports ``module`` skipped while diffusers said scipy was missing."""
+    source = getattr(module, "__file__", None)
+    if not name.startswith("diffusers.") or not source or not source.endswith(".py"):
+        return
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError:
+        return
+    if "scipy" not in text:
+        return
+    namespace = vars(module)
+    for package, submodule in _SCIPY_IMPORT.findall(text):
+        bound, target = ("scipy", "scipy") if package else (submodule, f"scipy.{submodule}")
+        namespace.setdefault(bound, _LazyScipy(target))
+
+
 def _text_source(checkpoint: Mapping[str, Any], width: int) -> tuple[str, str]:
     """The prefix and kind of the text tower of this width (the model's hidden size)."""
     for prefix, probe, kind, check_width in _TEXT_LAYOUTS:
@@ -90,14 +175,13 @@ def _text_source(checkpoint: Mapping[str, Any], width: int) -> tuple[str, str]:
 
 def _convert_text(checkpoint: Mapping[str, Any], config: Any) -> tuple[dict[str, Any], str]:
     """The text tower's tensors under transformers' names, and the file prefix they came from."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-
+    convert = conversion_module()
     prefix, kind = _text_source(checkpoint, config.hidden_size)
     sub = {k: v for k, v in checkpoint.items() if k.startswith(prefix)}
     if kind == "clip":
-        state = convert_ldm_clip_checkpoint(sub, remove_prefix=prefix)
+        state = convert.convert_ldm_clip_checkpoint(sub, remove_prefix=prefix)
     else:
-        state = convert_open_clip_checkpoint(SimpleNamespace(config=config), sub, prefix=prefix)
+        state = convert.convert_open_clip_checkpoint(SimpleNamespace(config=config), sub, prefix=prefix)
     return state, prefix
 
 
@@ -236,8 +320,7 @@ def load_models(path: Path, folder: Path, device: Any, shared: SharedParts | Non
     tokenizer[_2], scheduler, ``reused``: names of parts taken from ``shared``)."""
     import time
 
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
+    convert = conversion_module()
     shared = SHARED if shared is None else shared
     phases = Phases()
     t0 = time.perf_counter()
@@ -255,10 +338,11 @@ def load_models(path: Path, folder: Path, device: Any, shared: SharedParts | Non
         dtype = device.vae_dtype if name == "vae" else device.dtype
         prefix: str | None
         if name == "unet":
-            state, prefix = convert_ldm_unet_checkpoint(checkpoint, config), None
+            state, prefix = convert.convert_ldm_unet_checkpoint(checkpoint, config), None
         elif name == "vae":
             prefix = _VAE_PREFIX
-            state = convert_ldm_vae_checkpoint({k: v for k, v in checkpoint.items() if k.startswith(prefix)}, config)
+            vae = {k: v for k, v in checkpoint.items() if k.startswith(prefix)}
+            state = convert.convert_ldm_vae_checkpoint(vae, config)
         else:
             state, prefix = _convert_text(checkpoint, SimpleNamespace(**config))
         if not state:
@@ -357,6 +441,7 @@ def _assign(model: Any, state: dict[str, torch.Tensor], path: Path, name: str) -
 def _scheduler(folder: Path, index: dict[str, Any]) -> Any:
     import diffusers
 
-    cls = getattr(diffusers, index["scheduler"][1])
-    return cls.from_config(cls.load_config(str(folder / "scheduler")))
+    with _without_scipy_stats():  # from_config imports every compatible scheduler class
+        cls = getattr(diffusers, index["scheduler"][1])
+        return cls.from_config(cls.load_config(str(folder / "scheduler")))
 
