@@ -3,36 +3,50 @@
 As in ComfyUI, LoraLoader does not touch weights: it returns the model (and CLIP) with a list of
 patches. The sampler and the text encoder add the patches' deltas while they run and restore the
 original weights afterwards. Files in the kohya/A1111 layout (``lora_unet_*``, ``lora_te_*``, with
-diffusers-style or original-layout module names) and in diffusers/PEFT layouts are understood. For the SD3 and
-Flux transformers (the "unet" part here: the denoising network, whatever its kind), diffusers' names
-(``transformer.*``) and, for Flux, Black Forest Labs' names (``diffusion_model.double_blocks.*``, kohya's
-``lora_unet_double_blocks_*``) are understood; a fused layer of the latter (``img_attn.qkv``, ``linear1``) is cut
-into the pairs of the separate layers diffusers' model has.
+diffusers-style or original-layout module names) and in diffusers/PEFT layouts are understood.
+
+For the SD3/SD3.5 and Flux.1 transformers (the "unet" part here: the denoising network, whatever its kind) the
+layouts people have are understood: diffusers' names (``transformer.*``, OneTrainer's ``lora_transformer_*``),
+the original names (Stability's ``joint_blocks.*``, Black Forest Labs' ``double_blocks.*``) under
+``diffusion_model.`` or with no prefix, kohya's ``lora_unet_*`` of the original names, and XLabs' processor LoRAs
+(USO's DiT LoRA). A LoRA named in the original layout patches diffusers' layers as ComfyUI patches the original
+ones: ``lora_dit`` reads off the model where each original layer's rows went (a fused ``qkv`` into ``to_q``,
+``to_k``, ``to_v``). Black Forest Labs' control LoRAs (Depth/Canny dev LoRAs) also carry biases (``lora_B.bias``,
+ComfyUI's ``diff_b``), full norm scales (``set_weight``) and an ``img_in`` of twice the input channels
+(``reshape_weight``): the input layer is widened with zeros while the patch is on (the model then takes the
+conditioning image's latent beside the noise, as the full Canny/Depth models do), and put back afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
+from tui_diffusion.pipeline import lora_dit
 from tui_diffusion.pipeline.checkpoint_writer import unet_original_key
 from tui_diffusion.pipeline.errors import NodeError
 
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """One LoRA file's low-rank pairs, by normalised module key (``unet:down_blocks.0...``)."""
+    """One LoRA file's low-rank pairs, by normalised module key (``unet:down_blocks.0...``), and what a control
+    LoRA adds besides them."""
 
     source: str
     #: module key -> (down [r, in...], up [out, r...], alpha or None)
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]
+    #: module key -> a delta for its bias (BFL's ``lora_B.bias``, ComfyUI's ``diff_b``), scaled by the strength
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: parameter key (``unet:double_blocks.0.img_attn.norm.key_norm.scale``) -> its value while patched
+    sets: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: module key -> the weight shape it is widened to, zeros added (``reshape_weight``)
+    reshapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -41,13 +55,57 @@ class Patch:
     strength: float
 
 
-_KOHYA = re.compile(r"^(lora_unet|lora_transformer|lora_te[12]?)_(.+?)\.(lora_down|lora_up|alpha)(?:\.weight)?$")
-_PEFT = re.compile(r"^(unet|text_encoder|text_encoder_2|transformer|diffusion_model)\.(.+?)\."
-                   r"(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|alpha)(?:\.weight)?$")
-#: a file's prefix -> the model part it patches ("unet" is the denoising network: a UNet or an SD3/Flux transformer)
-_PART = {"lora_unet": "unet", "lora_transformer": "unet", "lora_te": "te1", "lora_te1": "te1", "lora_te2": "te2",
-         "unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2", "transformer": "unet",
-         "diffusion_model": "unet"}
+#: a key's ending -> what it holds (the longest ending that fits wins)
+_SUFFIXES = (
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_down", "down"), (".lora_up", "up"),
+    (".lora_A", "down"), (".lora_B", "up"), (".lora_B.bias", "bias"), (".diff_b", "bias"), (".alpha", "alpha"),
+    (".set_weight", "set"), (".reshape_weight", "reshape"),
+)
+#: a key's prefix -> the model part it patches, and whether the name after it is kohya's (dots as underscores)
+_PREFIXES = (
+    ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"),
+    ("lora_te_", "te1"), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
+    ("base_model.model.", "unet"), ("transformer.", "unet"), ("unet.", "unet"), ("text_encoder_2.", "te2"),
+    ("text_encoder.", "te1"),
+)
+#: XLabs' processor LoRAs (and USO's, which ComfyUI converts the same way) -> the original Flux layers they patch;
+#: ``linear1_qkv`` is the q, k, v rows of a single block's ``linear1``
+XLABS_LAYERS = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
+                "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1_qkv", "proj_lora": "linear2"}
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """(part, name, what) of a LoRA file's key; None for a key this program does not read."""
+    what = None
+    for suffix, kind in sorted(_SUFFIXES, key=lambda s: -len(s[0])):
+        if key.endswith(suffix):
+            stem, what = key[: -len(suffix)], kind
+            break
+    else:  # full values without a LoRA suffix: the norm scales of BFL's control LoRAs (and diffusers' version)
+        if key.endswith("_norm.scale") or (key.endswith(".weight") and ".norm" in key and "lora" not in key):
+            stem, what = key, "set"
+        else:
+            return None
+    for prefix, part in _PREFIXES:
+        if stem.startswith(prefix):
+            return part, stem[len(prefix):], what
+    return "unet", stem, what  # Black Forest Labs' files: the original names, no prefix
+
+
+def _xlabs_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """XLabs' keys under the original layers' names: ``double_blocks.0.processor.qkv_lora1.down.weight`` as
+    ``double_blocks.0.img_attn.qkv.lora_down.weight``."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if "processor" in parts and len(parts) >= 3 and parts[-2] in ("down", "up"):
+            i = parts.index("processor")
+            layer = XLABS_LAYERS.get(parts[i + 1]) if i + 1 < len(parts) else None
+            if layer is not None:
+                key = ".".join([*parts[:i], layer, f"lora_{parts[-2]}", parts[-1]])
+        out[key] = value
+    return out
 
 
 def load_lora(path: Path) -> LoraWeights:
@@ -60,84 +118,50 @@ def load_lora(path: Path) -> LoraWeights:
         state = load_file(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read this LoRA: {exc}") from None
-    parts: dict[str, dict[str, Any]] = {}
+    return parse_lora(state, path)
+
+
+def parse_lora(state: dict[str, torch.Tensor], path: Path) -> LoraWeights:
+    """A LoRA file's tensors, by the keys of the model parts they patch (see the module docstring)."""
+    if any(".processor." in k for k in state):
+        state = _xlabs_names(state)
+    entries: dict[str, dict[str, Any]] = {}
     for key, tensor in state.items():
-        m = _KOHYA.match(key) or _PEFT.match(key)
-        if not m:
+        found = _split_key(key)
+        if found is None:
             continue
-        prefix, name, kind = m.groups()
-        kind = {"lora_A": "down", "lora.down": "down", "lora_down": "down",
-                "lora_B": "up", "lora.up": "up", "lora_up": "up"}.get(kind, kind)
-        parts.setdefault(f"{_PART[prefix]}:{name}", {})[kind] = tensor
+        part, name, what = found
+        entries.setdefault(f"{part}:{name}", {})[what] = tensor
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]] = {}
-    for k, v in parts.items():
+    biases: dict[str, torch.Tensor] = {}
+    sets: dict[str, torch.Tensor] = {}
+    reshapes: dict[str, tuple[int, ...]] = {}
+    for key, v in entries.items():
         if "down" in v and "up" in v:
-            alpha = float(v["alpha"]) if "alpha" in v else None
-            for name, up in flux_original_pairs(k, v["up"].float()):
-                pairs[name] = (v["down"].float(), up, alpha)
+            pairs[key] = (v["down"].float(), v["up"].float(), float(v["alpha"]) if "alpha" in v else None)
+        if "bias" in v:
+            biases[key] = v["bias"].float()
+        if "set" in v:
+            name = key if key.endswith((".scale", ".weight", ".bias")) else key + ".weight"
+            sets[name] = v["set"].float()
+        if "reshape" in v:
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                reshapes[key] = tuple(int(x) for x in v["reshape"].reshape(-1).tolist())
     if not pairs:
-        raise CheckpointError(f"{path}: no LoRA weights found (expected kohya 'lora_unet_*' or diffusers keys)")
-    return LoraWeights(str(path), pairs)
-
-
-#: Black Forest Labs' Flux layer names -> diffusers' (the layers of one block; fused ones are cut below)
-_FLUX_TOP = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
-             "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-             "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-             "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-             "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-             "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-             "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2"}
-_FLUX_SINGLE = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
-_FLUX_FUSED_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-                   "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-_FLUX_BLOCK = re.compile(r"^(double_blocks|single_blocks)[._](\d+)[._](.+)$")
-
-
-def flux_original_pairs(key: str, up: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """A LoRA pair named in Black Forest Labs' Flux layout (dotted, or kohya's underscores) as the pairs of
-    diffusers' ``FluxTransformer2DModel`` layers: ``(key, up matrix)``s sharing the pair's down matrix. A fused
-    layer's up rows are cut as the loader cuts its weight (q, k, v; single blocks' q, k, v and the 4x MLP); the
-    final modulation's halves are swapped, as its weight is. Any other key comes back unchanged."""
-    from tui_diffusion.modelfiles.convert_dit import _FLUX_DOUBLE, _swap_halves
-
-    part, _, name = key.partition(":")
-    if part != "unet":
-        return [(key, up)]
-
-    def plain(table: dict[str, str], leaf: str) -> str | None:
-        return next((ours for theirs, ours in table.items() if leaf in (theirs, theirs.replace(".", "_"))), None)
-
-    if name in ("final_layer.adaLN_modulation.1", "final_layer_adaLN_modulation_1"):
-        return [("unet:norm_out.linear", _swap_halves(up))]
-    if (top := plain(_FLUX_TOP, name)) is not None:
-        return [(f"unet:{top}", up)]
-    m = _FLUX_BLOCK.match(name)
-    if m is None:
-        return [(key, up)]
-    kind, index, leaf = m.groups()
-    block = f"unet:{'transformer_blocks' if kind == 'double_blocks' else 'single_transformer_blocks'}.{index}."
-    if kind == "double_blocks":
-        fused = next((names for theirs, names in _FLUX_FUSED_QKV.items()
-                      if leaf in (theirs, theirs.replace(".", "_"))), None)
-        if fused is not None and up.shape[0] % 3 == 0:
-            return [(block + n, piece) for n, piece in zip(fused, up.chunk(3, dim=0), strict=True)]
-        single = plain(_FLUX_DOUBLE, leaf)
-    else:
-        if leaf == "linear1" and up.shape[0] % 7 == 0:  # q, k, v (hidden each) and the MLP (4 x hidden)
-            hidden = up.shape[0] // 7
-            names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-            return [(block + n, piece)
-                    for n, piece in zip(names, up.split([hidden] * 3 + [4 * hidden], dim=0), strict=True)]
-        single = plain(_FLUX_SINGLE, leaf)
-    return [(block + single, up)] if single is not None else [(key, up)]
+        raise CheckpointError(f"{path}: no LoRA weights found (expected kohya 'lora_unet_*', diffusers "
+                              "'transformer.*'/'unet.*' or original 'diffusion_model.*' keys)")
+    if sets:  # a control LoRA: its input layer reads more channels than the model's (ComfyUI's converter's rule)
+        for key in ("unet:img_in", "unet:x_embedder"):
+            if key in pairs and key not in reshapes:
+                down, up, _ = pairs[key]
+                reshapes[key] = (int(up.shape[0]), int(down.flatten(1).shape[1]))
+    return LoraWeights(str(path), pairs, biases, sets, reshapes)
 
 
 def _targets(module: torch.nn.Module, part: str, with_original_names: bool) -> dict[str, torch.nn.Module]:
     """Every layer a LoRA may name, under its dotted and its underscored name (kohya), for one model part."""
     out: dict[str, torch.nn.Module] = {}
-    # the original (LDM) names of an SD UNet's layers; a transformer has none (its LoRAs name diffusers' layers,
-    # or Flux's original layers, which ``flux_original_pairs`` renamed)
+    # the original (LDM) names of an SD UNet's layers; a transformer's original names are ``lora_dit``'s
     layers = getattr(getattr(module, "config", None), "layers_per_block", None)
     with_original_names = with_original_names and layers is not None
     for name, mod in module.named_modules():
@@ -155,9 +179,11 @@ def _targets(module: torch.nn.Module, part: str, with_original_names: bool) -> d
     return out
 
 
-def _fits(mod: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
+def _fits(mod: torch.nn.Module, down: torch.Tensor, up: torch.Tensor, width: int | None = None) -> bool:
+    """Whether a pair fits a layer: its rows, and its columns (or the ``width`` the layer is widened to)."""
     weight = mod.weight
-    return up.shape[0] == weight.shape[0] and down.flatten(1).shape[1] == weight.flatten(1).shape[1]
+    columns = weight.flatten(1).shape[1] if width is None else width
+    return up.shape[0] == weight.shape[0] and down.flatten(1).shape[1] == columns
 
 
 def _delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None, weight: torch.Tensor) -> torch.Tensor:
@@ -165,6 +191,123 @@ def _delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None, weight: to
     scale = (alpha / rank) if alpha is not None else 1.0
     delta = up.flatten(1) @ down.flatten(1)
     return (delta * scale).reshape(weight.shape)
+
+
+@dataclass
+class _Plan:
+    """What one LoRA does to one set of model parts."""
+
+    #: (layer, down, up, alpha, the width the layer must have first or None)
+    pairs: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, float | None, int | None]]
+    #: the file's pairs that fit completely
+    matched: int
+    #: (parameter, its rows, the delta or value for them)
+    biases: list[tuple[torch.Tensor, slice, torch.Tensor]]
+    sets: list[tuple[torch.Tensor, slice, torch.Tensor]]
+
+
+def _width(lora: LoraWeights, key: str, mod: torch.nn.Module) -> int | None:
+    """The input width a reshape asks for, if it only widens this layer's input (what control LoRAs do)."""
+    shape = lora.reshapes.get(key)
+    if shape is None or len(shape) != 2 or not isinstance(mod, torch.nn.Linear):
+        return None
+    if shape[0] != mod.weight.shape[0] or shape[1] < mod.weight.shape[1]:
+        return None
+    return shape[1]
+
+
+def _plan(parts: dict[str, torch.nn.Module], lora: LoraWeights,
+          tables: dict[str, dict[str, torch.nn.Module]] | None = None) -> _Plan:
+    tables = tables if tables is not None else {part: _targets(m, part, part == "unet") for part, m in parts.items()}
+    plan = _Plan([], 0, [], [])
+    for key, (down, up, alpha) in lora.pairs.items():
+        part, _, name = key.partition(":")
+        net = parts.get(part)
+        if net is None:
+            continue
+        mod = tables.get(part, {}).get(key)
+        if mod is not None:
+            width = _width(lora, key, mod)
+            if _fits(mod, down, up, width):
+                plan.pairs.append((mod, down, up, alpha, width))
+                plan.matched += 1
+            continue
+        cut = lora_dit.layer_pairs(net, name, down, up)
+        if not cut:
+            continue
+        width = _width(lora, key, cut[0][0]) if len(cut) == 1 else None
+        if all(_fits(m, down, u, width) for m, u in cut):
+            plan.pairs.extend((m, down, u, alpha, width) for m, u in cut)
+            plan.matched += 1
+    for key, delta in lora.biases.items():
+        part, _, name = key.partition(":")
+        mod = tables.get(part, {}).get(key)
+        if mod is not None and getattr(mod, "bias", None) is not None and mod.bias.shape == delta.shape:
+            plan.biases.append((mod.bias, slice(None), delta))
+        elif part in parts:
+            for param, rows, source in lora_dit.param_rows(parts[part], name + ".bias") or ():
+                plan.biases.append((param, rows, delta[source]))
+    for key, value in lora.sets.items():
+        part, _, name = key.partition(":")
+        if part not in parts:
+            continue
+        param = None
+        with contextlib.suppress(AttributeError):
+            param = parts[part].get_parameter(name)
+        if param is not None and param.shape == value.shape:
+            plan.sets.append((param, slice(None), value))
+            continue
+        for param, rows, source in lora_dit.param_rows(parts[part], name) or ():
+            plan.sets.append((param, rows, value[source]))
+    return plan
+
+
+def layer_pairs(module: torch.nn.Module, part: str,
+                lora: LoraWeights) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, float | None]]:
+    """The (layer, down, up, alpha) pairs a LoRA adds to one model part, as ``patched`` applies them (merges read
+    them to evaluate another model's LoRAs)."""
+    plan = _plan({part: module}, lora)
+    return [(m, d, u, a) for m, d, u, a, _ in plan.pairs]
+
+
+def _add(param: torch.Tensor, rows: slice, delta: torch.Tensor) -> None:
+    target = param[rows]
+    if param.dtype == torch.float32:
+        target.add_(delta.to(param.device))
+    else:  # half precision or fp8 storage (which has no addition): add in float32, round once
+        target.copy_((target.float() + delta.to(param.device, torch.float32)).to(param.dtype))
+
+
+#: a widened layer -> the config value that says its width (diffusers' own table where it has one)
+def _width_attributes() -> dict[str, str]:
+    try:
+        from diffusers.loaders.lora_pipeline import _MODULE_NAME_TO_ATTRIBUTE_MAP_FLUX as table
+    except ImportError:  # pragma: no cover - older or newer diffusers
+        table = {"x_embedder": "in_channels"}
+    return dict(table)
+
+
+def _widen(parts: dict[str, torch.nn.Module], mod: torch.nn.Linear, width: int,
+           undo: list[tuple[torch.nn.Module, str, Any, Any]]) -> None:
+    """Give a linear layer ``width`` input features, the new columns zero (ComfyUI pads the weight; diffusers
+    expands the layer the same way), remembering what to put back."""
+    old = mod.weight
+    if old.shape[1] >= width:
+        return
+    if old.device.type == "meta":
+        raise NodeError("LoRAs cannot be applied with --novram (layer-by-layer offload) yet; use --lowvram")
+    wide = torch.zeros(old.shape[0], width, dtype=old.dtype, device=old.device)
+    wide[:, : old.shape[1]] = old.detach()
+    undo.append((mod, "weight", old, None))
+    undo.append((mod, "in_features", mod.in_features, None))
+    mod.weight = torch.nn.Parameter(wide, requires_grad=old.requires_grad)
+    mod.in_features = width
+    for net in parts.values():
+        config = getattr(net, "config", None)
+        for attribute, setting in _width_attributes().items():
+            if getattr(net, attribute, None) is mod and config is not None and hasattr(config, setting):
+                undo.append((config, setting, getattr(config, setting), None))
+                setattr(config, setting, width)
 
 
 @contextlib.contextmanager
@@ -177,6 +320,15 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
     tables: dict[str, dict[str, torch.nn.Module]] = {}  # built for the first LoRA
     #: id(parameter) -> (parameter, its value before any patch)
     backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    #: (object, attribute, value before) of layers widened by a control LoRA, put back last
+    undo: list[tuple[Any, str, Any, Any]] = []
+
+    def backup(param: torch.Tensor) -> None:
+        if param.device.type == "meta":
+            raise NodeError("LoRAs cannot be applied with --novram (layer-by-layer offload) yet; use --lowvram")
+        if id(param) not in backups:
+            backups[id(param)] = (param, param.detach().clone())
+
     try:
         with torch.no_grad():
             for patch in active:
@@ -185,33 +337,29 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
                     continue
                 if not tables:
                     tables = {part: _targets(module, part, part == "unet") for part, module in parts.items()}
-                for key, (down, up, alpha) in patch.lora.pairs.items():
-                    part = key.split(":", 1)[0]
-                    mod = tables.get(part, {}).get(key)
-                    if mod is None or not _fits(mod, down, up):
-                        continue
-                    if mod.weight.device.type == "meta":
-                        raise NodeError("LoRAs cannot be applied with --novram (layer-by-layer offload) yet; "
-                                        "use --lowvram")
-                    if id(mod.weight) not in backups:
-                        backups[id(mod.weight)] = (mod.weight, mod.weight.detach().clone())
-                    delta = _delta(down, up, alpha, mod.weight) * patch.strength
-                    if mod.weight.dtype == torch.float32:
-                        mod.weight.add_(delta.to(mod.weight.device))
-                    else:  # half precision or fp8 storage (which has no addition): add in float32, round once
-                        sum_ = mod.weight.float() + delta.to(mod.weight.device, torch.float32)
-                        mod.weight.copy_(sum_.to(mod.weight.dtype))
+                plan = _plan(parts, patch.lora, tables)
+                for mod, down, up, alpha, width in plan.pairs:
+                    if width is not None:
+                        _widen(parts, mod, width, undo)
+                    backup(mod.weight)
+                    _add(mod.weight, slice(None), _delta(down, up, alpha, mod.weight) * patch.strength)
+                for param, rows, delta in plan.biases:
+                    backup(param)
+                    _add(param, rows, delta * patch.strength)
+                for param, rows, value in plan.sets:  # ComfyUI's "set": the value, whatever the strength
+                    backup(param)
+                    param[rows] = value.to(param.device, param.dtype)
         yield
     finally:
         with torch.no_grad():
             for param, original in backups.values():
-                param.copy_(original)
+                if param.shape == original.shape:
+                    param.copy_(original)
+            for obj, attribute, value, _ in reversed(undo):
+                setattr(obj, attribute, value)
 
 
 def matched_modules(parts: dict[str, torch.nn.Module], lora: LoraWeights) -> int:
-    tables = {part: _targets(module, part, part == "unet") for part, module in parts.items()}
-    count = 0
-    for key, (down, up, _) in lora.pairs.items():
-        mod = tables.get(key.split(":", 1)[0], {}).get(key)
-        count += mod is not None and _fits(mod, down, up)
-    return count
+    """How many of the file's pairs fit these model parts completely (a pair for a fused original layer counts
+    once)."""
+    return _plan(parts, lora).matched

@@ -99,16 +99,13 @@ def _parameters(module: torch.nn.Module, memo: dict[Any, Any]) -> dict[str, torc
 
 def _lora_pairs(module: torch.nn.Module, part: str, lora: Any, memo: dict[Any, Any]) -> dict[int, list[tuple]]:
     """A LoRA's (down, up, alpha) pairs by the id of the layer they change, as ``lora.patched`` matches them."""
-    from tui_diffusion.pipeline.lora import _fits, _targets
+    from tui_diffusion.pipeline.lora import layer_pairs
 
     key = ("lora", id(lora), part, id(module))
     if key not in memo:
-        table = _targets(module, part, part == "unet")
         by_layer: dict[int, list[tuple]] = {}
-        for lora_key, (down, up, alpha) in lora.pairs.items():
-            layer = table.get(lora_key) if lora_key.startswith(part + ":") else None
-            if layer is not None and _fits(layer, down, up):
-                by_layer.setdefault(id(layer), []).append((down, up, alpha))
+        for layer, down, up, alpha in layer_pairs(module, part, lora):
+            by_layer.setdefault(id(layer), []).append((down, up, alpha))
         memo[key] = by_layer
     return memo[key]
 
