@@ -267,3 +267,40 @@ def test_lotus_depth_template_gives_the_subgraphs_depth_map(home: Path, tmp_path
     assert image.shape == (40, 40, 3) and image.std() > 0
     assert np.abs(image - expected).max() <= 1.0
 
+
+def test_flux_depth_lora_template_runs(home: Path, tmp_path: Path) -> None:
+    """Flux dev with Black Forest Labs' depth control LoRA on the Lotus depth map. The LoRA widens ``img_in`` to the
+    128 channels InstructPixToPixConditioning concatenates; without it the 64-channel Flux dev file ignores the
+    depth latent (as ComfyUI does) and gives another image, which the run with the LoRA bypassed shows."""
+    from tui_diffusion.pipeline import checkpoint_writer_dit as w
+    from tui_diffusion.pipeline.checkpoint_writer_lora_dit import write_flux_control_lora
+
+    extra = tmp_path / "flux"
+    w.write_flux_transformer(extra / "diffusion_models" / "flux1-dev-fp8.safetensors", dtype="fp8_e4m3fn")
+    write_flux_control_lora(extra / "loras" / "flux1-depth-dev-lora.safetensors", w.build_flux_transformer())
+    input_dir = tmp_path / "input"
+    input_dir.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+        input_dir / "flux_depth_lora_example_input_image.png")
+    api = _api("flux_depth_lora_example")
+    assert api["150:37"]["class_type"] == "LoraLoaderModelOnly" and api["150:41:101"]["class_type"] == "SetFirstSigma"
+    for node_id, values in {"150:107": {"megapixels": 0.01}, "150:3": {"steps": 1}}.items():
+        assert set(values) <= set(api[node_id]["inputs"]), node_id
+        api[node_id]["inputs"].update(values)
+    lotus = _paths(home)
+    paths = ModelPaths(home / "models", input_dir=input_dir,
+                       extra=lotus.extra + tuple((kind, extra / kind) for kind in ("diffusion_models", "loras")))
+    assert not validate_workflow(Workflow.from_data(api), paths)
+
+    def run(data: dict, out: Path) -> np.ndarray:
+        engine = EngineState(CPU, ModelCache(3), paths, out, tmp_path / "tmp", tmp_path / "cfg")
+        Executor(engine).run(data, Hooks(), lambda: False)
+        saved = sorted(out.glob("*.png"))
+        assert len(saved) == 1 and saved[0].name.startswith("Flux.1_dev")
+        return np.asarray(Image.open(saved[0])).astype(np.int16)
+
+    image = run(api, tmp_path / "out")
+    assert image.shape[:2] == (96, 96) and image.std() > 0
+    api["150:3"]["inputs"]["model"] = api["150:37"]["inputs"]["model"]  # the LoRA bypassed
+    assert np.abs(run(api, tmp_path / "out-bare") - image).mean() > 1.0
