@@ -555,6 +555,17 @@ _SPECS: tuple[NodeSpec, ...] = (
         description="SD Turbo's schedule: timesteps 999, 899, ... (one to ten steps).",
     ),
     NodeSpec(
+        "OptimalStepsScheduler", "OptimalStepsScheduler", "sampling/custom_sampling/schedulers",
+        inputs=(
+            InputSpec("model_type", COMBO, default="FLUX", choices=("FLUX", "Wan", "Chroma")),
+            InputSpec("steps", INT, default=20, min=3, max=1000, step=1),
+            InputSpec("denoise", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01),
+        ),
+        outputs=(OutputSpec(SIGMAS, "SIGMAS"),),
+        description="The OptimalSteps paper's searched noise levels for this model type, log-linearly stretched "
+                    "to the step count (the tail of them when denoise < 1); needs no model.",
+    ),
+    NodeSpec(
         "SplitSigmas", "SplitSigmas", "sampling/custom_sampling/sigmas",
         inputs=(InputSpec("sigmas", SIGMAS), InputSpec("step", INT, default=0, min=0, max=10000, step=1)),
         outputs=(OutputSpec(SIGMAS, "high_sigmas"), OutputSpec(SIGMAS, "low_sigmas")),

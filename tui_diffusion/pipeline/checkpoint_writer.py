@@ -364,6 +364,8 @@ class TinySD2:
     text_layers: int = 3
     vae_channels: tuple[int, ...] = (32, 32, 32, 32)
     vae_layers: int = 1
+    #: 9 for SD2's inpainting UNet (latent + mask + masked-image latent)
+    in_channels: int = 4
 
 
 def build_sd2_models(sizes: TinySD2, seed: int = 0, v_prediction: bool = False):
@@ -373,7 +375,7 @@ def build_sd2_models(sizes: TinySD2, seed: int = 0, v_prediction: bool = False):
     torch.manual_seed(seed + 1)
     unet = _unet(sizes.unet_channels, sizes.unet_attention, sizes.layers_per_block, sizes.text_width,
                  sample_size=96, attention_head_dim=tuple(max(1, c // 64) for c in sizes.unet_channels),
-                 use_linear_projection=True, upcast_attention=True)
+                 use_linear_projection=True, upcast_attention=True, in_channels=sizes.in_channels)
     if v_prediction:  # what v-objective training does to the norm ComfyUI's detection reads
         with torch.no_grad():
             unet.up_blocks[3].attentions[2].transformer_blocks[0].norm1.bias.normal_(0, 0.3)

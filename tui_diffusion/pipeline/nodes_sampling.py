@@ -22,7 +22,7 @@ from tui_diffusion.pipeline.ksampler import run_sampler
 from tui_diffusion.pipeline.model_sampling import DiscreteFlowSampling, DiscreteSampling, EDMSampling
 from tui_diffusion.pipeline.models import ModelHandle
 from tui_diffusion.pipeline.registry import NodeResult, node
-from tui_diffusion.pipeline.schedules import calculate_sigmas, sd_turbo_sigmas
+from tui_diffusion.pipeline.schedules import calculate_sigmas, optimal_steps_sigmas, sd_turbo_sigmas
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,16 @@ def basic_scheduler(ctx: NodeContext, model: ModelHandle, scheduler: str, steps:
 @node("SDTurboScheduler")
 def sd_turbo_scheduler(ctx: NodeContext, model: ModelHandle, steps: int = 1, denoise: float = 1.0) -> NodeResult:
     return NodeResult((sd_turbo_sigmas(model.model_sampling, steps, denoise).float().cpu(),))
+
+
+@node("OptimalStepsScheduler")
+def optimal_steps_scheduler(ctx: NodeContext, model_type: str = "FLUX", steps: int = 20,
+                            denoise: float = 1.0) -> NodeResult:
+    try:
+        sigmas = optimal_steps_sigmas(model_type, steps, denoise)
+    except ValueError as exc:
+        raise NodeError(str(exc)) from None
+    return NodeResult((sigmas,))
 
 
 @node("SplitSigmas")

@@ -167,3 +167,42 @@ def sd_turbo_sigmas(model_sampling: ModelSampling, steps: int, denoise: float = 
     timesteps = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[start_step:start_step + steps]
     sigmas = model_sampling.sigma(timesteps)
     return torch.cat([sigmas, sigmas.new_zeros([1])]).float()
+
+
+#: OptimalSteps' searched noise levels (ComfyUI's ``nodes_optimalsteps``; from the OptimalSteps paper's code), per
+#: model type, from the first step's sigma down to the last (the final 0.001 is replaced by 0)
+OPTIMAL_STEPS_LEVELS: dict[str, tuple[float, ...]] = {
+    "FLUX": (0.9968, 0.9886, 0.9819, 0.975, 0.966, 0.9471, 0.9158, 0.8287, 0.5512, 0.2808, 0.001),
+    "Wan": (1.0, 0.997, 0.995, 0.993, 0.991, 0.989, 0.987, 0.985, 0.98, 0.975, 0.973, 0.968, 0.96, 0.946, 0.927,
+            0.902, 0.864, 0.776, 0.539, 0.208, 0.001),
+    "Chroma": (0.992, 0.99, 0.988, 0.985, 0.982, 0.978, 0.973, 0.968, 0.961, 0.953, 0.943, 0.931, 0.917, 0.9,
+               0.881, 0.858, 0.832, 0.802, 0.769, 0.731, 0.69, 0.646, 0.599, 0.55, 0.501, 0.451, 0.402, 0.355,
+               0.311, 0.27, 0.232, 0.199, 0.169, 0.143, 0.12, 0.101, 0.084, 0.07, 0.058, 0.048, 0.001),
+}
+
+
+def _loglinear(levels: np.ndarray, count: int) -> np.ndarray:
+    """``levels`` (decreasing) resampled to ``count`` values evenly spaced in position, interpolating their logs:
+    computed from the smallest up, as ComfyUI does, so the float64 rounding is the same."""
+    rising = np.log(levels[::-1])
+    resampled = np.interp(np.linspace(0, 1, count), np.linspace(0, 1, len(levels)), rising)
+    return np.exp(resampled)[::-1].copy()
+
+
+def optimal_steps_sigmas(model_type: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """ComfyUI's OptimalStepsScheduler: the model type's levels taken as they are when there are ``steps + 1`` of
+    them, log-linearly resampled otherwise; a partial denoise keeps the last ``round(steps * denoise)`` steps; the
+    last sigma is 0. No model sampling is involved: the levels are flow-matching sigmas already."""
+    if model_type not in OPTIMAL_STEPS_LEVELS:
+        raise ValueError(f"model_type {model_type!r}: expected one of {', '.join(OPTIMAL_STEPS_LEVELS)}")
+    kept = steps
+    if denoise < 1.0:
+        if denoise <= 0.0:
+            return torch.zeros(0)
+        kept = round(steps * denoise)
+    levels = np.asarray(OPTIMAL_STEPS_LEVELS[model_type], dtype=np.float64)
+    if steps + 1 != len(levels):
+        levels = _loglinear(levels, steps + 1)
+    sigmas = levels[-(kept + 1):].copy()
+    sigmas[-1] = 0.0
+    return torch.tensor(sigmas, dtype=torch.float32)
