@@ -282,3 +282,37 @@ def test_a_lora_of_the_other_family_is_refused_naming_the_file(models_root: Path
     (ok,) = nodes["LoraLoaderModelOnly"](ctx, model=flux, lora_name="flux_style.safetensors",
                                          strength_model=0.5).outputs
     assert len(ok.patches) == 1 and ok.patches[0].strength == 0.5
+
+
+def test_a_flux_lora_with_text_encoder_layers_patches_clip_l_through_lora_loader(models_root: Path,
+                                                                              tmp_path: Path) -> None:
+    """kohya's Flux LoRAs may train CLIP-L too (``lora_te1_*``): LoraLoader patches the DualCLIPLoader's CLIP-L,
+    as ComfyUI maps te1 to it; strength_clip 0 leaves the encoding alone."""
+    from tui_diffusion.pipeline.registry import implementations
+
+    nodes, ctx = implementations(), _ctx(models_root, tmp_path)
+    (model,) = nodes["UNETLoader"](ctx, unet_name="flux1-dev.safetensors", weight_dtype="default").outputs
+    (clip,) = nodes["DualCLIPLoader"](ctx, clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                                      type="flux").outputs
+    clip_l = clip.parts()["clip_l"]
+    q_proj = getattr(clip_l, "text_model", clip_l).encoder.layers[0].self_attn.q_proj  # transformers 4 / 5
+    layer = "double_blocks.0.img_attn.proj"
+    pairs = lw.random_pairs({layer: lw.original_layers(model.unet)[layer]})
+    sd = lw.lora_state(pairs, "kohya", alpha=2.0)
+    gen = torch.Generator().manual_seed(2)
+    key = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    sd[f"{key}.lora_down.weight"] = torch.randn(RANK, q_proj.in_features, generator=gen)
+    sd[f"{key}.lora_up.weight"] = torch.randn(q_proj.out_features, RANK, generator=gen)
+    w.save(sd, models_root / "loras" / "flux_with_te.safetensors")
+
+    def pooled(strength_clip: float) -> torch.Tensor:
+        _, new_clip = nodes["LoraLoader"](ctx, model=model, clip=clip, lora_name="flux_with_te.safetensors",
+                                          strength_model=1.0, strength_clip=strength_clip).outputs
+        (cond,) = nodes["CLIPTextEncode"](ctx, clip=new_clip, text="a ghost").outputs
+        return cond[0][1]["pooled_output"]
+
+    (plain,) = nodes["CLIPTextEncode"](ctx, clip=clip, text="a ghost").outputs
+    assert torch.equal(pooled(0.0), plain[0][1]["pooled_output"])
+    assert not torch.allclose(pooled(1.0), plain[0][1]["pooled_output"])
+    (again,) = nodes["CLIPTextEncode"](ctx, clip=clip, text="a ghost").outputs
+    assert torch.equal(again[0][1]["pooled_output"], plain[0][1]["pooled_output"])  # the cached CLIP is clean

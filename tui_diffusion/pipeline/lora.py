@@ -65,7 +65,7 @@ _SUFFIXES = (
 #: a key's prefix -> the model part it patches, and whether the name after it is kohya's (dots as underscores)
 _PREFIXES = (
     ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"),
-    ("lora_te_", "te1"), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
+    ("lora_te3_", "te3"), ("lora_te_", "te1"), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
     ("base_model.model.", "unet"), ("transformer.", "unet"), ("unet.", "unet"), ("text_encoder_2.", "te2"),
     ("text_encoder.", "te1"),
 )
@@ -216,8 +216,24 @@ def _width(lora: LoraWeights, key: str, mod: torch.nn.Module) -> int | None:
     return shape[1]
 
 
+def _aliased(parts: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """SD3's and Flux's text encoders under the names LoRA files give them, as ComfyUI maps them: te1 is CLIP-L;
+    te2 is CLIP-G (SD3) or T5 (Flux, which has no CLIP-G); te3 is SD3's T5 (OneTrainer)."""
+    if "te1" in parts or "clip_l" not in parts:
+        return parts
+    out = dict(parts)
+    out["te1"] = parts["clip_l"]
+    second = parts.get("clip_g", parts.get("t5xxl"))
+    if second is not None:
+        out["te2"] = second
+    if "clip_g" in parts and "t5xxl" in parts:
+        out["te3"] = parts["t5xxl"]
+    return out
+
+
 def _plan(parts: dict[str, torch.nn.Module], lora: LoraWeights,
           tables: dict[str, dict[str, torch.nn.Module]] | None = None) -> _Plan:
+    parts = _aliased(parts)
     tables = tables if tables is not None else {part: _targets(m, part, part == "unet") for part, m in parts.items()}
     plan = _Plan([], 0, [], [])
     for key, (down, up, alpha) in lora.pairs.items():
@@ -336,7 +352,8 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
                     patch.apply(parts, backups)
                     continue
                 if not tables:
-                    tables = {part: _targets(module, part, part == "unet") for part, module in parts.items()}
+                    tables = {part: _targets(module, part, part == "unet")
+                              for part, module in _aliased(parts).items()}
                 plan = _plan(parts, patch.lora, tables)
                 for mod, down, up, alpha, width in plan.pairs:
                     if width is not None:
