@@ -11,8 +11,12 @@ ComfyUI's frontend keeps reusable parts of a workflow in two ways, and flattens 
   value is used, for every inner node that input feeds.
 - **Group nodes** (the older ``extra.groupNodes``, instances typed ``workflow>NAME`` or ``workflow/NAME``): the
   instance's inputs are the inner nodes' inputs not linked inside the group (plain inputs node by node, then the
-  widgets converted to inputs), its outputs the inner outputs not used only inside, and its ``widgets_values``
-  the inner widgets node by node, then the converted ones.
+  widgets converted to inputs; ``config`` may hide some), its outputs the inner outputs not used only inside, and
+  its ``widgets_values`` the inner widgets node by node, then the converted ones, each seed followed by its
+  "control after generate" entry. As in ComfyUI's frontend, the instance's values (controls included) replace
+  those saved inside; frontend-only nodes count as ComfyUI counts them (a Reroute or a note has no widget, a
+  linked PrimitiveNode its own, an unlinked one nothing), and a node this program lacks takes as many values as
+  it saved. When the counts still disagree, the inner nodes keep their saved values.
 
 Expanded nodes get ComfyUI's execution ids: the path of instance ids down to the inner node, joined with ":"
 (``"56:52"`` is node 52 inside instance 56), so the ids in messages are the ones ComfyUI shows. A muted instance
@@ -45,6 +49,9 @@ META_PROPERTY = "tui-diffusion meta"
 GROUP_PREFIXES = ("workflow>", "workflow/")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _SEED_NAMES = ("seed", "noise_seed")
+#: node types of ComfyUI's frontend only: in a group node, ComfyUI gives them no widget (a linked PrimitiveNode
+#: shows its own) and a note or an unlinked PrimitiveNode no input or output either
+_NO_WIDGETS = ("Reroute", "Note", "MarkdownNote")
 
 
 class SubgraphError(ValueError):
@@ -63,9 +70,10 @@ class _Graph:
     inputs: list[tuple[str, str]] = field(default_factory=list)
     #: group nodes only: the instance input index -> (inner node, its input slot), in the instance's order
     group_inputs: list[tuple[Any, int]] = field(default_factory=list)
-    #: group nodes only: (inner node, widget name, has a control entry) in the instance's widget order; None when
-    #: the order cannot be known (an inner node this program lacks)
-    group_widgets: list[tuple[Any, str, bool]] | None = None
+    #: group nodes only: (inner node, widget name, has a control entry) in the instance's widget order, the name
+    #: a position in the node's saved ``widgets_values`` for nodes without a spec; None when the order cannot be
+    #: known (a node this program lacks with widgets converted to inputs)
+    group_widgets: list[tuple[Any, str | int, bool]] | None = None
     is_group: bool = False
     #: subgraph input index -> the inner (node, widget) it promotes (filled on first use)
     promoted: dict[int, tuple[Any, str]] | None = None
@@ -159,6 +167,37 @@ def _widget_names(node: dict[str, Any]) -> list[tuple[str, bool]] | None:
     return [(i.name, i.control_after_generate or i.name in _SEED_NAMES) for i in spec.inputs if i.is_widget]
 
 
+def _with_values(node: dict[str, Any], values: dict[str | int, tuple[Any, Any]]) -> Any:
+    """An inner node's ``widgets_values`` with a group instance's values (and seed controls) in place of those
+    saved with the definition, laid out as the UI-format conversion reads them."""
+    saved = node.get("widgets_values")
+    spec = get_spec(node.get("type"))
+    if spec is None or node.get("type") == "PrimitiveNode":  # by position, as it saved them
+        out = list(saved) if isinstance(saved, list) else []
+        for key, (value, _) in values.items():
+            if isinstance(key, int) and 0 <= key < len(out):
+                out[key] = value
+        return out
+    if isinstance(saved, dict):  # newer frontends save some nodes' values by name
+        return {**saved, **{k: v for k, (v, _) in values.items()}}
+    from tui_diffusion.graph.ui_format import ui_to_api
+
+    single = {"id": 0, "type": node.get("type"), "inputs": [], "widgets_values": saved}
+    parsed = ui_to_api({"nodes": [single], "links": []}).get("0", {})
+    own, controls = parsed.get("inputs", {}), parsed.get("_meta", {}).get("control_after_generate", {})
+    out = []
+    for ispec in spec.inputs:
+        if not ispec.is_widget:
+            continue
+        value, control = values.get(ispec.name, (own.get(ispec.name, ispec.default), None))
+        if ispec.name not in values and ispec.name not in own and ispec.default is None:
+            break  # neither the instance nor the node has it: leave it, and what follows, missing
+        out.append(value)
+        if ispec.control_after_generate:
+            out.append(control if control is not None else controls.get(ispec.name, "fixed"))
+    return out
+
+
 def _group_graph(name: str, group: Any, source: str) -> _Graph:
     """A group node's contents as a graph shaped like a subgraph definition: synthetic links from the input
     node (-10) for the instance's inputs and into the output node (-20) for its outputs."""
@@ -187,14 +226,30 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
             inputs[tslot]["link"] = lid
         linked_to.add((target, tslot))
         linked_from.add((origin, oslot))
-    external = {(e[0], e[1]) for e in group.get("external") or []  # some files hold a node, not an index, here
+    # some files hold a whole node, not its index, here: ComfyUI's frontend never matches those, nor does this
+    external = {(e[0], e[1]) for e in group.get("external") or []
                 if isinstance(e, list) and len(e) >= 2 and isinstance(e[0], int) and isinstance(e[1], int)}
     config = group.get("config") if isinstance(group.get("config"), dict) else {}
+    unused = {i for i, n in nodes.items()  # ComfyUI leaves out notes and PrimitiveNodes that feed nothing
+              if n.get("type") in ("Note", "MarkdownNote") or (n.get("type") == "PrimitiveNode"
+                                                                and not any(o == i for o, _ in linked_from))}
 
     def visible(kind: str, index: int, key: Any, default: bool) -> bool:
         entry = (config.get(str(index)) or {}).get(kind) or {}
         value = (entry.get(str(key)) or {}).get("visible") if isinstance(entry, dict) else None
         return default if value is None else bool(value)
+
+    def input_key(index: int, inp: dict[str, Any]) -> Any:
+        """The name ``config`` uses for an input: a Reroute's is its type, as ComfyUI's frontend names it."""
+        if nodes[index].get("type") != "Reroute":
+            return inp.get("name")
+        for link in group.get("links") or []:  # the first input it feeds, else the first link into it
+            if isinstance(link, list) and len(link) >= 4 and link[0] == index and link[2] in nodes:
+                targets = nodes[link[2]]["inputs"]
+                if isinstance(link[3], int) and 0 <= link[3] < len(targets):
+                    return targets[link[3]].get("type")
+        return next((link[5] for link in group.get("links") or []
+                     if isinstance(link, list) and len(link) > 5 and link[2] == index), inp.get("type"))
 
     graph = _Graph(name, nodes, links, is_group=True)
     for converted in (False, True):  # plain inputs node by node, then the widgets converted to inputs
@@ -202,7 +257,7 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
             for slot, inp in enumerate(node["inputs"]):
                 if ("widget" in inp) != converted or (index, slot) in linked_to:
                     continue
-                if not converted and not visible("input", index, inp.get("name"), True):
+                if not converted and not visible("input", index, input_key(index, inp), True):
                     continue
                 k = len(graph.group_inputs)
                 lid = f"gi{k}"
@@ -213,21 +268,28 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
     outputs = 0
     for index, node in nodes.items():
         spec = get_spec(node.get("type"))
-        count = len(spec.outputs) if spec else len(node.get("outputs") or [])
+        count = 0 if index in unused else len(spec.outputs) if spec else len(node.get("outputs") or [])
         for slot in range(count):
             internal = (index, slot) in linked_from and (index, slot) not in external
             if visible("output", index, slot, not internal):
                 links[f"go{outputs}"] = (index, slot, SUBGRAPH_OUTPUT_ID, outputs, "*")
                 outputs += 1
-    widgets: list[tuple[Any, str, bool]] = []
-    converted_widgets: list[tuple[Any, str, bool]] = []
+    widgets: list[tuple[Any, str | int, bool]] = []
+    converted_widgets: list[tuple[Any, str | int, bool]] = []
     for index, node in nodes.items():
-        names = _widget_names(node)
-        if names is None:
-            widgets = []
-            graph.group_widgets = None
-            break
+        kind = node.get("type")
+        if kind in _NO_WIDGETS or index in unused:
+            continue
         as_inputs = {i.get("name"): slot for slot, i in enumerate(node["inputs"]) if "widget" in i}
+        if kind == "PrimitiveNode" or get_spec(kind) is None:
+            # its widgets as it saved them (a PrimitiveNode's value, then its control and filter entries)
+            saved = node.get("widgets_values")
+            if as_inputs or not isinstance(saved, (list, type(None))):
+                graph.group_widgets = None
+                break
+            widgets.extend((index, position, False) for position in range(len(saved or [])))
+            continue
+        names = _widget_names(node) or []
         for wname, control in names:
             if wname not in as_inputs:
                 widgets.append((index, wname, control))
@@ -405,29 +467,24 @@ class _Expander:
             found = self.resolve(path, inp["link"])
             inp["link"] = None if found is None else self.connect(found, flat["id"], slot, inp.get("type", "*"))
         graph, _ = self.contexts[path]
-        if graph.is_group:
-            for name, value in self.group_values(path).get(node.get("id"), {}).items():
-                inp = next((i for i in flat["inputs"] if i.get("name") == name), None)
-                if inp is None:
-                    inp = {"name": name, "type": "*", "widget": {"name": name}, "link": None}
-                    flat["inputs"].append(inp)
-                if inp.get("link") is None:
-                    inp["link"] = self.connect(("value", value), flat["id"], flat["inputs"].index(inp), "*")
+        if graph.is_group and (values := self.group_values(path).get(node.get("id"))):
+            flat["widgets_values"] = _with_values(node, values)
         self.flat_nodes.append(flat)
 
-    def group_values(self, path: tuple[Any, ...]) -> dict[Any, dict[str, Any]]:
-        """A group instance's widget values by inner node and widget name; empty when they cannot be matched
+    def group_values(self, path: tuple[Any, ...]) -> dict[Any, dict[str | int, tuple[Any, Any]]]:
+        """A group instance's widget values by inner node and widget (name, or position for a node without a
+        spec), each with the control entry that follows it (None without one); empty when they cannot be matched
         (then the inner nodes keep the values saved with the group)."""
         if path in self.group_value_cache:
             return self.group_value_cache[path]
         graph, instance = self.contexts[path]
         values = instance.get("widgets_values")
-        out: dict[Any, dict[str, Any]] = {}
+        out: dict[Any, dict[str | int, tuple[Any, Any]]] = {}
         if graph.group_widgets is not None and isinstance(values, list) and \
                 len(values) == len(graph.group_widgets) + sum(c for _, _, c in graph.group_widgets):
             position = 0
-            for index, name, control in graph.group_widgets:
-                out.setdefault(index, {})[name] = values[position]
+            for index, key, control in graph.group_widgets:
+                out.setdefault(index, {})[key] = (values[position], values[position + 1] if control else None)
                 position += 2 if control else 1
         self.group_value_cache[path] = out
         return out

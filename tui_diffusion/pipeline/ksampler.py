@@ -238,6 +238,9 @@ def _run(ctx: NodeContext, model: ModelHandle, sampler_name: str, sigmas: torch.
          positive: list, negative: list | None, cfg: float, latent_image: dict, denoised_out: dict) -> dict:
     fmt = model.family.latent_format
     samples = latent_image["samples"].float()
+    if samples.shape[1] != fmt.channels and not bool(samples.any()):
+        # an empty latent of another family (EmptyLatentImage's 4 channels before Flux) is resized, as ComfyUI does
+        samples = samples.new_zeros((samples.shape[0], fmt.channels, *samples.shape[2:]))
     if samples.shape[1] != fmt.channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but a {model.family.label} model takes "
                         f"{fmt.channels}")
