@@ -197,13 +197,20 @@ def _control_reference(model: Any, path: Path, strength: float) -> Any:
 
 
 @pytest.mark.parametrize("strength", STRENGTHS)
-@pytest.mark.parametrize("layout", ["bfl", "comfyui"])
+@pytest.mark.parametrize("layout", ["bfl", "comfyui", "comfyui_older"])
 def test_a_flux_control_lora_widens_the_input_and_patches_as_comfyui(tmp_path: Path, layout: str,
                                                                      strength: float) -> None:
+    """As published by Black Forest Labs, as ComfyUI's converter writes it, and as its first version wrote the
+    norm scales (``key_norm.set_weight``, no ``.scale``)."""
+    from safetensors.torch import load_file
+
     model = _model("flux")
     bfl = lw.write_flux_control_lora(tmp_path / "bfl.safetensors", model, RANK, seed=7)
     path = bfl if layout == "bfl" else lw.write_flux_control_lora(tmp_path / "flux1-depth-dev-lora.safetensors",
                                                                   model, RANK, seed=7, layout="comfyui")
+    if layout == "comfyui_older":
+        path = w.save({k.replace("_norm.scale.set_weight", "_norm.set_weight"): v
+                       for k, v in load_file(str(path)).items()}, tmp_path / "older.safetensors")
     lora = load_lora(path)
     assert lora.reshapes == {"unet:img_in": (128, 128)} and lora.sets and lora.biases
     assert matched_modules({"unet": model}, lora) == len(lora.pairs)
