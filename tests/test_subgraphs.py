@@ -272,14 +272,14 @@ def test_missing_node_types_are_named_at_once_and_custom_ones_marked() -> None:
     sub = data["definitions"]["subgraphs"][0]
     next(n for n in sub["nodes"] if n["id"] == 54)["type"] = "FaceDetailerPro"  # a custom node
     next(n for n in sub["nodes"] if n["id"] == 47)["type"] = "FaceDetailerPro"
-    node(data, 9)["type"] = "ImageScaleToMaxDimension"  # in ComfyUI's core, not in this program
+    node(data, 9)["type"] = "WanImageToVideo"  # in ComfyUI's core, not in this program
     issues = [str(i) for i in validate_workflow(Workflow.from_data(data, FLUX_DEV))]
     assert issues[0] == ("the workflow needs 2 node types this program lacks: custom nodes (not in ComfyUI's "
                          "core; this program has no custom nodes): 'FaceDetailerPro' (nodes 56:47, 56:54); ComfyUI "
-                         "core nodes this program does not implement yet: 'ImageScaleToMaxDimension' (node 9)")
+                         "core nodes this program does not implement yet: 'WanImageToVideo' (node 9)")
     assert "node 56:54 'FaceDetailerPro': 'FaceDetailerPro' is a custom node type (not in ComfyUI's core)" in \
         "\n".join(issues)
-    assert "node 9 'ImageScaleToMaxDimension': 'ImageScaleToMaxDimension' is a ComfyUI core node type this " \
+    assert "node 9 'WanImageToVideo': 'WanImageToVideo' is a ComfyUI core node type this " \
            "program does not implement yet" in "\n".join(issues)
     assert not any("unknown" in i for i in issues)
 

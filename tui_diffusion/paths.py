@@ -38,6 +38,8 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "hypernetworks": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
     # TAESD preview decoders (taesd, taesdxl, taesd3, taef1 and their encoders), as ComfyUI names the folder
     "vae_approx": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
+    # ModelPatchLoader's files (USO's style projector), as ComfyUI names the folder
+    "model_patches": (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"),
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -255,7 +257,7 @@ _EXTRA_KINDS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vae", "e
                 "text_encoders": "text_encoders", "clip": "text_encoders", "upscale_models": "upscale_models",
                 "controlnet": "controlnet", "t2i_adapter": "controlnet", "clip_vision": "clip_vision",
                 "style_models": "style_models", "gligen": "gligen", "hypernetworks": "hypernetworks",
-                "vae_approx": "vae_approx"}
+                "vae_approx": "vae_approx", "model_patches": "model_patches"}
 
 
 def read_extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:

@@ -6,8 +6,13 @@ The variants with the same transformer take more input channels, built as ComfyU
 Canny/Depth (32 = 128/4 channels) the conditioning image's latent (``concat_latent_image``, set by
 InstructPixToPixConditioning), Fill (96 = 384/4) that latent and the mask as 64 channels of 8x8 pixels
 (``concat_mask`` from InpaintModelConditioning, else the latent's noise mask). Kontext takes reference latents
-(ReferenceLatent's ``reference_latents``) as extra image tokens at index 1, placed as ComfyUI's "offset" method
-places them, and only the image's own tokens come out.
+(ReferenceLatent's ``reference_latents``) as extra image tokens, placed as ComfyUI places them by the
+conditioning's ``reference_latents_method`` (FluxKontextMultiReferenceLatentMethod): "offset" (the default) at index
+1, each next reference right of or below the others; "index" at indices 1, 2, ...; "uxo" (USO/UNO) at index 0,
+diagonally past the image and each other. Only the image's own tokens come out. USOStyleReference's tokens (the
+MODEL's ``post_input_patches``) go before the embedded text tokens, at position 0, as ComfyUI's post-input patch
+puts them: diffusers' transformer embeds the text itself, so they join through a hook on its ``context_embedder``
+for the one call.
 
 Files: Black Forest Labs' keys (``double_blocks.*``/``single_blocks.*``, no prefix) in ``diffusion_models/``, or an
 all-in-one checkpoint with the transformer under ``model.diffusion_model.``, the VAE under ``vae.`` and the text
@@ -95,6 +100,33 @@ def _to_batch(x: Any, batch: int) -> Any:
     return x.repeat(reps, *([1] * (x.ndim - 1)))[:batch]
 
 
+#: ComfyUI's reference-latent placements (the conditioning's ``reference_latents_method``); "offset" is Flux.1's
+#: default. ComfyUI's fourth, "index_timestep_zero", modulates the reference tokens at timestep 0, which the
+#: diffusers transformer's blocks cannot do per token: refused by name.
+REFERENCE_METHODS = ("offset", "index", "uxo")
+
+
+def reference_positions(refs: list[Any], method: str, grid: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(index, row offset, column offset) in tokens of each reference latent's ids, for a main image of ``grid``
+    tokens (rows, columns); offsets in latent pixels become tokens rounding up, as ComfyUI's ``process_img``."""
+    if method == "offset":
+        return [(1, (h + 1) // 2, (w + 1) // 2) for h, w in reference_offsets(refs)]
+    if method == "index":
+        return [(i + 1, 0, 0) for i in range(len(refs))]
+    if method == "uxo":  # each reference past the image and the references before it, on both axes
+        out, h, w = [], 0, 0
+        for ref in refs:
+            out.append((0, (grid[0] * 2 + h + 1) // 2, (grid[1] * 2 + w + 1) // 2))
+            h, w = h + int(ref.shape[-2]), w + int(ref.shape[-1])
+        return out
+    from tui_diffusion.pipeline.errors import NodeError
+
+    if method == "index_timestep_zero":
+        raise NodeError("reference_latents_method 'index_timestep_zero' (reference tokens modulated at timestep 0) "
+                        "is not supported for Flux.1 here: use 'offset', 'index' or 'uxo/uno'")
+    raise NodeError(f"unknown reference_latents_method {method!r}: one of {', '.join(REFERENCE_METHODS)}")
+
+
 def reference_offsets(refs: list[Any]) -> list[tuple[int, int]]:
     """Latent-pixel offsets of reference latents, ComfyUI's "offset" method: each next reference goes right of
     the ones so far when it is taller than their extent, else below them."""
@@ -169,6 +201,19 @@ class FluxFamily(DiTFamily):
         if any(e.get("reference_latents") for e in rows):
             kwargs["flux_refs"] = [[self.latent_format.process_in(r.float()).to(device)[:1]
                                     for r in e.get("reference_latents") or []] for e in rows]
+            kwargs["flux_ref_methods"] = [str(e.get("reference_latents_method") or "offset") for e in rows]
+        if model.post_input_patches:  # USOStyleReference: each patch's tokens go before what is there so far
+            width = int(model.unet.config.num_attention_heads) * int(model.unet.config.attention_head_dim)
+            prefix = context.new_zeros((len(rows), 0, width))
+            for patch in model.post_input_patches:
+                tokens = patch.tokens
+                if tokens.shape[-1] != width:
+                    from tui_diffusion.pipeline.errors import NodeError
+
+                    raise NodeError(f"{patch.source}: its tokens are {tokens.shape[-1]} wide but this Flux model's "
+                                    f"are {width}: the projector goes with the model it was trained for")
+                prefix = torch.cat([_to_batch(tokens.to(device, dtype), len(rows)), prefix], dim=1)
+            kwargs["flux_txt_prefix"] = prefix
         if any(e.get("attention_mask") is not None for e in rows):  # StyleModelApply's attn_bias (Redux)
             from tui_diffusion.pipeline.clip_vision import dit_attention_mask
 
@@ -200,6 +245,8 @@ class FluxFamily(DiTFamily):
         net = model.unet
         kwargs = dict(kwargs)
         overrides, refs = kwargs.pop("flux_concat", None), kwargs.pop("flux_refs", None)
+        methods = kwargs.pop("flux_ref_methods", None) or ["offset"] * x.shape[0]
+        prefix = kwargs.pop("flux_txt_prefix", None)
         if overrides is not None:  # the conditioning's own image (and mask) replace the defaults, row by row
             c = self.latent_format.channels
             x = x.clone()
@@ -218,18 +265,22 @@ class FluxFamily(DiTFamily):
         x, kwargs = to_model_dtype(net, x, kwargs)
         t = timestep.reshape(-1).to(x.dtype)
         t = t.expand(x.shape[0]) if t.numel() == 1 else t
-        if refs is None or all([r.shape for r in row] == [r.shape for r in refs[0]] for row in refs):
+        same_refs = refs is None or all([r.shape for r in row] == [r.shape for r in refs[0]] for row in refs)
+        if same_refs and (refs is None or len(set(methods)) == 1):
             stacked = [torch.cat(rs) for rs in zip(*refs, strict=True)] if refs else None
-            return self._call(net, x, t, kwargs, stacked)[..., :h, :w]
-        outs = []  # reference latents of different sizes: one call per row
+            return self._call(net, x, t, kwargs, stacked, methods[0], prefix)[..., :h, :w]
+        outs = []  # reference latents of different sizes or placements: one call per row
         for i in range(x.shape[0]):
             row = {k: (v[i:i + 1] if getattr(v, "ndim", 0) and k != "txt_ids" else v) for k, v in kwargs.items()}
-            outs.append(self._call(net, x[i:i + 1], t[i:i + 1], row, refs[i]))
+            outs.append(self._call(net, x[i:i + 1], t[i:i + 1], row, refs[i], methods[i],
+                                   prefix[i:i + 1] if prefix is not None else None))
         return torch.cat(outs)[..., :h, :w]
 
     @staticmethod
-    def _call(net: Any, x: Any, t: Any, kwargs: dict[str, Any], refs: list[Any] | None) -> Any:
-        """One transformer call; reference latents join as extra image tokens and are cut from the output."""
+    def _call(net: Any, x: Any, t: Any, kwargs: dict[str, Any], refs: list[Any] | None, method: str = "offset",
+              prefix: Any = None) -> Any:
+        """One transformer call; reference latents join as extra image tokens and are cut from the output;
+        ``prefix`` tokens (USO's) go before the embedded text tokens, at position 0."""
         import torch
 
         kwargs = dict(kwargs)
@@ -238,20 +289,36 @@ class FluxFamily(DiTFamily):
         hp, wp = x.shape[-2:]
         tokens, ids = pack(x), image_ids(hp, wp, x.device, x.dtype)
         n = tokens.shape[1]
-        for ref, (h_off, w_off) in zip(refs or [], reference_offsets(refs or []), strict=True):
+        for ref, (index, h_off, w_off) in zip(refs or [], reference_positions(refs or [], method, (hp // 2, wp // 2)),
+                                              strict=True):
             ref = pad_to_patch(ref.to(x.device, x.dtype), 2)
             rh, rw = ref.shape[-2:]
             ref_ids = image_ids(rh, rw, x.device, x.dtype)
-            ref_ids[:, 0] = 1
-            ref_ids[:, 1] += (h_off + 1) // 2
-            ref_ids[:, 2] += (w_off + 1) // 2
+            ref_ids[:, 0] = index
+            ref_ids[:, 1] += h_off
+            ref_ids[:, 2] += w_off
             tokens = torch.cat([tokens, pack(_to_batch(ref, x.shape[0]))], dim=1)
             ids = torch.cat([ids, ref_ids])
-        if mask is not None:  # an additive bias over [text, image, reference] tokens; references get none
+        n_pre = 0 if prefix is None else int(prefix.shape[1])
+        if mask is not None:  # an additive bias over [text, image, reference] tokens; references and USO's get none
             pad = tokens.shape[1] - n
-            mask = torch.nn.functional.pad(mask, (0, pad, 0, pad)) if pad else mask
+            mask = torch.nn.functional.pad(mask, (n_pre, pad, n_pre, pad)) if pad or n_pre else mask
             kwargs["joint_attention_kwargs"] = {"attention_mask": mask[:, None].to(tokens.device, tokens.dtype)}
-        out = net(hidden_states=tokens, timestep=t, img_ids=ids, return_dict=False, **kwargs)[0]
+        hook = None
+        if n_pre:
+            txt_ids = kwargs["txt_ids"]
+            kwargs["txt_ids"] = torch.cat([txt_ids.new_zeros((n_pre, txt_ids.shape[-1])), txt_ids])
+            prefix = _to_batch(prefix, x.shape[0])
+
+            def put_before(module: Any, args: Any, out: Any) -> Any:
+                return torch.cat([prefix.to(out.device, out.dtype), out], dim=1)
+
+            hook = net.context_embedder.register_forward_hook(put_before)
+        try:
+            out = net(hidden_states=tokens, timestep=t, img_ids=ids, return_dict=False, **kwargs)[0]
+        finally:
+            if hook is not None:
+                hook.remove()
         return unpack(out[:, :n], hp, wp)
 
 

@@ -1123,10 +1123,17 @@ _SPECS: tuple[NodeSpec, ...] = (
 )
 
 # Areas with their own spec modules; imported here, after the types they use are defined.
-from tui_diffusion.graph import specs_cache, specs_gligen, specs_lotus, specs_merge, specs_vision  # noqa: E402
+from tui_diffusion.graph import (  # noqa: E402
+    specs_cache,
+    specs_gligen,
+    specs_lotus,
+    specs_merge,
+    specs_uso,
+    specs_vision,
+)
 
 _SPECS = (_SPECS + specs_vision.SPECS + specs_gligen.SPECS + specs_merge.SPECS + specs_cache.SPECS
-          + specs_lotus.SPECS)
+          + specs_lotus.SPECS + specs_uso.SPECS)
 NODE_SPECS: dict[str, NodeSpec] = {s.class_type: s for s in _SPECS}
 
 

@@ -17,8 +17,9 @@ Encoding follows ComfyUI's ``clip_preprocess`` and ``ClipVisionModel.encode_imag
 (bicubic, antialiased) so its short side is the encoder's size and centre-cropped (``crop="center"``) or squashed
 to a square (``"none"``), quantised to 8 bits, normalised with the model's mean/std (OpenAI's for CLIP, 0.5 for
 SigLIP). The output holds ``last_hidden_state`` (CLIP: the last layer before the final norm; SigLIP: after it),
-``penultimate_hidden_states`` (unCLIP/revision read it) and ``image_embeds`` (CLIP: the projected, normed class
-token; SigLIP: the normed tokens themselves, as ComfyUI has no projection for SigLIP).
+``penultimate_hidden_states`` (unCLIP/revision read it), ``image_embeds`` (CLIP: the projected, normed class
+token; SigLIP: the normed tokens themselves, as ComfyUI has no projection for SigLIP) and, for SigLIP, as ComfyUI
+keeps them, ``all_hidden_states`` (every layer's output; USO's style projector reads three).
 """
 
 from __future__ import annotations
@@ -198,6 +199,9 @@ class ClipVisionOutput:
     penultimate_hidden_states: torch.Tensor
     image_embeds: torch.Tensor
     image_sizes: list = field(default_factory=list)
+    #: SigLIP only, as ComfyUI: every encoder layer's output [B, layers, tokens, width] (USOStyleReference reads
+    #: three of them); None for CLIP towers
+    all_hidden_states: torch.Tensor | None = None
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -238,7 +242,9 @@ class ClipVisionModel:
         last = out.last_hidden_state.float().cpu()
         penultimate = out.hidden_states[-2].float().cpu()
         embeds = last if cfg.kind == "siglip" else out.image_embeds.float().cpu()
-        return ClipVisionOutput(last, penultimate, embeds, [tuple(pixels.shape[1:])] * pixels.shape[0])
+        layers = torch.stack([h.float().cpu() for h in out.hidden_states[1:]], dim=1) if cfg.kind == "siglip" \
+            else None  # transformers' hidden_states start with the embeddings; ComfyUI's list does not
+        return ClipVisionOutput(last, penultimate, embeds, [tuple(pixels.shape[1:])] * pixels.shape[0], layers)
 
 
 def build_vision_model(config: VisionConfig) -> Any:

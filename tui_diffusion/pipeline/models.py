@@ -46,6 +46,9 @@ class ModelHandle:
     step_cache: Any = None
     #: hypernetworks (``pipeline/hypernetwork.py``): hooks on the attention inputs, added only while sampling
     attention_patches: tuple = ()
+    #: ComfyUI's "post_input" model patches (USOStyleReference, ``pipeline/nodes_uso.py``): tokens the family puts
+    #: before the embedded text tokens of every call
+    post_input_patches: tuple = ()
 
     @property
     def model_sampling(self) -> Any:

@@ -45,6 +45,7 @@ def implementations() -> dict[str, NodeFn]:
         nodes_masks,
         nodes_merge,
         nodes_sampling,
+        nodes_uso,
         nodes_vision,
         upscale,
     )
