@@ -226,6 +226,7 @@ def test_a_flux_control_lora_widens_the_input_and_patches_as_comfyui(tmp_path: P
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = Path(tmp_path_factory.mktemp("dit-lora-models"))
     w.write_flux_transformer(root / "diffusion_models" / "flux1-dev.safetensors")
+    w.write_flux_transformer(root / "diffusion_models" / "flux1-dev-fp8.safetensors", dtype="fp8_e4m3fn")
     w.write_sd3_transformer(root / "diffusion_models" / "sd3.5_medium.safetensors")
     w.write_vae16(root / "vae" / "ae.safetensors", flux=True)
     w.write_text_encoders(root / "text_encoders")
@@ -246,13 +247,17 @@ def _ctx(root: Path, tmp_path: Path) -> Any:
     return NodeContext(engine, "1", {}, lambda *a: None, lambda: False)
 
 
-def test_a_control_lora_through_the_nodes_reads_the_conditioning_image(models_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("unet_name", ["flux1-dev.safetensors", "flux1-dev-fp8.safetensors"])
+def test_a_control_lora_through_the_nodes_reads_the_conditioning_image(models_root: Path, tmp_path: Path,
+                                                                       unet_name: str) -> None:
     """LoraLoaderModelOnly + InstructPixToPixConditioning + KSampler, as ComfyUI's Flux Depth LoRA template wires
-    them: the sampled latent depends on the conditioning image, and the cached transformer keeps 64 inputs."""
+    them (on its fp8 file too, kept in fp8 between layer calls): the sampled latent depends on the conditioning
+    image, a second run gives the same, and the cached transformer keeps its 64 inputs and its weights."""
     from tui_diffusion.pipeline.registry import implementations
 
     nodes, ctx = implementations(), _ctx(models_root, tmp_path)
-    (model,) = nodes["UNETLoader"](ctx, unet_name="flux1-dev.safetensors", weight_dtype="default").outputs
+    (model,) = nodes["UNETLoader"](ctx, unet_name=unet_name, weight_dtype="default").outputs
+    loaded = {k: v.float().clone() for k, v in model.unet.state_dict().items()}
     (patched_model,) = nodes["LoraLoaderModelOnly"](ctx, model=model, lora_name="flux1-depth-dev-lora.safetensors",
                                                     strength_model=1.0).outputs
     (clip,) = nodes["DualCLIPLoader"](ctx, clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
@@ -272,7 +277,11 @@ def test_a_control_lora_through_the_nodes_reads_the_conditioning_image(models_ro
     a, b = sample(dark), sample(light)
     assert a.shape == (1, 16, 8, 8) and torch.isfinite(a).all()
     assert not torch.allclose(a, b)  # the widened input reads the image's latent
+    # again: fp8 weights come back from a run as inference tensors, which the patch must still change and restore
+    assert torch.equal(sample(dark), a)
     assert model.unet.x_embedder.in_features == 64 and model.unet.config.in_channels == 64
+    state = model.unet.state_dict()
+    assert all(torch.equal(state[k].float(), v) for k, v in loaded.items())
 
 
 def test_a_lora_of_the_other_family_is_refused_naming_the_file(models_root: Path, tmp_path: Path) -> None:

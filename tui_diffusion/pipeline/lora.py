@@ -346,7 +346,10 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
             backups[id(param)] = (param, param.detach().clone())
 
     try:
-        with torch.no_grad():
+        # inference mode, not just no_grad: a layer kept in fp8 and cast around each call (diffusers' layerwise
+        # casting) gets its weights back as inference tensors after a sampling run, which only inference mode
+        # may change in place
+        with torch.inference_mode():
             for patch in active:
                 if not isinstance(patch, Patch):  # a merge (pipeline/merge.py) sets what it changes itself
                     patch.apply(parts, backups)
@@ -368,7 +371,7 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
                     param[rows] = value.to(param.device, param.dtype)
         yield
     finally:
-        with torch.no_grad():
+        with torch.inference_mode():
             for param, original in backups.values():
                 if param.shape == original.shape:
                     param.copy_(original)
