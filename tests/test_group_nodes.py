@@ -186,6 +186,37 @@ def test_primitive_and_note_nodes_inside_a_group() -> None:
     assert api["9"]["inputs"]["sampler"] == ["7:2", 0] and api["9"]["inputs"]["sigmas"] == ["7:4", 0]
 
 
+def test_a_reroute_feeding_widgets_inside_a_group_is_a_widget_of_the_instance() -> None:
+    """ComfyUI's frontend makes a Reroute whose first target is a (converted) widget a widget of the group node,
+    not an input (its type names a widget kind): one seed shared by two RandomNoise nodes is the instance's first
+    value, with the seed's control entry after it; BasicScheduler's model stays the instance's only input."""
+    random_noise = {"type": "RandomNoise", "mode": 0, "widgets_values": [5, "randomize"],
+                    "inputs": [{"name": "noise_seed", "type": "INT", "link": None, "widget": {"name": "noise_seed"}}],
+                    "outputs": [{"name": "NOISE", "type": "NOISE", "links": []}]}
+    group = {"nodes": [
+        {"type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": None}],
+         "outputs": [{"name": "", "type": "INT", "links": []}], "index": 0},
+        {**copy.deepcopy(random_noise), "index": 1},
+        {**copy.deepcopy(random_noise), "index": 2},
+        {"type": "BasicScheduler", "mode": 0, "inputs": [{"name": "model", "type": "MODEL", "link": None}],
+         "outputs": [{"name": "SIGMAS", "type": "SIGMAS", "links": []}], "widgets_values": ["simple", 20, 1],
+         "index": 3},
+    ], "links": [[0, 0, 1, 0, 3, "INT"], [0, 0, 2, 0, 3, "INT"], [None, 0, 3, 0, 4, "MODEL"]], "external": []}
+    data = _primitive_group()
+    data["extra"]["groupNodes"]["Sampling"] = group
+    instance = node(data, 7)
+    instance["widgets_values"] = [1234, "fixed", "karras", 9, 0.5]
+    instance["outputs"] = [{"name": "NOISE", "type": "NOISE", "links": []},
+                           {"name": "RandomNoise NOISE", "type": "NOISE", "links": []},
+                           {"name": "SIGMAS", "type": "SIGMAS", "links": [3]}]
+    data["links"] = [[1, 4, 0, 7, 0, "MODEL"], [3, 7, 2, 9, 3, "SIGMAS"]]
+    api = ui_to_api(data, "g.json")
+    assert api["7:1"]["inputs"] == {"noise_seed": 1234} and api["7:2"]["inputs"] == {"noise_seed": 1234}
+    assert "control_after_generate" not in api["7:1"]["_meta"]
+    assert api["7:3"]["inputs"] == {"scheduler": "karras", "steps": 9, "denoise": 0.5, "model": ["4", 0]}
+    assert api["9"]["inputs"]["sigmas"] == ["7:3", 0]
+
+
 def test_values_that_do_not_fit_the_definition_leave_the_saved_ones() -> None:
     """An instance whose value count does not match its definition's widgets (a definition changed since) keeps
     the values saved inside, as before, rather than shifting them onto the wrong widgets."""

@@ -14,9 +14,10 @@ ComfyUI's frontend keeps reusable parts of a workflow in two ways, and flattens 
   widgets converted to inputs; ``config`` may hide some), its outputs the inner outputs not used only inside, and
   its ``widgets_values`` the inner widgets node by node, then the converted ones, each seed followed by its
   "control after generate" entry. As in ComfyUI's frontend, the instance's values (controls included) replace
-  those saved inside; frontend-only nodes count as ComfyUI counts them (a Reroute or a note has no widget, a
-  linked PrimitiveNode its own, an unlinked one nothing), and a node this program lacks takes as many values as
-  it saved. When the counts still disagree, the inner nodes keep their saved values.
+  those saved inside; frontend-only nodes count as ComfyUI counts them (a note has no widget, a linked
+  PrimitiveNode its own, an unlinked one nothing, a Reroute none unless it feeds widgets: then it is one widget
+  whose value they all take), and a node this program lacks takes as many values as it saved. When the counts
+  still disagree, the inner nodes keep their saved values.
 
 Expanded nodes get ComfyUI's execution ids: the path of instance ids down to the inner node, joined with ":"
 (``"56:52"`` is node 52 inside instance 56), so the ids in messages are the ones ComfyUI shows. A muted instance
@@ -74,6 +75,8 @@ class _Graph:
     #: a position in the node's saved ``widgets_values`` for nodes without a spec; None when the order cannot be
     #: known (a node this program lacks with widgets converted to inputs)
     group_widgets: list[tuple[Any, str | int, bool]] | None = None
+    #: group nodes only: a Reroute that is a widget of the instance -> the (inner node, widget name) it feeds
+    group_reroutes: dict[Any, list[tuple[Any, str]]] = field(default_factory=dict)
     is_group: bool = False
     #: subgraph input index -> the inner (node, widget) it promotes (filled on first use)
     promoted: dict[int, tuple[Any, str]] | None = None
@@ -167,6 +170,13 @@ def _widget_names(node: dict[str, Any]) -> list[tuple[str, bool]] | None:
     return [(i.name, i.control_after_generate or i.name in _SEED_NAMES) for i in spec.inputs if i.is_widget]
 
 
+def _has_control(kind: Any, name: str) -> bool:
+    """Whether widget ``name`` of a node type has a "control after generate" entry after it."""
+    spec = get_spec(kind)
+    ispec = spec.input(name) if spec else None
+    return bool(ispec and ispec.control_after_generate)
+
+
 def _with_values(node: dict[str, Any], values: dict[str | int, tuple[Any, Any]]) -> Any:
     """An inner node's ``widgets_values`` with a group instance's values (and seed controls) in place of those
     saved with the definition, laid out as the UI-format conversion reads them."""
@@ -233,6 +243,16 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
     unused = {i for i, n in nodes.items()  # ComfyUI leaves out notes and PrimitiveNodes that feed nothing
               if n.get("type") in ("Note", "MarkdownNote") or (n.get("type") == "PrimitiveNode"
                                                                 and not any(o == i for o, _ in linked_from))}
+    # a Reroute whose first target is a widget is a widget of the instance (not an input): its value goes to every
+    # widget it feeds, with a seed's control entry after it when it feeds one
+    fed: dict[Any, list[tuple[Any, str]]] = {}  # such a Reroute -> the (node, widget) it feeds
+    widget_reroutes: dict[Any, bool] = {}  # such a Reroute -> whether a seed's control entry follows its value
+    for index, node in nodes.items():
+        targets = [(t, nodes[t]["inputs"][slot]) for o, _, t, slot, _ in links.values()
+                   if o == index and 0 <= slot < len(nodes[t]["inputs"])]
+        if node.get("type") == "Reroute" and targets and "widget" in targets[0][1]:
+            fed[index] = [(t, str(inp.get("name"))) for t, inp in targets if "widget" in inp]
+            widget_reroutes[index] = any(_has_control(nodes[t].get("type"), name) for t, name in fed[index])
 
     def visible(kind: str, index: int, key: Any, default: bool) -> bool:
         entry = (config.get(str(index)) or {}).get(kind) or {}
@@ -251,11 +271,11 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
         return next((link[5] for link in group.get("links") or []
                      if isinstance(link, list) and len(link) > 5 and link[2] == index), inp.get("type"))
 
-    graph = _Graph(name, nodes, links, is_group=True)
+    graph = _Graph(name, nodes, links, is_group=True, group_reroutes=fed)
     for converted in (False, True):  # plain inputs node by node, then the widgets converted to inputs
         for index, node in nodes.items():
             for slot, inp in enumerate(node["inputs"]):
-                if ("widget" in inp) != converted or (index, slot) in linked_to:
+                if ("widget" in inp) != converted or (index, slot) in linked_to or index in widget_reroutes:
                     continue
                 if not converted and not visible("input", index, input_key(index, inp), True):
                     continue
@@ -278,6 +298,9 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
     converted_widgets: list[tuple[Any, str | int, bool]] = []
     for index, node in nodes.items():
         kind = node.get("type")
+        if index in widget_reroutes:
+            widgets.append((index, "value", widget_reroutes[index]))
+            continue
         if kind in _NO_WIDGETS or index in unused:
             continue
         as_inputs = {i.get("name"): slot for slot, i in enumerate(node["inputs"]) if "widget" in i}
@@ -468,7 +491,10 @@ class _Expander:
             inp["link"] = None if found is None else self.connect(found, flat["id"], slot, inp.get("type", "*"))
         graph, _ = self.contexts[path]
         if graph.is_group and (values := self.group_values(path).get(node.get("id"))):
-            flat["widgets_values"] = _with_values(node, values)
+            if node.get("type") == "Reroute" and "value" in values:  # a widget of the instance, fed onwards
+                flat.update(type="PrimitiveNode", inputs=[], widgets_values=[values["value"][0]])
+            else:
+                flat["widgets_values"] = _with_values(node, values)
         self.flat_nodes.append(flat)
 
     def group_values(self, path: tuple[Any, ...]) -> dict[Any, dict[str | int, tuple[Any, Any]]]:
@@ -486,6 +512,10 @@ class _Expander:
             for index, key, control in graph.group_widgets:
                 out.setdefault(index, {})[key] = (values[position], values[position + 1] if control else None)
                 position += 2 if control else 1
+            for index, targets in graph.group_reroutes.items():  # the widgets a Reroute feeds take its value
+                for target, name in targets:
+                    if "value" in out.get(index, {}):
+                        out.setdefault(target, {})[name] = out[index]["value"]
         self.group_value_cache[path] = out
         return out
 
