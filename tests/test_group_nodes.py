@@ -25,6 +25,7 @@ DATA = Path(__file__).parent / "data" / "groupnodes"
 FLUX = "flux_sampler_group"  # mirrors FLUX.1 SCHNELL 1.0 / FLUX.1 DEV 1.0: instance 28 of "FLUX"
 INPAINT = "inpaint_hint_group"  # mirrors Stable Cascade Inpainting ControlNet: instance 68, a Reroute inside
 VIDEO = "video_sampler_group"  # mirrors HUNYUAN VIDEO 1.0: instance 90 of "HUNYUAN", "workflow>" spelling
+TXT2IMG = "txt2img_group"  # mirrors ComfyUI_frontend's group_ksampler_external_latent: a whole txt2img in a group
 
 
 def load(name: str) -> dict[str, Any]:
@@ -225,6 +226,57 @@ def test_values_that_do_not_fit_the_definition_leave_the_saved_ones() -> None:
     api = ui_to_api(data, FLUX)
     assert api["28:0"]["inputs"] == {"noise_seed": 7}
     assert api["28:2"]["inputs"]["steps"] == 20
+
+
+def test_hidden_inputs_of_the_second_of_two_identical_nodes() -> None:
+    """ComfyUI_frontend's own test file shape: two VAEDecode nodes, ``config`` hiding the second one's inputs, so
+    the instance's two inputs are the first one's and the second is left unconnected (validation then says so)."""
+    decode = {"type": "VAEDecode", "mode": 0, "inputs": [{"name": "samples", "type": "LATENT", "link": None},
+                                                         {"name": "vae", "type": "VAE", "link": None}],
+              "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": None}]}
+    data = load(FLUX)
+    data["extra"]["groupNodes"]["two_VAE_decode"] = {
+        "nodes": [{**decode, "id": -1, "index": 0}, {**decode, "id": -1, "index": 1}], "links": [], "external": [],
+        "config": {"1": {"input": {"samples": {"visible": False}, "vae": {"visible": False}}}}}
+    decoder = node(data, 8)
+    decoder["type"] = "workflow>two_VAE_decode"
+    decoder["outputs"] = [{"name": "IMAGE", "type": "IMAGE", "links": [41]},
+                          {"name": "VAEDecode IMAGE", "type": "IMAGE", "links": None}]
+    api = ui_to_api(data, FLUX)
+    assert api["8:0"]["inputs"] == {"samples": ["28:3", 0], "vae": ["10", 0]}
+    assert api["8:1"]["inputs"] == {}
+    assert api["26"]["inputs"]["images"] == ["8:0", 0]
+
+
+def test_a_whole_txt2img_in_a_group_runs_on_a_tiny_sd15_file(models_dir: Path, tmp_path: Path) -> None:
+    """Checkpoint, prompts, KSampler, VAEDecode and SaveImage in one group whose only input is the latent: the
+    instance's eleven values (checkpoint name, both prompts, seed and control, steps, cfg, sampler, scheduler,
+    denoise, file prefix) reach the inner nodes, and the SaveImage inside writes the image."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.dit_helpers import CPU
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+
+    api = ui_to_api(load(TXT2IMG), TXT2IMG)
+    assert api["10:0"]["inputs"] == {"ckpt_name": "tiny-sd15.safetensors"}
+    assert api["10:1"]["inputs"]["text"] == "a red bicycle leaning on a wall"
+    assert api["10:2"]["inputs"]["text"] == "blurry"
+    assert {k: api["10:3"]["inputs"][k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")} \
+        == {"seed": 31337, "steps": 2, "cfg": 5.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1}
+    assert api["10:3"]["inputs"]["latent_image"] == ["20", 0]
+    assert api["10:5"]["inputs"] == {"filename_prefix": "grouped", "images": ["10:4", 0]}
+    paths = ModelPaths(models_dir)
+    assert not validate_workflow(Workflow.from_data(api, TXT2IMG), paths)
+    engine = EngineState(CPU, ModelCache(2), paths, tmp_path / "out", tmp_path / "tmp", tmp_path / "cfg")
+    Executor(engine).run(api, Hooks(), lambda: False)
+    saved = sorted((tmp_path / "out").glob("grouped*.png"))
+    assert len(saved) == 1
+    image = np.asarray(Image.open(saved[0]))
+    assert image.shape[:2] == (48, 64) and image.std() > 0
 
 
 def test_import_writes_the_expanded_graph(tmp_path: Path) -> None:
