@@ -60,6 +60,18 @@ def test_the_instances_seed_control_wins_over_the_one_saved_inside() -> None:
     assert ui_to_api(data, FLUX)["28:0"]["_meta"]["control_after_generate"] == {"noise_seed": "increment"}
 
 
+def test_a_bypassed_group_instance_passes_its_input_of_the_output_type_through() -> None:
+    """Bypassed (mode 4), the instance runs nothing and its LATENT output is its LATENT input, as for any
+    bypassed node in ComfyUI; muted (mode 2), it gives nothing."""
+    data = load(FLUX)
+    node(data, 28)["mode"] = 4
+    api = ui_to_api(data, FLUX)
+    assert not any(":" in k for k in api)
+    assert api["8"]["inputs"]["samples"] == ["5", 0]
+    node(data, 28)["mode"] = 2
+    assert "samples" not in ui_to_api(data, FLUX)["8"]["inputs"]
+
+
 def test_an_instance_of_the_definition_whose_external_holds_a_whole_node() -> None:
     """The file's second definition ("flux") writes a node object where ComfyUI's builder writes an index in
     ``external``; ComfyUI's frontend then never matches it, so it changes nothing. Its inputs: BasicGuider's

@@ -289,10 +289,12 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
     for index, node in nodes.items():
         spec = get_spec(node.get("type"))
         count = 0 if index in unused else len(spec.outputs) if spec else len(node.get("outputs") or [])
+        saved = [o for o in node.get("outputs") or [] if isinstance(o, dict)]
         for slot in range(count):
             internal = (index, slot) in linked_from and (index, slot) not in external
-            if visible("output", index, slot, not internal):
-                links[f"go{outputs}"] = (index, slot, SUBGRAPH_OUTPUT_ID, outputs, "*")
+            if visible("output", index, slot, not internal):  # typed, so that a bypassed instance passes through
+                kind = spec.outputs[slot].type if spec else (saved[slot].get("type") if slot < len(saved) else "*")
+                links[f"go{outputs}"] = (index, slot, SUBGRAPH_OUTPUT_ID, outputs, str(kind))
                 outputs += 1
     widgets: list[tuple[Any, str | int, bool]] = []
     converted_widgets: list[tuple[Any, str | int, bool]] = []
