@@ -302,6 +302,15 @@ def test_import_writes_the_expanded_graph(tmp_path: Path) -> None:
     assert api["68:0"]["inputs"]["width"] == 640
 
 
+def test_the_app_opens_a_group_node_file_flattened_as_untitled() -> None:
+    """The app's document: the inner nodes under ComfyUI's ids, and a notice that saving writes a new file."""
+    from tui_diffusion.document import WorkflowDocument
+
+    document = WorkflowDocument.open(DATA / f"{VIDEO}.json")
+    assert {"90:0", "90:7"} <= set(document.workflow.nodes)
+    assert document.path is None and "group nodes" in (document.notice or "")
+
+
 def test_the_flux_sampler_group_runs_on_tiny_files(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """The group-node workflow imports, validates and runs on a tiny Flux schnell transformer, VAE and text
     encoders under the names it expects; its steps and sampler come from the instance's widgets."""
