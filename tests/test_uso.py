@@ -361,7 +361,6 @@ CASES = {"published": (lambda d: d, {"ImageScaleToMaxDimension", "FluxKontextMul
          "style references on": (_styles_on, {"USOStyleReference", "ModelPatchLoader", "CLIPVisionEncode"})}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_uso_template_runs_on_tiny_files(files: Path, tmp_path: Path, case: str) -> None:
     from tui_diffusion.graph.ui_format import ui_to_api
