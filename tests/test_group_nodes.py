@@ -230,6 +230,31 @@ def test_a_reroute_feeding_widgets_inside_a_group_is_a_widget_of_the_instance() 
     assert api["9"]["inputs"]["sigmas"] == ["7:3", 0]
 
 
+def test_widgets_converted_to_inputs_inside_a_group_come_last_in_the_order_they_were_converted() -> None:
+    """A KSampler in a group with steps then seed converted to inputs (slots 4 and 5), unlinked inside: they
+    are the instance's last inputs and last widget values (steps, then seed and its control), after cfg,
+    sampler_name, scheduler and denoise; a PrimitiveNode feeding the instance's seed input wins."""
+    ks_inputs = [{"name": n, "type": t, "link": None} for n, t in (
+        ("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT"))]
+    ks_inputs += [{"name": n, "type": "INT", "link": None, "widget": {"name": n}} for n in ("steps", "seed")]
+    group = {"nodes": [{"type": "KSampler", "mode": 0, "inputs": ks_inputs,
+                        "outputs": [{"name": "LATENT", "type": "LATENT", "links": []}],
+                        "widgets_values": [1, "randomize", 20, 8, "euler", "normal", 1], "index": 0}],
+             "links": [], "external": []}
+    instance_inputs = [dict(i) for i in ks_inputs]
+    instance_inputs[5]["link"] = 1
+    data = {"nodes": [
+        {"id": 3, "type": "workflow>Sampler", "mode": 0, "inputs": instance_inputs,
+         "outputs": [{"name": "LATENT", "type": "LATENT", "links": []}],
+         "widgets_values": [6.5, "dpmpp_2m", "karras", 0.9, 3, 111, "fixed"]},
+        {"id": 5, "type": "PrimitiveNode", "mode": 0, "widgets_values": [777, "fixed"],
+         "outputs": [{"name": "INT", "type": "INT", "links": [1], "widget": {"name": "seed"}}]},
+    ], "links": [[1, 5, 0, 3, 5, "INT"]], "extra": {"groupNodes": {"Sampler": group}}, "version": 0.4}
+    api = ui_to_api(data, "g.json")
+    assert api["3:0"]["inputs"] == {"seed": 777, "steps": 3, "cfg": 6.5, "sampler_name": "dpmpp_2m",
+                                    "scheduler": "karras", "denoise": 0.9}
+
+
 def test_values_that_do_not_fit_the_definition_leave_the_saved_ones() -> None:
     """An instance whose value count does not match its definition's widgets (a definition changed since) keeps
     the values saved inside, as before, rather than shifting them onto the wrong widgets."""

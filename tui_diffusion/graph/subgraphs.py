@@ -170,6 +170,12 @@ def _widget_names(node: dict[str, Any]) -> list[tuple[str, bool]] | None:
     return [(i.name, i.control_after_generate or i.name in _SEED_NAMES) for i in spec.inputs if i.is_widget]
 
 
+def _converted_order(count: int) -> list[int]:
+    """Input slots in the order ComfyUI's frontend takes a node's converted widgets in a group: by slot, compared
+    as text (slot 10 before slot 2), which is the order they were converted in."""
+    return sorted(range(count), key=str)
+
+
 def _has_control(kind: Any, name: str) -> bool:
     """Whether widget ``name`` of a node type has a "control after generate" entry after it."""
     spec = get_spec(kind)
@@ -274,7 +280,8 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
     graph = _Graph(name, nodes, links, is_group=True, group_reroutes=fed)
     for converted in (False, True):  # plain inputs node by node, then the widgets converted to inputs
         for index, node in nodes.items():
-            for slot, inp in enumerate(node["inputs"]):
+            for slot in _converted_order(len(node["inputs"])) if converted else range(len(node["inputs"])):
+                inp = node["inputs"][slot]
                 if ("widget" in inp) != converted or (index, slot) in linked_to or index in widget_reroutes:
                     continue
                 if not converted and not visible("input", index, input_key(index, inp), True):
@@ -314,12 +321,11 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
                 break
             widgets.extend((index, position, False) for position in range(len(saved or [])))
             continue
-        names = _widget_names(node) or []
-        for wname, control in names:
-            if wname not in as_inputs:
-                widgets.append((index, wname, control))
-            elif (index, as_inputs[wname]) not in linked_to:
-                converted_widgets.append((index, wname, control))
+        names = dict(_widget_names(node) or [])
+        widgets.extend((index, wname, control) for wname, control in names.items() if wname not in as_inputs)
+        by_slot = {slot: wname for wname, slot in as_inputs.items() if wname in names}
+        converted_widgets.extend((index, by_slot[slot], names[by_slot[slot]]) for slot in _converted_order(len(
+            node["inputs"])) if slot in by_slot and (index, slot) not in linked_to)
     else:
         graph.group_widgets = widgets + converted_widgets
     return graph
