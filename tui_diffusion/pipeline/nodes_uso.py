@@ -74,7 +74,7 @@ class StyleProjector(torch.nn.Module):
 
     def forward(self, layers: dict[str, torch.Tensor]) -> torch.Tensor:
         """{"high", "mid", "low": SigLIP hidden states} -> style tokens [B, 3 * style tokens, hidden]."""
-        dtype = self.high_projection.weight.dtype
+        dtype = next(self.parameters()).dtype
         return torch.cat([self.branch(name, layers[name].to(dtype)) for name, _ in BRANCHES], dim=1)
 
 
