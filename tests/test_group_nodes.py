@@ -255,6 +255,28 @@ def test_widgets_converted_to_inputs_inside_a_group_come_last_in_the_order_they_
                                     "scheduler": "karras", "denoise": 0.9}
 
 
+def test_instance_widgets_converted_to_inputs_take_the_primitive_nodes_values() -> None:
+    """On the instance, the negative prompt's widget (named "CLIPTextEncode text": the second "text" of the group,
+    prefixed with its node's type as ComfyUI's frontend names it) and the seed are converted to inputs fed by
+    PrimitiveNodes: their values reach the inner nodes (the instance's own saved values are older)."""
+    data = load(TXT2IMG)
+    instance = node(data, 10)
+    instance["inputs"] += [
+        {"name": "CLIPTextEncode text", "type": "STRING", "link": 101, "widget": {"name": "CLIPTextEncode text"}},
+        {"name": "seed", "type": "INT", "link": 102, "widget": {"name": "seed"}}]
+    data["nodes"] += [
+        {"id": 21, "type": "PrimitiveNode", "mode": 0, "widgets_values": ["lowres, watermark"],
+         "outputs": [{"name": "STRING", "type": "STRING", "links": [101], "widget": {"name": "CLIPTextEncode text"}}]},
+        {"id": 22, "type": "PrimitiveNode", "mode": 0, "widgets_values": [8080, "increment"],
+         "outputs": [{"name": "INT", "type": "INT", "links": [102], "widget": {"name": "seed"}}]}]
+    data["links"] += [[101, 21, 0, 10, 1, "STRING"], [102, 22, 0, 10, 2, "INT"]]
+    api = ui_to_api(data, TXT2IMG)
+    assert api["10:1"]["inputs"]["text"] == "a red bicycle leaning on a wall"
+    assert api["10:2"]["inputs"]["text"] == "lowres, watermark"
+    assert api["10:3"]["inputs"]["seed"] == 8080 and api["10:3"]["inputs"]["steps"] == 2
+    assert api["10:3"]["_meta"]["control_after_generate"] == {"seed": "increment"}
+
+
 def test_values_that_do_not_fit_the_definition_leave_the_saved_ones() -> None:
     """An instance whose value count does not match its definition's widgets (a definition changed since) keeps
     the values saved inside, as before, rather than shifting them onto the wrong widgets."""

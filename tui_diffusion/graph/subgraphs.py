@@ -17,7 +17,8 @@ ComfyUI's frontend keeps reusable parts of a workflow in two ways, and flattens 
   those saved inside; frontend-only nodes count as ComfyUI counts them (a note has no widget, a linked
   PrimitiveNode its own, an unlinked one nothing, a Reroute none unless it feeds widgets: then it is one widget
   whose value they all take), and a node this program lacks takes as many values as it saved. When the counts
-  still disagree, the inner nodes keep their saved values.
+  still disagree, the inner nodes keep their saved values. A widget converted to an input on the instance and fed
+  by a PrimitiveNode takes that node's value (matched by the name ComfyUI's frontend gives the widget).
 
 Expanded nodes get ComfyUI's execution ids: the path of instance ids down to the inner node, joined with ":"
 (``"56:52"`` is node 52 inside instance 56), so the ids in messages are the ones ComfyUI shows. A muted instance
@@ -50,6 +51,7 @@ META_PROPERTY = "tui-diffusion meta"
 GROUP_PREFIXES = ("workflow>", "workflow/")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _SEED_NAMES = ("seed", "noise_seed")
+SEED_MODES = ("fixed", "increment", "decrement", "randomize")
 #: node types of ComfyUI's frontend only: in a group node, ComfyUI gives them no widget (a linked PrimitiveNode
 #: shows its own) and a note or an unlinked PrimitiveNode no input or output either
 _NO_WIDGETS = ("Reroute", "Note", "MarkdownNote")
@@ -75,6 +77,8 @@ class _Graph:
     #: a position in the node's saved ``widgets_values`` for nodes without a spec; None when the order cannot be
     #: known (a node this program lacks with widgets converted to inputs)
     group_widgets: list[tuple[Any, str | int, bool]] | None = None
+    #: group nodes only: the instance's widget names as ComfyUI's frontend shows them -> (inner node, widget)
+    group_widget_names: dict[str, tuple[Any, str | int]] = field(default_factory=dict)
     #: group nodes only: a Reroute that is a widget of the instance -> the (inner node, widget name) it feeds
     group_reroutes: dict[Any, list[tuple[Any, str]]] = field(default_factory=dict)
     is_group: bool = False
@@ -176,6 +180,21 @@ def _converted_order(count: int) -> list[int]:
     return sorted(range(count), key=str)
 
 
+def _reroute_type(nodes: dict[Any, dict[str, Any]], raw_links: list[Any], index: Any) -> str:
+    """A Reroute's type inside a group, as ComfyUI's frontend finds it (its input is named after it): the first
+    input it feeds, else the output feeding it, else the type stored on a link into it."""
+    links = [link for link in raw_links if isinstance(link, list) and len(link) >= 4]
+    for link in links:
+        if link[0] == index and link[2] in nodes and isinstance(link[3], int) \
+                and 0 <= link[3] < len(nodes[link[2]]["inputs"]):
+            return str(nodes[link[2]]["inputs"][link[3]].get("type"))
+    for link in links:
+        outputs = (nodes.get(link[0]) or {}).get("outputs") or []
+        if link[2] == index and isinstance(link[1], int) and 0 <= link[1] < len(outputs):
+            return str(outputs[link[1]].get("type"))
+    return str(next((link[5] for link in links if len(link) > 5 and link[2] == index), "*"))
+
+
 def _has_control(kind: Any, name: str) -> bool:
     """Whether widget ``name`` of a node type has a "control after generate" entry after it."""
     spec = get_spec(kind)
@@ -267,15 +286,8 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
 
     def input_key(index: int, inp: dict[str, Any]) -> Any:
         """The name ``config`` uses for an input: a Reroute's is its type, as ComfyUI's frontend names it."""
-        if nodes[index].get("type") != "Reroute":
-            return inp.get("name")
-        for link in group.get("links") or []:  # the first input it feeds, else the first link into it
-            if isinstance(link, list) and len(link) >= 4 and link[0] == index and link[2] in nodes:
-                targets = nodes[link[2]]["inputs"]
-                if isinstance(link[3], int) and 0 <= link[3] < len(targets):
-                    return targets[link[3]].get("type")
-        return next((link[5] for link in group.get("links") or []
-                     if isinstance(link, list) and len(link) > 5 and link[2] == index), inp.get("type"))
+        return _reroute_type(nodes, group.get("links") or [], index) if nodes[index].get("type") == "Reroute" \
+            else inp.get("name")
 
     graph = _Graph(name, nodes, links, is_group=True, group_reroutes=fed)
     for converted in (False, True):  # plain inputs node by node, then the widgets converted to inputs
@@ -328,7 +340,63 @@ def _group_graph(name: str, group: Any, source: str) -> _Graph:
             node["inputs"])) if slot in by_slot and (index, slot) not in linked_to)
     else:
         graph.group_widgets = widgets + converted_widgets
+    if graph.group_widgets is not None:
+        graph.group_widget_names = _instance_widget_names(nodes, group.get("links") or [], config, linked_to, unused,
+                                                          widget_reroutes)
     return graph
+
+
+def _instance_widget_names(nodes: dict[Any, dict[str, Any]], raw_links: list[Any], config: dict[str, Any],
+                           linked_to: set[tuple[int, int]], unused: set[Any],
+                           widget_reroutes: dict[Any, bool]) -> dict[str, tuple[Any, str | int]]:
+    """The names ComfyUI's frontend gives a group node's widgets (what an instance's widget converted to an input
+    names): the inner name, or the one ``config`` or a label gives it; on a clash, prefixed with the node's title
+    or type, then numbered. Inputs take names from the same pool, in the frontend's order: node by node its
+    widgets then its open inputs, then every node's converted widgets."""
+    seen: dict[str, int] = {}
+    names: dict[str, tuple[Any, str | int]] = {}
+
+    def name_of(index: Any, node: dict[str, Any], input_name: str) -> str:
+        custom = ((config.get(str(index)) or {}).get("input") or {}).get(input_name) or {}
+        label = next((i.get("label") for i in node["inputs"] if i.get("name") == input_name), None)
+        name = custom.get("name") if isinstance(custom, dict) and custom.get("name") is not None else \
+            label if label is not None else input_name
+        key = name
+        if (node.get("type") == "PrimitiveNode" and node.get("title")) or name in seen:
+            prefix = f"{node.get('title') or node.get('type')} "
+            key = name = f"{prefix}{input_name}"
+            if name in seen:
+                name = f"{prefix}{seen[name]} {input_name}"
+        seen[key] = seen.get(key, 1) + 1
+        return str(name)
+
+    deferred: list[tuple[Any, dict[str, Any], int, str]] = []
+    for index, node in nodes.items():
+        kind = node.get("type")
+        if index in unused or kind in ("Note", "MarkdownNote"):
+            continue
+        if index in widget_reroutes:
+            names[name_of(index, node, _reroute_type(nodes, raw_links, index))] = (index, "value")
+            continue
+        if kind == "PrimitiveNode":
+            names[name_of(index, node, "value")] = (index, 0)
+            continue
+        spec = get_spec(kind)
+        converted = {i.get("name"): slot for slot, i in enumerate(node["inputs"]) if "widget" in i}
+        if spec is not None:
+            for ispec in spec.inputs:
+                if ispec.is_widget and ispec.name not in converted:
+                    names[name_of(index, node, ispec.name)] = (index, ispec.name)
+        for slot, inp in enumerate(node["inputs"]):  # open inputs take names from the same pool
+            if "widget" not in inp and (index, slot) not in linked_to:
+                name_of(index, node, _reroute_type(nodes, raw_links, index) if kind == "Reroute"
+                        else str(inp.get("name")))
+        deferred.extend((index, node, slot, str(node["inputs"][slot].get("name")))
+                        for slot in _converted_order(len(node["inputs"]))
+                        if "widget" in node["inputs"][slot] and (index, slot) not in linked_to)
+    for index, node, _, input_name in deferred:
+        names[name_of(index, node, input_name)] = (index, input_name)
+    return names
 
 
 class _Expander:
@@ -520,12 +588,40 @@ class _Expander:
             for index, key, control in graph.group_widgets:
                 out.setdefault(index, {})[key] = (values[position], values[position + 1] if control else None)
                 position += 2 if control else 1
+            for inp in instance.get("inputs") or []:  # a widget converted to an input on the instance
+                widget = inp.get("widget") if isinstance(inp, dict) else None
+                target = graph.group_widget_names.get(str(widget.get("name"))) if isinstance(widget, dict) else None
+                primitive = self.primitive_source(path[:-1], inp.get("link")) if target else None
+                if target and primitive:
+                    index, key = target
+                    control = primitive[1] if len(primitive) > 1 and primitive[1] in SEED_MODES else None
+                    out.setdefault(index, {})[key] = (primitive[0], control)
             for index, targets in graph.group_reroutes.items():  # the widgets a Reroute feeds take its value
                 for target, name in targets:
                     if "value" in out.get(index, {}):
                         out.setdefault(target, {})[name] = out[index]["value"]
         self.group_value_cache[path] = out
         return out
+
+    def primitive_source(self, path: tuple[Any, ...], link_id: Any) -> list[Any] | None:
+        """The values of the PrimitiveNode a link in the graph at ``path`` comes from (through Reroutes), or None:
+        ComfyUI's frontend writes a PrimitiveNode's value into the group node's widget it feeds, and only that
+        reaches the inner node (a link from another node to such a widget does not)."""
+        graph, _ = self.contexts[path]
+        seen: set[Any] = set()
+        while link_id is not None and link_id not in seen:
+            seen.add(link_id)
+            link = graph.links.get(link_id)
+            node = graph.nodes.get(link[0]) if link else None
+            if node is None:
+                return None
+            if node.get("type") == "PrimitiveNode":
+                values = node.get("widgets_values")
+                return values if isinstance(values, list) and values else None
+            if node.get("type") != "Reroute":
+                return None
+            link_id = next((i.get("link") for i in node.get("inputs") or [] if isinstance(i, dict)), None)
+        return None
 
     def connect(self, found: tuple[str, Any, int] | tuple[str, Any], target: Any, slot: int, kind: str) -> int:
         """A link in the flat graph from what ``resolve`` found (a value becomes a PrimitiveNode holding it)."""
