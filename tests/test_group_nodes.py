@@ -360,7 +360,8 @@ def test_the_app_opens_a_group_node_file_flattened_as_untitled() -> None:
 
 def test_the_flux_sampler_group_runs_on_tiny_files(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """The group-node workflow imports, validates and runs on a tiny Flux schnell transformer, VAE and text
-    encoders under the names it expects; its steps and sampler come from the instance's widgets."""
+    encoders under the names it expects, its PreviewImage showing a 64x48 image. Like the real files it mirrors,
+    it starts from EmptyLatentImage's 4-channel latent, which ComfyUI resizes (empty) to Flux's 16 channels."""
     import numpy as np
     from PIL import Image
 
