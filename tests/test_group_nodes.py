@@ -129,6 +129,20 @@ def test_a_reroute_input_hidden_by_config_is_keyed_by_its_type() -> None:
     assert "mask" not in api["68:1"]["inputs"] and "mask" not in api["68:2"]["inputs"]
 
 
+def test_config_can_hide_an_output_or_show_one_used_inside() -> None:
+    """``config`` output entries: hiding the sampler's first output makes denoised_output the instance's output
+    0; showing RandomNoise's NOISE (used inside) puts it first."""
+    data = load(FLUX)
+    data["extra"]["groupNodes"]["FLUX"]["config"] = {"3": {"output": {"0": {"visible": False}}}}
+    assert ui_to_api(data, FLUX)["8"]["inputs"]["samples"] == ["28:3", 1]
+    data["extra"]["groupNodes"]["FLUX"]["config"] = {"0": {"output": {"0": {"visible": True}}}}
+    node(data, 8)["inputs"][0]["link"] = 68
+    data["links"].append([90, 28, 1, 26, 0, "LATENT"])  # instance output 1 is now the sampler's output
+    node(data, 26)["inputs"][0]["link"] = 90
+    api = ui_to_api(data, FLUX)
+    assert api["8"]["inputs"]["samples"] == ["28:0", 0] and api["26"]["inputs"]["images"] == ["28:3", 0]
+
+
 def test_the_video_sampler_group_of_a_newer_frontend() -> None:
     """``workflow>`` spelling, inner nodes saved with id -1, three definitions of which one is used; two inner
     inputs named "model", the second shown as "ModelSamplingSD3 model"; nine widget values over six nodes."""
