@@ -39,9 +39,10 @@ _CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, list[Segment]]] = w
 
 
 def kind(net: Any) -> str | None:
-    """"flux" or "sd3" for diffusers' Flux/SD3 transformers (the classes this program loads them as), else None."""
-    name = type(net).__name__
-    return {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}.get(name)
+    """"flux" or "sd3" for diffusers' Flux/SD3 transformers (the classes this program loads them as, or a subclass),
+    else None."""
+    kinds = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+    return next((kinds[c.__name__] for c in type(net).__mro__ if c.__name__ in kinds), None)
 
 
 class _Tags(dict):
@@ -68,7 +69,7 @@ def original_map(net: torch.nn.Module) -> dict[str, list[Segment]]:
         starts.append(total)
         tags[name] = torch.arange(total, total + rows, dtype=torch.int64)
         total += rows
-    config = net.config
+    config: Any = net.config
     if family == "flux":
         moved = flux_to_original(tags, int(config.num_layers), int(config.num_single_layers))
     else:
@@ -122,7 +123,7 @@ def layer_pairs(net: torch.nn.Module, layer: str, down: torch.Tensor,
     out: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
     base = segments[0].start
     for seg in segments:
-        module = net.get_submodule(seg.name.rpartition(".")[0])
+        module: Any = net.get_submodule(seg.name.rpartition(".")[0])
         if module.weight.shape[0] < seg.dst + seg.stop - seg.start:
             return None
         if seg.name not in out:
