@@ -82,8 +82,9 @@ def comfyui_reference(model: Any, pairs: dict[str, tuple[torch.Tensor, torch.Ten
         rows = delta.shape[0]
         original[key] = original[key].clone()
         original[key][:rows] += delta.reshape(rows, *original[key].shape[1:])
-    for name, delta in (biases or {}).items():
-        original[f"{name}.bias"] = original[f"{name}.bias"] + strength * delta
+    for name, delta in (biases or {}).items():  # layer name -> bias delta; or a parameter's name -> its delta
+        key = name if name.endswith((".weight", ".bias")) else f"{name}.bias"
+        original[key] = original[key] + strength * delta
     for name, value in (sets or {}).items():
         original[name] = value
     return _from_original(model, original, widen)
@@ -183,6 +184,23 @@ def test_an_xlabs_lora_patches_as_comfyui_and_as_diffusers(tmp_path: Path, stren
     _check_patched(model, lora, strength, _peft_loaded(model, path, strength))
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_comfyui_full_diffs_of_weights_and_biases_are_added_at_the_strength(tmp_path: Path, family: str) -> None:
+    """ComfyUI's ``diff`` (a whole weight's delta) and ``diff_b`` (a bias's), on fused layers too."""
+    model = _model(family)
+    original = lw.original_state(model)
+    layer = "double_blocks.0.img_attn.qkv" if family == "flux" else "joint_blocks.0.x_block.attn.qkv"
+    gen = torch.Generator().manual_seed(11)
+    diffs = {f"{layer}.weight": torch.randn(original[f"{layer}.weight"].shape, generator=gen) * 0.05,
+             f"{layer}.bias": torch.randn(original[f"{layer}.bias"].shape, generator=gen) * 0.05}
+    text_in = "txt_in" if family == "flux" else "context_embedder"
+    pairs = lw.random_pairs({text_in: lw.original_layers(model)[text_in]}, RANK, seed=12)
+    sd = lw.lora_state(pairs, "comfyui")
+    sd[f"diffusion_model.{layer}.diff"], sd[f"diffusion_model.{layer}.diff_b"] = diffs.values()
+    lora = load_lora(w.save(sd, tmp_path / "diff.safetensors"))
+    _check_patched(model, lora, 0.5, comfyui_reference(model, pairs, 0.5, biases=diffs))
+
+
 # -- control LoRAs ------------------------------------------------------------------------------------------------
 def _control_reference(model: Any, path: Path, strength: float) -> Any:
     """The reference from the file's own tensors in Black Forest Labs' names."""
@@ -212,7 +230,7 @@ def test_a_flux_control_lora_widens_the_input_and_patches_as_comfyui(tmp_path: P
         path = w.save({k.replace("_norm.scale.set_weight", "_norm.set_weight"): v
                        for k, v in load_file(str(path)).items()}, tmp_path / "older.safetensors")
     lora = load_lora(path)
-    assert lora.reshapes == {"unet:img_in": (128, 128)} and lora.sets and lora.biases
+    assert lora.reshapes == {"unet:img_in": (128, 128)} and lora.sets and lora.diffs
     assert matched_modules({"unet": model}, lora) == len(lora.pairs)
     _check_patched(model, lora, strength, _control_reference(model, bfl, strength), in_channels=128)
     with patched({"unet": model}, [Patch(lora, strength)]):

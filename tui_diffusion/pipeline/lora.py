@@ -41,8 +41,9 @@ class LoraWeights:
     source: str
     #: module key -> (down [r, in...], up [out, r...], alpha or None)
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]
-    #: module key -> a delta for its bias (BFL's ``lora_B.bias``, ComfyUI's ``diff_b``), scaled by the strength
-    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: parameter key (``unet:double_blocks.0.img_attn.qkv.bias``) -> a full delta for it, scaled by the strength:
+    #: biases (BFL's ``lora_B.bias``, ComfyUI's ``diff_b``) and weights (ComfyUI's ``diff``)
+    diffs: dict[str, torch.Tensor] = field(default_factory=dict)
     #: parameter key (``unet:double_blocks.0.img_attn.norm.key_norm.scale``) -> its value while patched
     sets: dict[str, torch.Tensor] = field(default_factory=dict)
     #: module key -> the weight shape it is widened to, zeros added (``reshape_weight``)
@@ -59,8 +60,8 @@ class Patch:
 _SUFFIXES = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_down", "down"), (".lora_up", "up"),
-    (".lora_A", "down"), (".lora_B", "up"), (".lora_B.bias", "bias"), (".diff_b", "bias"), (".alpha", "alpha"),
-    (".set_weight", "set"), (".reshape_weight", "reshape"),
+    (".lora_A", "down"), (".lora_B", "up"), (".lora_B.bias", "bias"), (".diff_b", "bias"), (".diff", "diff"),
+    (".alpha", "alpha"), (".set_weight", "set"), (".reshape_weight", "reshape"),
 )
 #: a key's prefix -> the model part it patches, and whether the name after it is kohya's (dots as underscores)
 _PREFIXES = (
@@ -133,21 +134,23 @@ def parse_lora(state: dict[str, torch.Tensor], path: Path) -> LoraWeights:
         part, name, what = found
         entries.setdefault(f"{part}:{name}", {})[what] = tensor
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]] = {}
-    biases: dict[str, torch.Tensor] = {}
+    diffs: dict[str, torch.Tensor] = {}
     sets: dict[str, torch.Tensor] = {}
     reshapes: dict[str, tuple[int, ...]] = {}
     for key, v in entries.items():
         if "down" in v and "up" in v:
             pairs[key] = (v["down"].float(), v["up"].float(), float(v["alpha"]) if "alpha" in v else None)
         if "bias" in v:
-            biases[key] = v["bias"].float()
+            diffs[f"{key}.bias"] = v["bias"].float()
+        if "diff" in v:
+            diffs[f"{key}.weight"] = v["diff"].float()
         if "set" in v:
             name = key if key.endswith((".scale", ".weight", ".bias")) else key + ".weight"
             sets[name] = v["set"].float()
         if "reshape" in v:
             with contextlib.suppress(TypeError, ValueError, RuntimeError):
                 reshapes[key] = tuple(int(x) for x in v["reshape"].reshape(-1).tolist())
-    if not pairs:
+    if not pairs and not diffs:
         raise CheckpointError(f"{path}: no LoRA weights found (expected kohya 'lora_unet_*', diffusers "
                               "'transformer.*'/'unet.*' or original 'diffusion_model.*' keys)")
     if sets:  # a control LoRA: its input layer reads more channels than the model's (ComfyUI's converter's rule)
@@ -155,7 +158,7 @@ def parse_lora(state: dict[str, torch.Tensor], path: Path) -> LoraWeights:
             if key in pairs and key not in reshapes:
                 down, up, _ = pairs[key]
                 reshapes[key] = (int(up.shape[0]), int(down.flatten(1).shape[1]))
-    return LoraWeights(str(path), pairs, biases, sets, reshapes)
+    return LoraWeights(str(path), pairs, diffs, sets, reshapes)
 
 
 def _targets(module: torch.nn.Module, part: str, with_original_names: bool) -> dict[str, torch.nn.Module]:
@@ -202,7 +205,7 @@ class _Plan:
     #: the file's pairs that fit completely
     matched: int
     #: (parameter, its rows, the delta or value for them)
-    biases: list[tuple[torch.Tensor, slice, torch.Tensor]]
+    diffs: list[tuple[torch.Tensor, slice, torch.Tensor]]
     sets: list[tuple[torch.Tensor, slice, torch.Tensor]]
 
 
@@ -255,27 +258,28 @@ def _plan(parts: dict[str, torch.nn.Module], lora: LoraWeights,
         if all(_fits(m, down, u, width) for m, u in cut):
             plan.pairs.extend((m, down, u, alpha, width) for m, u in cut)
             plan.matched += 1
-    for key, delta in lora.biases.items():
-        part, _, name = key.partition(":")
-        mod = tables.get(part, {}).get(key)
-        if mod is not None and getattr(mod, "bias", None) is not None and mod.bias.shape == delta.shape:
-            plan.biases.append((mod.bias, slice(None), delta))
-        elif part in parts:
-            for param, rows, source in lora_dit.param_rows(parts[part], name + ".bias") or ():
-                plan.biases.append((param, rows, delta[source]))
-    for key, value in lora.sets.items():
-        part, _, name = key.partition(":")
-        if part not in parts:
-            continue
-        param = None
+    for values, out in ((lora.diffs, plan.diffs), (lora.sets, plan.sets)):
+        for key, value in values.items():
+            out.extend(_param_rows(parts, tables, key, value))
+    return plan
+
+
+def _param_rows(parts: dict[str, torch.nn.Module], tables: dict[str, dict[str, torch.nn.Module]], key: str,
+                value: torch.Tensor) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
+    """(parameter, its rows, the value's rows for them) for a full-tensor entry named by a layer the tables know
+    (any layout's layer name), by a parameter's own name, or by an original transformer parameter's name."""
+    part, _, name = key.partition(":")
+    if part not in parts:
+        return []
+    layer, _, leaf = name.rpartition(".")
+    mod = tables.get(part, {}).get(f"{part}:{layer}")
+    param = getattr(mod, leaf, None) if mod is not None else None
+    if param is None:
         with contextlib.suppress(AttributeError):
             param = parts[part].get_parameter(name)
-        if param is not None and param.shape == value.shape:
-            plan.sets.append((param, slice(None), value))
-            continue
-        for param, rows, source in lora_dit.param_rows(parts[part], name) or ():
-            plan.sets.append((param, rows, value[source]))
-    return plan
+    if isinstance(param, torch.Tensor) and param.shape == value.shape:
+        return [(param, slice(None), value)]
+    return [(p, rows, value[source]) for p, rows, source in lora_dit.param_rows(parts[part], name) or ()]
 
 
 def layer_pairs(module: torch.nn.Module, part: str,
@@ -363,7 +367,7 @@ def patched(parts: dict[str, torch.nn.Module], patches: list[Patch]) -> Iterator
                         _widen(parts, mod, width, undo)
                     backup(mod.weight)
                     _add(mod.weight, slice(None), _delta(down, up, alpha, mod.weight) * patch.strength)
-                for param, rows, delta in plan.biases:
+                for param, rows, delta in plan.diffs:
                     backup(param)
                     _add(param, rows, delta * patch.strength)
                 for param, rows, value in plan.sets:  # ComfyUI's "set": the value, whatever the strength
