@@ -1,6 +1,8 @@
-"""The first image of a fresh process: ``tui-diffusion run`` from process start to the saved PNG, by phase.
+"""The first image of a fresh process: ``tui-diffusion run`` from process start to the saved PNG, by phase,
+and the app (``tui-diffusion`` on a workflow) from launch to the first image shown.
 
     python -m benchmarks.first_image [--models DIR] [--ckpt NAME] [--size 128] [--steps 4] [--repeat 3] [--cold]
+    python -m benchmarks.first_image --app [--think 0,8] ...   # the app instead of ``run``
 
 Each run is a new ``tui-diffusion run --json`` process with an empty output folder and its own settings and
 history folders. The phases come from three clocks: this process's (spawn, the "job 1: started" line on
@@ -8,7 +10,16 @@ stderr, the result line, the PNG on disk, the exit), the worker's node timings i
 encode, sample, decode, save) and two separate measurements, each a median of its own runs: the CLI's
 imports (``import tui_diffusion.cli`` less a bare interpreter) and a worker's spawn to ready. ``--cold``
 first evicts the checkpoint's pages from the page cache (``posix_fadvise(DONTNEED)`` on that one file), so
-the load reads it from the disk. Prints a table and writes JSON; asserts nothing.
+the load reads it from the disk.
+
+``--app``: each run is a new process running the app's own command line (``tui-diffusion WORKFLOW
+--embedded``, its settings, ``run_tui``, the app with its worker) under Textual's headless driver, 120x40.
+When its first frame is drawn a user's key press queues the job (ctrl+r, through Textual's key handling),
+``--think`` seconds later (0: at once; a list runs each). The child process notes on the wall clock its
+interpreter's start, its imports, the first frame (the worker is spawned then), the worker's ready event
+reaching the app, the key, the job's start and end events reaching the app, the image drawn in the image
+pane (the next refresh after it is shown) and the PNG on disk (polled every 10 ms); the worker reports its
+node timings in the job's end event. Prints a table and writes JSON; asserts nothing.
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ def _env(home: Path) -> dict[str, str]:
 
 def one_run(models: Path, ckpt: str, size: int, steps: int, seed: int, cold: bool = False) -> dict[str, float]:
     """One ``tui-diffusion run``: seconds from spawn to each mark, and the worker's node timings."""
+    models = models.resolve()
     home = Path(tempfile.mkdtemp(prefix="td-first-"))
     workflow = home / "workflow.json"
     workflow.write_text(json.dumps(_workflow(ckpt, size, steps, seed)))
@@ -136,6 +148,163 @@ def first_image(models: Path, ckpt: str, size: int = 128, steps: int = 4, repeat
             "total_to_exit_s": med["exit_s"], "phases_s": phases, "n": repeat}
 
 
+#: the app's marks in the order a first image meets them (seconds from the launch)
+APP_MARKS = ("interpreter", "imports", "first_frame", "ready", "key", "job_started", "saved", "job_finished",
+             "shown", "exit")
+
+
+def app_child(marks_path: str, think: float, argv: list[str]) -> int:
+    """In the launched process: the app's command line under Textual's headless driver, a key press that
+    queues the job once the first frame is drawn, and the marks written to ``marks_path`` as JSON."""
+    marks: dict[str, Any] = {"interpreter": time.time()}
+    import asyncio
+
+    from tui_diffusion import cli
+    from tui_diffusion import messages as m
+    from tui_diffusion.app import TuiDiffusionApp
+    from tui_diffusion.bridge import EngineEvent
+    from tui_diffusion.widgets.image_pane import ImagePane
+
+    marks["imports"] = time.time()
+    output = Path(argv[argv.index("--output-dir") + 1])
+    post, show = TuiDiffusionApp.post_to_screen, ImagePane.show_file
+
+    def note(self: Any, message: Any) -> None:  # every event the worker sends passes here (bridge thread)
+        event = getattr(message, "event", None) if isinstance(message, EngineEvent) else None
+        marks.setdefault("events", []).append([type(event or message).__name__, time.time()])
+        for kind, name in ((m.WorkerReady, "ready"), (m.JobStarted, "job_started"), (m.JobFinished, "job_finished"),
+                           (m.JobFailed, "job_failed")):
+            if isinstance(event, kind):
+                marks.setdefault(name, time.time())
+        if isinstance(event, m.JobFinished):
+            marks["timings"], marks["status"] = dict(event.timings), event.status
+        if isinstance(event, m.JobFailed):
+            marks["status"], marks["error"] = "failed", event.message
+        post(self, message)
+
+    def shown(self: Any, path: Any, caption: str) -> bool:
+        drawn = show(self, path, caption)
+        if drawn and "shown" not in marks:
+            self.app.call_after_refresh(lambda: marks.setdefault("shown", time.time()))
+        return drawn
+
+    def watch_png() -> None:
+        while "exit" not in marks:
+            if output.is_dir() and any(p.suffix == ".png" for p in output.rglob("*.png")):
+                marks["saved"] = time.time()
+                return
+            time.sleep(0.01)
+
+    async def drive(app: TuiDiffusionApp) -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            # plain sleeps, not the pilot's pauses: each of those redraws the screen, which a user's app does not
+            while app.first_frame_at is None:
+                await asyncio.sleep(0.005)
+            marks["first_frame"] = app.first_frame_at
+            await asyncio.sleep(think)
+            marks["key"] = time.time()
+            await pilot.press("ctrl+r")
+            screen = app.main_screen
+            if not screen.book.jobs:  # the app refused to queue it (its notification says why)
+                marks["status"] = "failed"
+                marks["error"] = "not queued: " + "; ".join(str(i) for i in screen.issues[:4])
+                return
+            deadline = time.time() + 900
+            while not ("shown" in marks and "saved" in marks) and time.time() < deadline:
+                if "job_failed" in marks or marks.get("status") not in (None, "ok"):
+                    return
+                await asyncio.sleep(0.01)
+
+    def run_headless(self: TuiDiffusionApp, *args: Any, **kwargs: Any) -> Any:
+        asyncio.run(drive(self))
+        return None
+
+    TuiDiffusionApp.post_to_screen = note  # type: ignore[method-assign]
+    ImagePane.show_file = shown  # type: ignore[method-assign]
+    TuiDiffusionApp.run = run_headless  # type: ignore[method-assign]
+    threading.Thread(target=watch_png, daemon=True).start()
+    try:
+        return cli.main(argv)
+    finally:
+        marks["exit"] = time.time()
+        marks["torch_imported"] = "torch" in sys.modules  # the app must never import it
+        Path(marks_path).write_text(json.dumps(marks))
+
+
+def one_app_run(models: Path, ckpt: str, size: int, steps: int, seed: int, think: float = 0.0,
+                cold: bool = False) -> dict[str, Any]:
+    """One launch of the app: seconds from the launch to each mark, and the worker's node timings."""
+    models = models.resolve()
+    home = Path(tempfile.mkdtemp(prefix="td-first-app-"))
+    workflow = home / "workflow.json"
+    workflow.write_text(json.dumps(_workflow(ckpt, size, steps, seed)))
+    marks_path = home / "marks.json"
+    if cold:
+        evict(models / "checkpoints" / ckpt)
+    env = {**_env(home), "XDG_RUNTIME_DIR": str(home / "run")}
+    (home / "run").mkdir(mode=0o700)
+    cmd = [sys.executable, "-m", "benchmarks.first_image", "--app-child", str(marks_path), "--think", str(think),
+           "--", str(workflow), "--embedded", "--models-dir", str(models), "--output-dir", str(home / "output"),
+           "--cpu"]
+    launched = time.time()
+    done = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=1200)
+    marks = json.loads(marks_path.read_text()) if marks_path.is_file() else {}
+    shutil.rmtree(home, ignore_errors=True)
+    if done.returncode != 0 or marks.get("status") != "ok" or "shown" not in marks or "saved" not in marks:
+        raise RuntimeError(f"the app's run failed ({done.returncode}): {marks.get('error') or marks}\n"
+                           f"{done.stderr[-2000:]}")
+    record: dict[str, Any] = {f"{k}_s": marks[k] - launched for k in APP_MARKS if k in marks}
+    for phase, nodes in NODE_PHASES:
+        record[f"{phase}_s"] = sum(float(marks["timings"].get(n, 0.0)) for n in nodes)
+    record["think_s"] = think
+    record["torch_imported"] = bool(marks.get("torch_imported"))
+    return record
+
+
+def app_phases(med: dict[str, float]) -> dict[str, float]:
+    """The app's launch to its first image, phase by phase (medians of each mark; the node phases are the
+    worker's own timings, the rest of the job what the engine and the events' way back took)."""
+    nodes = sum(med[f"{p}_s"] for p, _ in NODE_PHASES)
+    wait_from = max(med["ready_s"], med["key_s"])
+    return {
+        "interpreter start": med["interpreter_s"],
+        "app imports": med["imports_s"] - med["interpreter_s"],
+        "app start to the first frame": med["first_frame_s"] - med["imports_s"],
+        "worker start (spawned at the first frame, to its ready event)": med["ready_s"] - med["first_frame_s"],
+        "the user's think time (first frame to the key; not ours)": med["key_s"] - med["first_frame_s"],
+        "ready or key (the later) to the job's start event; a preload runs here": med["job_started_s"] - wait_from,
+        **{p: med[f"{p}_s"] for p, _ in NODE_PHASES},
+        "engine around the nodes, the end event's way to the app": med["job_finished_s"] - med["job_started_s"] - nodes,
+        "image drawn (end event to the pane's next refresh)": med["shown_s"] - med["job_finished_s"],
+    }
+
+
+def first_image_app(models: Path, ckpt: str, size: int = 128, steps: int = 4, repeat: int = 3, think: float = 0.0,
+                    cold: bool = False) -> dict[str, Any]:
+    """The app's launch-to-first-image breakdown, medians over ``repeat`` fresh launches."""
+    runs = [one_app_run(models, ckpt, size, steps, seed, think, cold) for seed in range(1, repeat + 1)]
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k.endswith("_s")}
+    return {"mode": "app", "size": size, "steps": steps, "cold": cold, "think_s": think, "runs": runs, "n": repeat,
+            "marks_s": {k: med[f"{k}_s"] for k in APP_MARKS if f"{k}_s" in med},
+            "phases_s": app_phases(med), "total_to_png_s": med["saved_s"], "total_to_shown_s": med["shown_s"],
+            "key_to_shown_s": med["shown_s"] - med["key_s"]}
+
+
+def app_table(figs: list[dict[str, Any]]) -> str:
+    """One column per think time: each phase's seconds and share of the launch to the image shown."""
+    head = " | ".join(f"key {f['think_s']:g} s after the first frame" for f in figs)
+    rows = [f"| phase | {head} |", "|---|" + "---|" * len(figs)]
+    for name in figs[0]["phases_s"]:
+        cells = [f"{f['phases_s'][name]:.2f} s ({100 * f['phases_s'][name] / f['total_to_shown_s']:.0f}%)"
+                 for f in figs]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows.append("| launch to the PNG on disk | " + " | ".join(f"{f['total_to_png_s']:.2f} s" for f in figs) + " |")
+    rows.append("| **launch to the image shown** | " + " | ".join(f"**{f['total_to_shown_s']:.2f} s**" for f in figs)
+                + " |")
+    rows.append("| key to the image shown | " + " | ".join(f"{f['key_to_shown_s']:.2f} s" for f in figs) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def table(fig: dict[str, Any]) -> str:
     rows = ["| phase | seconds | share |", "|---|---|---|"]
     total = fig["total_to_exit_s"]
@@ -147,6 +316,10 @@ def table(fig: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--app-child":  # inside a launched app: --app-child MARKS --think S -- TUI ARGS
+        split = argv.index("--")
+        return app_child(argv[1], float(argv[3]), argv[split + 1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=ROOT / "benchmarks" / ".models")
     parser.add_argument("--ckpt", default="full-sd15-fp16.safetensors")
@@ -154,13 +327,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
+    parser.add_argument("--app", action="store_true", help="launch the app instead of 'tui-diffusion run'")
+    parser.add_argument("--think", default="0", help="with --app: seconds from the first frame to the key, or a "
+                        "comma-separated list of them (one figure each)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    fig = first_image(args.models, args.ckpt, args.size, args.steps, args.repeat, args.cold)
-    print(table(fig))
+    result: Any
+    if args.app:
+        result = [first_image_app(args.models, args.ckpt, args.size, args.steps, args.repeat, float(think),
+                                  args.cold) for think in args.think.split(",")]
+        print(app_table(result))
+    else:
+        result = first_image(args.models, args.ckpt, args.size, args.steps, args.repeat, args.cold)
+        print(table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(fig, indent=2))
+        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 

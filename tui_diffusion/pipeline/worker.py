@@ -436,8 +436,10 @@ class WorkerEngine:
             self.queue = DurableQueue(None)
         self.recorder = _Recorder(self.engine.history, f"{device.torch_device} ({device.name})",
                                   self.engine.model_hash)
-        self.ready = m.WorkerReady(str(device.torch_device), device.name, str(device.dtype).replace("torch.", ""),
-                                   torch.__version__, diffusers.__version__, os.getpid(), notice)
+        # plain strings only: torch.__version__ is torch's own str subclass, and unpickling it in the client
+        # imported torch into the app (seconds of its CPU, every event of the first job held up behind it)
+        self.ready = m.WorkerReady(str(device.torch_device), str(device.name), str(device.dtype).replace("torch.", ""),
+                                   str(torch.__version__), str(diffusers.__version__), os.getpid(), notice)
 
     def _hooks(self, job: m.SubmitJob) -> Any:
         from tui_diffusion.pipeline.executor import Hooks

@@ -62,6 +62,8 @@ class Supervisor:
         self.attached = False
         #: why the supervisor gave up (it then raises WorkerDied with it)
         self.stopped: str | None = None
+        #: close() was called: a worker that ends now was told to, and is not replaced
+        self.closing = False
         self._out: collections.deque[Event] = collections.deque()
 
     @property
@@ -136,6 +138,8 @@ class Supervisor:
             self.policy.job_ended()
 
     def _lost(self, exc: WorkerDied) -> Event:
+        if self.closing:  # the app is quitting and told its worker to stop: no restart, no hand-over
+            raise exc
         if self.attached:
             return self._hand_over(exc)
         for job_id in sorted(self.running):
@@ -179,6 +183,7 @@ class Supervisor:
             record_state(self.config, job_id, state, error)
 
     def close(self, timeout: float = 5.0) -> None:
+        self.closing = True
         self.backend.close(timeout)
         if self.queue is not None:  # what was not run is left over for resume; the lock file goes
             self.queue.close()
