@@ -318,10 +318,13 @@ def test_a_lora_of_the_other_family_is_refused_naming_the_file(models_root: Path
     assert len(ok.patches) == 1 and ok.patches[0].strength == 0.5
 
 
-def test_a_flux_lora_with_text_encoder_layers_patches_clip_l_through_lora_loader(models_root: Path,
-                                                                              tmp_path: Path) -> None:
-    """kohya's Flux LoRAs may train CLIP-L too (``lora_te1_*``): LoraLoader patches the DualCLIPLoader's CLIP-L,
-    as ComfyUI maps te1 to it; strength_clip 0 leaves the encoding alone."""
+@pytest.mark.parametrize("key", ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                 "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"])
+def test_a_flux_lora_with_text_encoder_layers_patches_clip_l_through_lora_loader(models_root: Path, tmp_path: Path,
+                                                                              key: str) -> None:
+    """kohya's Flux LoRAs may train CLIP-L too (``lora_te1_*``; ComfyUI's own files name it
+    ``text_encoders.clip_l.*``): LoraLoader patches the DualCLIPLoader's CLIP-L, as ComfyUI maps them to it;
+    strength_clip 0 leaves the encoding alone."""
     from tui_diffusion.pipeline.registry import implementations
 
     nodes, ctx = implementations(), _ctx(models_root, tmp_path)
@@ -334,7 +337,6 @@ def test_a_flux_lora_with_text_encoder_layers_patches_clip_l_through_lora_loader
     pairs = lw.random_pairs({layer: lw.original_layers(model.unet)[layer]})
     sd = lw.lora_state(pairs, "kohya", alpha=2.0)
     gen = torch.Generator().manual_seed(2)
-    key = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
     sd[f"{key}.lora_down.weight"] = torch.randn(RANK, q_proj.in_features, generator=gen)
     sd[f"{key}.lora_up.weight"] = torch.randn(q_proj.out_features, RANK, generator=gen)
     w.save(sd, models_root / "loras" / "flux_with_te.safetensors")

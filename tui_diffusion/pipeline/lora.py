@@ -65,8 +65,12 @@ _SUFFIXES = (
 )
 #: a key's prefix -> the model part it patches, and whether the name after it is kohya's (dots as underscores)
 _PREFIXES = (
-    ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"),
-    ("lora_te3_", "te3"), ("lora_te_", "te1"), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
+    ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lycoris_", "unet"), ("lora_te1_", "te1"),
+    ("lora_te2_", "te2"), ("lora_te3_", "te3"), ("lora_te_", "te1"),
+    # ComfyUI's own names of the text encoders (its LoRA trainer's files)
+    ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_h.transformer.", "te1"),
+    ("text_encoders.clip_g.transformer.", "te2"), ("text_encoders.t5xxl.transformer.", "t5xxl"),
+    ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
     ("base_model.model.", "unet"), ("transformer.", "unet"), ("unet.", "unet"), ("text_encoder_2.", "te2"),
     ("text_encoder.", "te1"),
 )
