@@ -15,6 +15,8 @@ ones: ``lora_dit`` reads off the model where each original layer's rows went (a 
 ComfyUI's ``diff_b``), full norm scales (``set_weight``) and an ``img_in`` of twice the input channels
 (``reshape_weight``): the input layer is widened with zeros while the patch is on (the model then takes the
 conditioning image's latent beside the noise, as the full Canny/Depth models do), and put back afterwards.
+ComfyUI's whole-weight deltas (``diff``) are added as bias deltas are. Text-encoder layers (``lora_te1_*``,
+``text_encoders.clip_l.*``) reach SD3's and Flux's encoders under the names ComfyUI gives them (``_aliased``).
 """
 
 from __future__ import annotations
