@@ -153,12 +153,14 @@ APP_MARKS = ("interpreter", "imports", "first_frame", "ready", "key", "job_start
              "shown", "exit")
 
 
-def app_child(marks_path: str, think: float, argv: list[str]) -> int:
+def app_child(marks_path: str, think: float, preload: bool, argv: list[str]) -> int:
     """In the launched process: the app's command line under Textual's headless driver, a key press that
-    queues the job once the first frame is drawn, and the marks written to ``marks_path`` as JSON."""
+    queues the job once the first frame is drawn, and the marks written to ``marks_path`` as JSON. Without
+    ``preload`` the app starts as it did before it had one: no checkpoint preloaded, no read-ahead."""
     marks: dict[str, Any] = {"interpreter": time.time()}
     import asyncio
 
+    from tui_diffusion import app as app_module
     from tui_diffusion import cli
     from tui_diffusion import messages as m
     from tui_diffusion.app import TuiDiffusionApp
@@ -219,6 +221,9 @@ def app_child(marks_path: str, think: float, argv: list[str]) -> int:
         asyncio.run(drive(self))
         return None
 
+    if not preload:
+        app_module.checkpoints_of = lambda data: ()  # type: ignore[assignment]
+        TuiDiffusionApp._read_ahead = lambda self: None  # type: ignore[method-assign]
     TuiDiffusionApp.post_to_screen = note  # type: ignore[method-assign]
     ImagePane.show_file = shown  # type: ignore[method-assign]
     TuiDiffusionApp.run = run_headless  # type: ignore[method-assign]
@@ -232,7 +237,7 @@ def app_child(marks_path: str, think: float, argv: list[str]) -> int:
 
 
 def one_app_run(models: Path, ckpt: str, size: int, steps: int, seed: int, think: float = 0.0,
-                cold: bool = False) -> dict[str, Any]:
+                cold: bool = False, preload: bool = True) -> dict[str, Any]:
     """One launch of the app: seconds from the launch to each mark, and the worker's node timings."""
     models = models.resolve()
     home = Path(tempfile.mkdtemp(prefix="td-first-app-"))
@@ -244,8 +249,8 @@ def one_app_run(models: Path, ckpt: str, size: int, steps: int, seed: int, think
     env = {**_env(home), "XDG_RUNTIME_DIR": str(home / "run")}
     (home / "run").mkdir(mode=0o700)
     cmd = [sys.executable, "-m", "benchmarks.first_image", "--app-child", str(marks_path), "--think", str(think),
-           "--", str(workflow), "--embedded", "--models-dir", str(models), "--output-dir", str(home / "output"),
-           "--cpu"]
+           "--preload" if preload else "--no-preload", "--", str(workflow), "--embedded", "--models-dir", str(models),
+           "--output-dir", str(home / "output"), "--cpu"]
     launched = time.time()
     done = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=1200)
     marks = json.loads(marks_path.read_text()) if marks_path.is_file() else {}
@@ -257,6 +262,7 @@ def one_app_run(models: Path, ckpt: str, size: int, steps: int, seed: int, think
     for phase, nodes in NODE_PHASES:
         record[f"{phase}_s"] = sum(float(marks["timings"].get(n, 0.0)) for n in nodes)
     record["think_s"] = think
+    record["preload"] = preload
     record["torch_imported"] = bool(marks.get("torch_imported"))
     return record
 
@@ -279,20 +285,29 @@ def app_phases(med: dict[str, float]) -> dict[str, float]:
     }
 
 
-def first_image_app(models: Path, ckpt: str, size: int = 128, steps: int = 4, repeat: int = 3, think: float = 0.0,
-                    cold: bool = False) -> dict[str, Any]:
-    """The app's launch-to-first-image breakdown, medians over ``repeat`` fresh launches."""
-    runs = [one_app_run(models, ckpt, size, steps, seed, think, cold) for seed in range(1, repeat + 1)]
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k.endswith("_s")}
-    return {"mode": "app", "size": size, "steps": steps, "cold": cold, "think_s": think, "runs": runs, "n": repeat,
-            "marks_s": {k: med[f"{k}_s"] for k in APP_MARKS if f"{k}_s" in med},
-            "phases_s": app_phases(med), "total_to_png_s": med["saved_s"], "total_to_shown_s": med["shown_s"],
-            "key_to_shown_s": med["shown_s"] - med["key_s"]}
+def first_image_app(models: Path, ckpt: str, size: int = 128, steps: int = 4, repeat: int = 3,
+                    variants: tuple[tuple[float, bool], ...] = ((0.0, True),),
+                    cold: bool = False) -> list[dict[str, Any]]:
+    """The app's launch-to-first-image breakdown for each (think time, preload) variant: medians over ``repeat``
+    fresh launches of each, the variants alternating launch by launch."""
+    runs: dict[tuple[float, bool], list[dict[str, Any]]] = {v: [] for v in variants}
+    for seed in range(1, repeat + 1):
+        for think, preload in variants:
+            runs[(think, preload)].append(one_app_run(models, ckpt, size, steps, seed, think, cold, preload))
+    figs = []
+    for (think, preload), rows in runs.items():
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.endswith("_s")}
+        figs.append({"mode": "app", "size": size, "steps": steps, "cold": cold, "think_s": think, "preload": preload,
+                     "runs": rows, "n": repeat, "marks_s": {k: med[f"{k}_s"] for k in APP_MARKS if f"{k}_s" in med},
+                     "phases_s": app_phases(med), "total_to_png_s": med["saved_s"], "total_to_shown_s": med["shown_s"],
+                     "key_to_shown_s": med["shown_s"] - med["key_s"]})
+    return figs
 
 
 def app_table(figs: list[dict[str, Any]]) -> str:
     """One column per think time: each phase's seconds and share of the launch to the image shown."""
-    head = " | ".join(f"key {f['think_s']:g} s after the first frame" for f in figs)
+    head = " | ".join(f"key {f['think_s']:g} s after the first frame, {'' if f['preload'] else 'no '}preload"
+                      for f in figs)
     rows = [f"| phase | {head} |", "|---|" + "---|" * len(figs)]
     for name in figs[0]["phases_s"]:
         cells = [f"{f['phases_s'][name]:.2f} s ({100 * f['phases_s'][name] / f['total_to_shown_s']:.0f}%)"
@@ -317,9 +332,9 @@ def table(fig: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--app-child":  # inside a launched app: --app-child MARKS --think S -- TUI ARGS
+    if argv and argv[0] == "--app-child":  # a launched app: --app-child MARKS --think S --[no-]preload -- ARGS
         split = argv.index("--")
-        return app_child(argv[1], float(argv[3]), argv[split + 1:])
+        return app_child(argv[1], float(argv[3]), argv[4] == "--preload", argv[split + 1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=ROOT / "benchmarks" / ".models")
     parser.add_argument("--ckpt", default="full-sd15-fp16.safetensors")
@@ -330,12 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app", action="store_true", help="launch the app instead of 'tui-diffusion run'")
     parser.add_argument("--think", default="0", help="with --app: seconds from the first frame to the key, or a "
                         "comma-separated list of them (one figure each)")
+    parser.add_argument("--preload", choices=("on", "off", "both"), default="on",
+                        help="with --app: the app preloads the open workflow's checkpoint (on), as before it did "
+                        "(off), or both, alternating")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result: Any
     if args.app:
-        result = [first_image_app(args.models, args.ckpt, args.size, args.steps, args.repeat, float(think),
-                                  args.cold) for think in args.think.split(",")]
+        preloads = {"on": (True,), "off": (False,), "both": (False, True)}[args.preload]
+        variants = tuple((float(think), preload) for think in args.think.split(",") for preload in preloads)
+        result = first_image_app(args.models, args.ckpt, args.size, args.steps, args.repeat, variants, args.cold)
         print(app_table(result))
     else:
         result = first_image(args.models, args.ckpt, args.size, args.steps, args.repeat, args.cold)

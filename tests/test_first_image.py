@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, TXT2IMG
 from tests.fakes import FakeClient
 from tui_diffusion.runtime.protocol import WorkerDied
 from tui_diffusion.runtime.supervisor import Supervisor
@@ -47,6 +47,42 @@ def test_a_worker_ending_after_close_is_not_replaced() -> None:
     assert len(FakeClient.instances) == 1
 
 
+def test_the_app_asks_its_worker_to_preload_the_open_workflows_checkpoint(tmp_path: Path) -> None:
+    from tui_diffusion.app import TuiDiffusionApp, checkpoints_of
+
+    data = json.loads(TXT2IMG.read_text())
+    data["4"]["inputs"]["ckpt_name"] = "mine.safetensors"
+    data["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "mine.safetensors"}}
+    data["11"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "other.safetensors"}}
+    data["12"] = {"class_type": "CLIPTextEncode", "inputs": {"ckpt_name": "not-a-loader.safetensors"}}
+    assert checkpoints_of(data) == ("mine.safetensors", "other.safetensors")
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(data))
+    app = TuiDiffusionApp(path, WorkerConfig(models_dir=tmp_path / "models"), client_factory=FakeClient)
+    assert app.bridge.config.preload == ("mine.safetensors", "other.safetensors")
+
+
+def test_a_preloaded_checkpoint_is_the_one_the_first_job_uses(models_dir: Path, tmp_path: Path) -> None:
+    from tui_diffusion import messages as m
+    from tui_diffusion.pipeline.worker import WorkerEngine
+
+    config = WorkerConfig(device=DevicePolicy("cpu"), models_dir=models_dir, output_dir=tmp_path / "out",
+                          temp_dir=tmp_path / "tmp", record_history=False)
+    engine = WorkerEngine(config, lambda event: None)
+    try:
+        engine.preload(("missing.safetensors", TINY))  # a missing file is skipped: the job names it
+        assert engine.engine.models.loads == 1
+        data = json.loads(TXT2IMG.read_text())
+        data["4"]["inputs"]["ckpt_name"] = TINY
+        data["5"]["inputs"].update(width=64, height=64)
+        data["3"]["inputs"]["steps"] = 1
+        end = engine.run(m.SubmitJob("j1", data), lambda: False)
+        assert isinstance(end, m.JobFinished) and end.status == "ok"
+        assert engine.engine.models.loads == 1  # the job's loader node found it loaded
+    finally:
+        engine.close(timeout=1.0)
+
+
 @pytest.mark.slow
 def test_the_app_mode_of_the_first_image_benchmark_runs(models_dir: Path, tmp_path: Path) -> None:
     """A launched app (headless) queues the job with its key, shows the image, saves the PNG; every phase is
@@ -54,10 +90,11 @@ def test_the_app_mode_of_the_first_image_benchmark_runs(models_dir: Path, tmp_pa
     out = tmp_path / "app.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.first_image", "--app", "--models", str(models_dir),
                            "--ckpt", TINY, "--size", "64", "--steps", "1", "--repeat", "1", "--think", "0,0.5",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--preload", "both", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figs = json.loads(out.read_text())
-    assert [f["think_s"] for f in figs] == [0.0, 0.5]
+    assert [(f["think_s"], f["preload"]) for f in figs] == [(0.0, False), (0.0, True), (0.5, False), (0.5, True)]
     for fig in figs:
         run = fig["runs"][0]
         assert not run["torch_imported"]

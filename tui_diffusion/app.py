@@ -53,6 +53,8 @@ class TuiDiffusionApp(App):
             self.theme = theme
         self.default_workflow = self._default_workflow()
         self.document, self.open_error = self._open_initial(workflow_path)
+        # the worker loads the open workflow's checkpoint once it is ready, while the user reads the workflow
+        config = dataclasses.replace(config, preload=checkpoints_of(self.document.workflow.to_data()))
         kwargs = {"factory": client_factory} if client_factory else {}
         self.bridge = EngineBridge(self.post_to_screen, config, **kwargs)
         self._exit_after_first_frame = exit_after_first_frame
@@ -156,8 +158,19 @@ class TuiDiffusionApp(App):
             self.main_screen.first_frame_drawn()
         # the worker starts once the first frame is up: spawning it earlier competes with that frame
         self.bridge.start()
+        self._read_ahead()
         if self._exit_after_first_frame:
             self.exit(self.first_frame_at)
+
+    def _read_ahead(self) -> None:
+        """The open workflow's model files are read into the page cache while the worker starts (a checkpoint
+        not read since the boot comes from the disk meanwhile, not after torch is imported)."""
+        from tui_diffusion.modelfiles.readahead import read_ahead, workflow_model_files
+
+        try:
+            read_ahead(workflow_model_files(self.document.workflow, self.models))
+        except Exception:  # a hint only: never in the way of the app
+            pass
 
     def post_to_screen(self, message: Any) -> None:
         """Deliver a bridge message to the main screen; thread-safe (post_message is)."""
@@ -261,6 +274,18 @@ class TuiDiffusionApp(App):
 
     async def on_unmount(self) -> None:
         self.bridge.close()
+
+
+def checkpoints_of(data: dict[str, Any]) -> tuple[str, ...]:
+    """The checkpoint names a workflow's CheckpointLoaderSimple nodes load (in node order, each once)."""
+    names: list[str] = []
+    for node in data.values():
+        if not isinstance(node, dict):
+            continue
+        name = (node.get("inputs") or {}).get("ckpt_name")
+        if node.get("class_type") == "CheckpointLoaderSimple" and isinstance(name, str) and name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def _tree_request(main: Any, action: str) -> Any:

@@ -73,3 +73,6 @@ class WorkerConfig:
     preview_method: str = "auto"
     #: the step cache of models that no ApplyStepCache node set (STEP_CACHE_METHODS)
     step_cache: str = "none"
+    #: checkpoints (names in the checkpoints folder) the worker loads as soon as it is ready, while no job
+    #: waits: the app's open workflow's, so its first job does not start with the load
+    preload: tuple[str, ...] = ()

@@ -365,6 +365,10 @@ def worker_main(cmd_q: Any, evt_conn: Any, config: WorkerConfig) -> None:
     threading.Thread(target=_reader, args=(cmd_q, evt_q, jobs, engine.queue), daemon=True, name="commands").start()
     evt_q.put(engine.ready)
     try:
+        with jobs.cond:
+            idle = not jobs.pending and not jobs.stop
+        if config.preload and idle:  # a job already waiting loads what it needs itself
+            engine.preload(config.preload)
         while True:
             with jobs.cond:
                 while not jobs.pending and not jobs.stop:
@@ -440,6 +444,25 @@ class WorkerEngine:
         # imported torch into the app (seconds of its CPU, every event of the first job held up behind it)
         self.ready = m.WorkerReady(str(device.torch_device), str(device.name), str(device.dtype).replace("torch.", ""),
                                    str(torch.__version__), str(diffusers.__version__), os.getpid(), notice)
+
+    def preload(self, names: tuple[str, ...]) -> None:
+        """Load these checkpoints into the model cache before a job asks for them (the app's open workflow's:
+        its first job then finds the models loaded, the load done while the user looked at the workflow).
+        Through the CheckpointLoaderSimple node itself, so the cache key is the one a job's node looks up. A
+        failure is only logged: the job that needs the file reports it, naming the node."""
+        from tui_diffusion.pipeline.context import NodeContext
+        from tui_diffusion.pipeline.registry import implementations
+
+        loader = implementations()["CheckpointLoaderSimple"]
+        for name in names:
+            start = time.perf_counter()
+            try:
+                loader(NodeContext(self.engine, "preload", {}, report=lambda *_: None, interrupted=lambda: False),
+                       ckpt_name=name)
+            except Exception as exc:  # a missing or broken file: the job says so
+                log.info("preload of %s skipped: %s", name, exc)
+            else:
+                log.info("preloaded %s in %.2f s", name, time.perf_counter() - start)
 
     def _hooks(self, job: m.SubmitJob) -> Any:
         from tui_diffusion.pipeline.executor import Hooks
