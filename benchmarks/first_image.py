@@ -2,7 +2,8 @@
 and the app (``tui-diffusion`` on a workflow) from launch to the first image shown.
 
     python -m benchmarks.first_image [--models DIR] [--ckpt NAME] [--size 128] [--steps 4] [--repeat 3] [--cold]
-    python -m benchmarks.first_image --app [--think 0,8] ...   # the app instead of ``run``
+    python -m benchmarks.first_image --app [--think 0,8] [--preload on|off|both] ...   # the app, not ``run``
+    python -m benchmarks.first_image --load-imports ...   # a fresh worker's first load, scipy cut on and off
 
 Each run is a new ``tui-diffusion run --json`` process with an empty output folder and its own settings and
 history folders. The phases come from three clocks: this process's (spawn, the "job 1: started" line on
@@ -320,6 +321,69 @@ def app_table(figs: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
+#: a fresh worker's first load, in a process of its own: torch and diffusers imported as a ready worker has them
+_FIRST_LOAD = """
+import contextlib, json, sys, tempfile, time
+from pathlib import Path
+import diffusers, torch
+from tui_diffusion.pipeline.worker import WorkerEngine  # noqa: F401  (what a ready worker has imported)
+from tui_diffusion.pipeline.device import resolve_device
+from tui_diffusion.pipeline.models import load_checkpoint
+from tui_diffusion.modelfiles import single_file
+from tui_diffusion.settings import DevicePolicy
+if sys.argv[2] == "off":  # as before the cut: diffusers' scheduler modules imported with scipy's statistics
+    single_file._without_scipy_stats = contextlib.nullcontext
+before = set(sys.modules)
+start = time.perf_counter()
+load_checkpoint(Path(sys.argv[1]), resolve_device(DevicePolicy("cpu")), Path(tempfile.mkdtemp()))
+seconds = time.perf_counter() - start
+new = set(sys.modules) - before
+print(json.dumps({"load_s": seconds, "modules": len(new), "scipy_modules": sum(n.startswith("scipy") for n in new),
+                  "scipy_stats": "scipy.stats" in sys.modules}))
+"""
+
+
+def first_load_imports(models: Path, ckpt: str, repeat: int = 3) -> dict[str, Any]:
+    """A fresh worker's first load of ``ckpt`` with the scipy cut (on) and without it (off), alternating:
+    seconds, and the modules the load imported."""
+    rows: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for _ in range(repeat):
+        for cut in ("off", "on"):
+            done = subprocess.run([sys.executable, "-c", _FIRST_LOAD, str(models.resolve() / "checkpoints" / ckpt),
+                                   cut], env=_env(Path(tempfile.gettempdir())), capture_output=True, text=True,
+                                  timeout=900, check=True)
+            rows[cut].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out: dict[str, Any] = {"n": repeat, "runs": rows}
+    for cut, runs in rows.items():
+        out[cut] = {"load_s": statistics.median(r["load_s"] for r in runs),
+                    "load_range_s": [min(r["load_s"] for r in runs), max(r["load_s"] for r in runs)],
+                    "modules": statistics.median(r["modules"] for r in runs),
+                    "scipy_modules": statistics.median(r["scipy_modules"] for r in runs),
+                    "scipy_stats": any(r["scipy_stats"] for r in runs)}
+    return out
+
+
+def load_imports_table(fig: dict[str, Any]) -> str:
+    rows = ["| a fresh worker's first load | seconds (median, range) | modules imported | of them scipy's |",
+            "|---|---|---|---|"]
+    for cut, label in (("off", "before: diffusers' schedulers import scipy.stats"), ("on", "after: without it")):
+        r = fig[cut]
+        rows.append(f"| {label} | {r['load_s']:.2f} s ({r['load_range_s'][0]:.2f}-{r['load_range_s'][1]:.2f}) | "
+                    f"{r['modules']:.0f} | {r['scipy_modules']:.0f} |")
+    return "\n".join(rows) + "\n"
+
+
+def machine() -> str:
+    """The date and the machine, for the figures' heading (no torch import: versions from the metadata)."""
+    import datetime
+    import platform
+    from importlib.metadata import version
+
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{when}. Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"torch {version('torch')}, diffusers {version('diffusers')}, textual {version('textual')}, device cpu.")
+
+
 def table(fig: dict[str, Any]) -> str:
     rows = ["| phase | seconds | share |", "|---|---|---|"]
     total = fig["total_to_exit_s"]
@@ -348,10 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preload", choices=("on", "off", "both"), default="on",
                         help="with --app: the app preloads the open workflow's checkpoint (on), as before it did "
                         "(off), or both, alternating")
+    parser.add_argument("--load-imports", action="store_true",
+                        help="only a fresh worker's first load, with and without the scipy.stats cut, alternating")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result: Any
-    if args.app:
+    print(machine() + "\n")
+    if args.load_imports:
+        result = first_load_imports(args.models, args.ckpt, args.repeat)
+        print(load_imports_table(result))
+    elif args.app:
         preloads = {"on": (True,), "off": (False,), "both": (False, True)}[args.preload]
         variants = tuple((float(think), preload) for think in args.think.split(",") for preload in preloads)
         result = first_image_app(args.models, args.ckpt, args.size, args.steps, args.repeat, variants, args.cold)

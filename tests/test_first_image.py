@@ -72,6 +72,7 @@ def test_a_preloaded_checkpoint_is_the_one_the_first_job_uses(models_dir: Path, 
     try:
         engine.preload(("missing.safetensors", TINY))  # a missing file is skipped: the job names it
         assert engine.engine.models.loads == 1
+        assert len(engine.engine._hashes) == 1  # the first image's metadata names the file's sha256
         data = json.loads(TXT2IMG.read_text())
         data["4"]["inputs"]["ckpt_name"] = TINY
         data["5"]["inputs"].update(width=64, height=64)
@@ -103,3 +104,17 @@ def test_the_app_mode_of_the_first_image_benchmark_runs(models_dir: Path, tmp_pa
         assert marks["job_finished"] <= marks["shown"] and marks["saved"] <= marks["shown"]
         assert fig["phases_s"]["load"] > 0 and fig["phases_s"]["sample"] > 0
     assert "| load |" in done.stdout and "launch to the image shown" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_load_imports_mode_compares_a_first_load_with_and_without_the_scipy_cut(models_dir: Path,
+                                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.first_image", "--load-imports", "--models",
+                           str(models_dir), "--ckpt", TINY, "--repeat", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    assert fig["off"]["scipy_stats"] and not fig["on"]["scipy_stats"]
+    assert fig["on"]["modules"] < fig["off"]["modules"]
+    assert "before: diffusers' schedulers import scipy.stats" in done.stdout

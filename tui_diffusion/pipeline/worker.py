@@ -448,8 +448,9 @@ class WorkerEngine:
     def preload(self, names: tuple[str, ...]) -> None:
         """Load these checkpoints into the model cache before a job asks for them (the app's open workflow's:
         its first job then finds the models loaded, the load done while the user looked at the workflow).
-        Through the CheckpointLoaderSimple node itself, so the cache key is the one a job's node looks up. A
-        failure is only logged: the job that needs the file reports it, naming the node."""
+        Through the CheckpointLoaderSimple node itself, so the cache key is the one a job's node looks up; then
+        the file's sha256, which the first saved image's metadata names (2 GB hashed: seconds of that save,
+        once per file version). A failure is only logged: the job that needs the file reports it."""
         from tui_diffusion.pipeline.context import NodeContext
         from tui_diffusion.pipeline.registry import implementations
 
@@ -462,7 +463,8 @@ class WorkerEngine:
             except Exception as exc:  # a missing or broken file: the job says so
                 log.info("preload of %s skipped: %s", name, exc)
             else:
-                log.info("preloaded %s in %.2f s", name, time.perf_counter() - start)
+                self.engine.model_hash("checkpoints", name)
+                log.info("preloaded %s and its hash in %.2f s", name, time.perf_counter() - start)
 
     def _hooks(self, job: m.SubmitJob) -> Any:
         from tui_diffusion.pipeline.executor import Hooks
