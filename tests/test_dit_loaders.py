@@ -293,3 +293,36 @@ def test_lowvram_streams_the_transformers_blocks_and_computes_the_same(models_ro
             "img_ids": torch.zeros(12, 3), "txt_ids": torch.zeros(5, 3), "return_dict": False}
     with torch.no_grad():
         torch.testing.assert_close(streamed(**args)[0], plain(**args)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("loader", "inputs", "runs"), [
+    ("DualCLIPLoader", {"clip_name1": "a.safetensors", "clip_name2": "b.safetensors", "type": "kandinsky5_image"},
+     "sdxl, sd3, flux"),
+    ("CLIPLoader", {"clip_name": "a.safetensors", "type": "wan"}, "stable_diffusion, sd3"),
+])
+def test_a_comfyui_clip_type_this_program_does_not_run_is_named_when_validating(loader: str, inputs: dict,
+                                                                               runs: str) -> None:
+    """ComfyUI's Kandinsky 5 template validated with nothing missing and failed only once its models loaded: the
+    loader's type is now named before anything runs, and the app's form says the same."""
+    from tui_diffusion.graph.specs import get_spec
+    from tui_diffusion.graph.validate import check_value, validate_workflow
+    from tui_diffusion.graph.workflow import Workflow
+
+    graph = {
+        "1": {"class_type": loader, "inputs": inputs},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 0]}},
+        "3": {"class_type": "UNETLoader", "inputs": {"unet_name": "m.safetensors", "weight_dtype": "default"}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 1, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+                                                   "positive": ["2", 0], "negative": ["2", 0],
+                                                   "latent_image": ["4", 0]}},
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
+    issues = validate_workflow(Workflow.from_data(graph))
+    [issue] = [i for i in issues if i.input == "type"]
+    assert issue.node_id == "1" and f"(it runs: {runs})" in issue.message and repr(inputs["type"]) in issue.message
+    spec = get_spec(loader)
+    assert spec is not None and check_value(spec.input("type"), runs.split(", ")[-1]) is None  # type: ignore[arg-type]

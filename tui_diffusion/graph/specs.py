@@ -62,6 +62,8 @@ class InputSpec:
     #: ComfyUI's "control after generate" companion widget (seeds).
     control_after_generate: bool = False
     tooltip: str = ""
+    #: Of ``choices``, those this program runs; ComfyUI's others are read from a file and named when validating.
+    supported: tuple[str, ...] | None = None
 
     @property
     def is_widget(self) -> bool:
@@ -431,7 +433,8 @@ _SPECS: tuple[NodeSpec, ...] = (
                       choices=("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart",
                                "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image",
                                "hunyuan_image", "flux2", "ovis"),
-                      tooltip="stable_diffusion (CLIP-L) and sd3 (any one of CLIP-L, CLIP-G, T5-XXL) load here."),
+                      tooltip="stable_diffusion (CLIP-L) and sd3 (any one of CLIP-L, CLIP-G, T5-XXL) load here.",
+                      supported=("stable_diffusion", "sd3")),
             InputSpec("device", COMBO, default="default", choices=("default", "cpu"), optional=True),
         ),
         outputs=(OutputSpec(CLIP, "CLIP"),),
@@ -445,7 +448,8 @@ _SPECS: tuple[NodeSpec, ...] = (
             InputSpec("type", COMBO, default="sdxl",
                       choices=("sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image", "hunyuan_video_15",
                                "kandinsky5", "kandinsky5_image", "ltxv", "newbie", "ace"),
-                      tooltip="sdxl: CLIP-L + CLIP-G; sd3: two of CLIP-L, CLIP-G, T5; flux: CLIP-L + T5."),
+                      tooltip="sdxl: CLIP-L + CLIP-G; sd3: two of CLIP-L, CLIP-G, T5; flux: CLIP-L + T5.",
+                      supported=("sdxl", "sd3", "flux")),
             InputSpec("device", COMBO, default="default", choices=("default", "cpu"), optional=True),
         ),
         outputs=(OutputSpec(CLIP, "CLIP"),),
@@ -1139,3 +1143,12 @@ NODE_SPECS: dict[str, NodeSpec] = {s.class_type: s for s in _SPECS}
 
 def get_spec(class_type: str) -> NodeSpec | None:
     return NODE_SPECS.get(class_type)
+
+
+def supported_choices(class_type: str, name: str) -> tuple[str, ...]:
+    """The values of a COMBO input that this program runs (its ``supported``, else all its choices)."""
+    spec = get_spec(class_type)
+    inp = spec.input(name) if spec is not None else None
+    if inp is None:
+        raise KeyError(f"{class_type}.{name}")
+    return inp.supported or inp.choices or ()

@@ -60,6 +60,9 @@ def check_value(spec: InputSpec, value: Any, models: ModelPaths | None = None,
             return f"{value!r} is not one of the choices"
         if spec.choices is not None and value not in spec.choices:
             return f"{value!r} is not one of: {', '.join(spec.choices)}"
+        if spec.supported is not None and value not in spec.supported:
+            runs = ", ".join(spec.supported)
+            return f"{value!r} is ComfyUI's, but this program does not run it yet (it runs: {runs})"
         if spec.choices_from is not None and models is not None:
             return _check_model_file(spec.choices_from, value, models, allow_pickle)
         return None

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tui_diffusion.families import detect
+from tui_diffusion.graph.specs import supported_choices
 from tui_diffusion.modelfiles.header import CheckpointError, read_header
 from tui_diffusion.pipeline.context import NodeContext
 from tui_diffusion.pipeline.errors import NodeError
@@ -21,8 +22,8 @@ from tui_diffusion.pipeline.models_dit import DitClip, TensorReader, load_text_e
 from tui_diffusion.pipeline.registry import NodeResult, node
 
 #: the CLIPLoader/DualCLIPLoader types that load here (the others belong to families not supported yet)
-SINGLE_TYPES = ("stable_diffusion", "sd3")
-DUAL_TYPES = ("sdxl", "sd3", "flux")
+SINGLE_TYPES = supported_choices("CLIPLoader", "type")
+DUAL_TYPES = supported_choices("DualCLIPLoader", "type")
 
 
 # -- loaders ----------------------------------------------------------------------------------------------------
