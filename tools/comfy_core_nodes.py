@@ -1,16 +1,20 @@
 """Derive the list of ComfyUI's core node class names (tui_diffusion/graph/comfy_core_nodes.txt).
 
 Validation uses the list to tell a node type ComfyUI itself ships (one this program does not implement yet)
-from a custom node (not in ComfyUI's core). The list is derived, not hand-kept, from three sources:
+from a custom node (not in ComfyUI's core). The list is derived, not hand-kept, from these sources:
 
 - ComfyUI's ``nodes.py`` (its ``NODE_CLASS_MAPPINGS``) and any ``comfy_extras/*.py`` given (their
   ``NODE_CLASS_MAPPINGS`` keys and the ``node_id="..."`` of nodes declared with the newer schema);
+- plain lists of names (one a line, ``#`` comments allowed) read off ComfyUI's ``comfy_extras/`` modules, the
+  nodes its ``init_builtin_extra_nodes`` loads (where the source files themselves are not at hand). ComfyUI's
+  ``comfy_api_nodes/`` (paid partner API nodes) are not read; the templates below bring in those they use;
 - ComfyUI's published workflow templates (the ``comfyui-workflow-templates`` packages, MIT): every node there
   whose ``properties.cnr_id`` is ``"comfy-core"``, the marker ComfyUI's frontend writes for core nodes;
 - this program's own node specs (each mirrors the ComfyUI core node of the same name; its own extensions aside).
 
-Usage: ``python tools/comfy_core_nodes.py [--comfy FILE_OR_FOLDER ...] [--templates FOLDER ...]``; it rewrites the
-list (sorted, one name a line, after a header saying what it came from). Torch-free; run from the repository root.
+Usage: ``python tools/comfy_core_nodes.py [--comfy FILE_OR_FOLDER ...] [--names FILE ...] [--templates FOLDER ...]``;
+it rewrites the list (sorted, one name a line, after a header saying what it came from).
+Torch-free; run from the repository root.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ def from_source(path: Path) -> set[str]:
     return names
 
 
+def from_names(path: Path) -> set[str]:
+    """Node names listed one a line in a plain text file (blank lines and ``#`` comments skipped)."""
+    names: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name = line.split("#", 1)[0].strip()
+        if name:
+            names.add(name)
+    return names
+
+
 def from_templates(folder: Path) -> set[str]:
     """Node types the published templates mark as ComfyUI core (subgraph instances and group nodes aside)."""
     names: set[str] = set()
@@ -66,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfy", type=Path, action="append", default=[], help="ComfyUI nodes.py, a comfy_extras "
                         "file or folder")
+    parser.add_argument("--names", type=Path, action="append", default=[], help="a plain list of node names "
+                        "(one a line) read off ComfyUI's comfy_extras")
     parser.add_argument("--templates", type=Path, action="append", default=[], help="a folder of template JSON")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -76,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.comfy:
         names |= from_source(path)
         sources.append(f"ComfyUI source: {path.name}")
+    for path in args.names:
+        listed = from_names(path)
+        names |= listed
+        sources.append(f"names read off ComfyUI's comfy_extras modules: {len(listed)} names")
     for folder in args.templates:
         names |= from_templates(folder)
         sources.append(f"ComfyUI's published templates (comfyui-workflow-templates), nodes marked comfy-core: "
