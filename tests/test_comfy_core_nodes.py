@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # registered under a node_id that differs from their Python class name (PrimitiveInt is class Int, CombineHooks2 is
 # class CombineHooks, TextEncodeAceStepAudio1.5 is class TextEncodeAceStepAudio15).
 EXTRAS = ["StableCascade_EmptyLatentImage", "StableCascade_StageB_Conditioning", "OptimalStepsScheduler",
-          "LotusConditioning", "WanVaceToVideo", "WanFirstLastFrameToVideo", "SamplerLMS", "FreeU_V2",
+          "LotusConditioning", "WanVaceToVideo", "WanFirstLastFrameToVideo", "ModelSamplingStableCascade", "FreeU_V2",
           "PrimitiveInt", "CombineHooks2", "TextEncodeAceStepAudio1.5"]
 
 
