@@ -6,7 +6,9 @@ from a custom node (not in ComfyUI's core). The list is derived, not hand-kept, 
 - ComfyUI's ``nodes.py`` (its ``NODE_CLASS_MAPPINGS``) and any ``comfy_extras/*.py`` given (their
   ``NODE_CLASS_MAPPINGS`` keys and the ``node_id="..."`` of nodes declared with the newer schema);
 - plain lists of names (one a line, ``#`` comments allowed) read off ComfyUI's ``comfy_extras/`` modules, the
-  nodes its ``init_builtin_extra_nodes`` loads (where the source files themselves are not at hand). ComfyUI's
+  nodes its ``init_builtin_extra_nodes`` loads (where the source files themselves are not at hand; the list used
+  for the shipped file is ``tools/comfy_extras_nodes.txt``, read off a code index that held some files only in older
+  versions, so newer node names come in through the templates). ComfyUI's
   ``comfy_api_nodes/`` (paid partner API nodes) are not read; the templates below bring in those they use;
 - ComfyUI's published workflow templates (the ``comfyui-workflow-templates`` packages, MIT): every node there
   whose ``properties.cnr_id`` is ``"comfy-core"``, the marker ComfyUI's frontend writes for core nodes;
