@@ -231,13 +231,9 @@ def table(results: dict[str, Any]) -> str:
 
 def write_docs(path: Path, section: str) -> None:
     """Replace this benchmark's section (between its markers), or add it at the end of the file."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
+    from benchmarks.docs import replace_section
+
+    replace_section(path, BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:
