@@ -20,8 +20,9 @@ from tests.dit_helpers import CPU, shared_models
 
 EXAMPLES = Path(__file__).parent / "data" / "examples"
 
-#: example -> the inputs set small (node id -> values), as ``--set`` would; and the saved image's (width, height)
-CASES: dict[str, tuple[dict[str, dict], tuple[int, int]]] = {
+#: example -> the inputs set small (node id -> values), as ``--set`` would; and the saved images' (width, height)
+#: (one size, or a list of sizes, one per SaveImage, in any order)
+CASES: dict[str, tuple[dict[str, dict], tuple[int, int] | list[tuple[int, int]]]] = {
     # SD1.5 img2img at denoise 1: the output has the input image's size
     "img2img_img2img_workflow": ({"16": {"steps": 2}}, (64, 48)),
     # SD2 inpainting (9 input channels) from a .ckpt, VAEEncodeForInpaint, uni_pc_bh2
@@ -34,6 +35,10 @@ CASES: dict[str, tuple[dict[str, dict], tuple[int, int]]] = {
     # held width and height are folded into the two nodes they fed
     "flux_flux_dev_OptimalSteps": ({"27": {"width": 64, "height": 48}, "30": {"width": 64, "height": 48},
                                     "39": {"steps": 3}}, (64, 48)),
+    # hires fix (2 pass txt2img) on SD2.1 768 v from a .ckpt: dpmpp_sde, LatentUpscale, a second KSampler at denoise
+    # 0.5 with dpmpp_2m; the first pass's image is saved too
+    "png_2_pass_txt2img": ({"5": {"width": 64, "height": 48}, "10": {"width": 96, "height": 72},
+                            "3": {"steps": 2}, "11": {"steps": 2}}, [(64, 48), (96, 72)]),
 }
 
 
@@ -62,6 +67,10 @@ def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     _as_ckpt(write_sd2_checkpoint(work / "inpainting.safetensors", TinySD2(in_channels=9), seed=5),
              checkpoints / "512-inpainting-ema.ckpt")
     _as_ckpt(write_sd21_unclip_checkpoint(work / "unclip.safetensors", seed=6), checkpoints / "sd21-unclip-h.ckpt")
+    work.mkdir(exist_ok=True)
+    sd21_v = work / "sd21_v.safetensors"
+    sd21_v.write_bytes((models_dir / "checkpoints" / TINY_SD2_V).read_bytes())
+    _as_ckpt(sd21_v, checkpoints / "v2-1_768-ema-pruned.ckpt")
     dit = shared_models(tmp_path_factory)
     for kind, names in (("diffusion_models", ("flux1-dev.safetensors",)), ("vae", ("ae.safetensors",)),
                         ("text_encoders", ("t5xxl_fp16.safetensors", "clip_l.safetensors"))):
@@ -107,16 +116,20 @@ def test_example_imports_validates_and_runs(home: Path, tmp_path: Path, name: st
                          allow_pickle=True)
     Executor(engine).run(api, Hooks(), lambda: False)
     saved = sorted((tmp_path / "out").glob("*.png"))
-    assert len(saved) == 1
-    with Image.open(saved[0]) as png:
-        assert png.size == size
-        image = np.asarray(png.convert("RGB"))
-        text = dict(png.text)  # type: ignore[attr-defined]
-    assert image.std() > 0
-    assert json.loads(text["prompt"]) == api
-    embedded = ui_to_api(json.loads(text["workflow"]), "embedded")
-    assert {k: (v["class_type"], v["inputs"]) for k, v in embedded.items()} == \
-        {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
+    sizes = size if isinstance(size, list) else [size]
+    assert len(saved) == len(sizes)
+    found = []
+    for file in saved:
+        with Image.open(file) as png:
+            found.append(png.size)
+            image = np.asarray(png.convert("RGB"))
+            text = dict(png.text)  # type: ignore[attr-defined]
+        assert image.std() > 0
+        assert json.loads(text["prompt"]) == api
+        embedded = ui_to_api(json.loads(text["workflow"]), "embedded")
+        assert {k: (v["class_type"], v["inputs"]) for k, v in embedded.items()} == \
+            {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
+    assert sorted(found) == sorted(sizes)
 
 
 def test_pickle_examples_are_refused_without_allow_pickle(home: Path) -> None:
@@ -140,7 +153,8 @@ def test_the_files_placed_are_the_architectures_the_examples_are_for(home: Path,
     expected = {"v1-5-pruned-emaonly-fp16.safetensors": ("sd1", "eps"),
                 "512-inpainting-ema.ckpt": ("sd2-inpaint", "eps"),
                 "STableDiffusionv2-1_768-ema-pruned.safetensors": ("sd2", "v"),
-                "sd21-unclip-h.ckpt": ("sd2-unclip", "v")}
+                "sd21-unclip-h.ckpt": ("sd2-unclip", "v"),
+                "v2-1_768-ema-pruned.ckpt": ("sd2", "v")}
     for name, (family, prediction) in expected.items():
         model = load_checkpoint(home / "models" / "checkpoints" / name, CPU, tmp_path / "cfg", True).model
         assert (model.family.id, model.model_sampling.prediction) == (family, prediction), name
