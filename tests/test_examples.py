@@ -39,6 +39,13 @@ CASES: dict[str, tuple[dict[str, dict], tuple[int, int] | list[tuple[int, int]]]
     # 0.5 with dpmpp_2m; the first pass's image is saved too
     "png_2_pass_txt2img": ({"5": {"width": 64, "height": 48}, "10": {"width": 96, "height": 72},
                             "3": {"steps": 2}, "11": {"steps": 2}}, [(64, 48), (96, 72)]),
+    # area composition (SD1 .ckpt + a second SD1 checkpoint, a separate VAE, CLIPSetLastLayer -2): four
+    # ConditioningSetArea bands combined with the whole-image prompt, then a latent upscale and a second pass; sizes
+    # and positions divided by 8, the bands' heights raised to the node's minimum (64)
+    "png_area_composition": ({"5": {"width": 88, "height": 160}, "34": {"width": 88, "height": 64, "y": 0},
+                              "18": {"width": 88, "height": 64, "y": 40}, "11": {"width": 88, "height": 64, "y": 64},
+                              "15": {"width": 88, "height": 64, "y": 88}, "22": {"width": 96, "height": 176},
+                              "3": {"steps": 2}, "24": {"steps": 2}}, [(88, 160), (96, 176)]),
 }
 
 
@@ -55,6 +62,7 @@ def _as_ckpt(safetensors_file: Path, ckpt: Path) -> None:
 def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     """A models folder and an input folder holding what the examples name."""
     from tui_diffusion.pipeline.checkpoint_writer import TinySD2, write_sd2_checkpoint
+    from tui_diffusion.pipeline.checkpoint_writer_lotus import write_sd_vae
     from tui_diffusion.pipeline.checkpoint_writer_vision import write_sd21_unclip_checkpoint
 
     root = Path(tmp_path_factory.mktemp("examples"))
@@ -71,10 +79,15 @@ def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     sd21_v = work / "sd21_v.safetensors"
     sd21_v.write_bytes((models_dir / "checkpoints" / TINY_SD2_V).read_bytes())
     _as_ckpt(sd21_v, checkpoints / "v2-1_768-ema-pruned.ckpt")
+    sd1 = work / "sd1.safetensors"
+    sd1.write_bytes((models_dir / "checkpoints" / TINY).read_bytes())
+    _as_ckpt(sd1, checkpoints / "Anything-V3.0.ckpt")
+    (checkpoints / "AbyssOrangeMix2_hard.safetensors").symlink_to(models_dir / "checkpoints" / TINY)
+    write_sd_vae(root / "models" / "vae" / "vae-ft-mse-840000-ema-pruned.safetensors")
     dit = shared_models(tmp_path_factory)
     for kind, names in (("diffusion_models", ("flux1-dev.safetensors",)), ("vae", ("ae.safetensors",)),
                         ("text_encoders", ("t5xxl_fp16.safetensors", "clip_l.safetensors"))):
-        (root / "models" / kind).mkdir()
+        (root / "models" / kind).mkdir(exist_ok=True)
         for name in names:
             (root / "models" / kind / name).symlink_to(dit / kind / name)
     rng = np.random.default_rng(0)
