@@ -46,6 +46,8 @@ CASES: dict[str, tuple[dict[str, dict], tuple[int, int] | list[tuple[int, int]]]
                               "18": {"width": 88, "height": 64, "y": 40}, "11": {"width": 88, "height": 64, "y": 64},
                               "15": {"width": 88, "height": 64, "y": 88}, "22": {"width": 96, "height": 176},
                               "3": {"steps": 2}, "24": {"steps": 2}}, [(88, 160), (96, 176)]),
+    # SD1.5 with a kohya LoRA on the UNet and the text encoder (LoraLoader at strengths 1, 1)
+    "png_lora": ({"5": {"width": 64, "height": 48}, "3": {"steps": 2}}, (64, 48)),
 }
 
 
@@ -61,7 +63,13 @@ def _as_ckpt(safetensors_file: Path, ckpt: Path) -> None:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     """A models folder and an input folder holding what the examples name."""
-    from tui_diffusion.pipeline.checkpoint_writer import TinySD2, write_sd2_checkpoint
+    from tui_diffusion.pipeline.checkpoint_writer import (
+        TinySD1,
+        TinySD2,
+        build_sd1_models,
+        write_kohya_lora,
+        write_sd2_checkpoint,
+    )
     from tui_diffusion.pipeline.checkpoint_writer_lotus import write_sd_vae
     from tui_diffusion.pipeline.checkpoint_writer_vision import write_sd21_unclip_checkpoint
 
@@ -84,6 +92,8 @@ def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     _as_ckpt(sd1, checkpoints / "Anything-V3.0.ckpt")
     (checkpoints / "AbyssOrangeMix2_hard.safetensors").symlink_to(models_dir / "checkpoints" / TINY)
     write_sd_vae(root / "models" / "vae" / "vae-ft-mse-840000-ema-pruned.safetensors")
+    unet, _, text = build_sd1_models(TinySD1(), seed=0)  # the architecture of the tiny SD1.5 checkpoint
+    write_kohya_lora(root / "models" / "loras" / "epiNoiseoffset_v2.safetensors", unet, [text], seed=3)
     dit = shared_models(tmp_path_factory)
     for kind, names in (("diffusion_models", ("flux1-dev.safetensors",)), ("vae", ("ae.safetensors",)),
                         ("text_encoders", ("t5xxl_fp16.safetensors", "clip_l.safetensors"))):
@@ -224,3 +234,26 @@ def test_optimal_steps_scheduler_spec_and_edges() -> None:
     run = implementations()["OptimalStepsScheduler"]
     assert run(None, model_type="FLUX", steps=10, denoise=0.0).outputs[0].numel() == 0
     assert run(None, model_type="FLUX", steps=3, denoise=0.1).outputs[0].tolist() == [0.0]  # round(0.3) steps
+
+
+def test_lora_example_applies_its_lora(home: Path, tmp_path: Path) -> None:
+    """The lora example's image changes with the LoRA's strengths (same seed), so the LoRA file is really applied."""
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+
+    images = []
+    for strength in (1.0, 0.0):
+        api = _api("png_lora")
+        api["5"]["inputs"].update(width=64, height=48)
+        api["3"]["inputs"].update(steps=2)
+        api["10"]["inputs"].update(strength_model=strength, strength_clip=strength)
+        out = tmp_path / f"out{strength}"
+        engine = EngineState(CPU, ModelCache(2), ModelPaths(home / "models", input_dir=home / "input"), out,
+                             tmp_path / "tmp", tmp_path / "cfg")
+        Executor(engine).run(api, Hooks(), lambda: False)
+        (saved,) = out.glob("*.png")
+        with Image.open(saved) as png:
+            images.append(np.asarray(png.convert("RGB"), dtype=np.int16))
+    assert np.abs(images[0] - images[1]).max() > 0
