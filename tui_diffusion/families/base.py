@@ -83,6 +83,8 @@ class Family:
     prediction_from_weights: bool = False
     #: whether its flow shift follows the image size (Flux): what ``ModelSamplingFlux`` sets
     resolution_shift: bool = False
+    #: whether its model takes tokens placed before the embedded text (``post_input_patches``: USO's style)
+    post_input_tokens: bool = False
 
     # -- recognising a file (torch-free) ----------------------------------------------------------------
     def matches(self, header: Header) -> bool:

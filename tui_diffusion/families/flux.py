@@ -148,6 +148,7 @@ class FluxFamily(DiTFamily):
     id = "flux"
     label = "Flux.1"
     resolution_shift = True
+    post_input_tokens = True
     latent_format = FLUX_LATENT
     text_encoders = ("clip_l", "t5xxl")
     probe = FLUX_KEY

@@ -159,7 +159,7 @@ def uso_style_reference(ctx: NodeContext, model: ModelHandle, model_patch: Any,
         raise NodeError("model_patch: not a model patch (connect a ModelPatchLoader)")
     if not isinstance(clip_vision_output, ClipVisionOutput):
         raise NodeError("clip_vision_output: not a CLIP vision output (connect a CLIPVisionEncode)")
-    if model.family.id != "flux":
+    if not model.family.post_input_tokens:
         raise NodeError(f"model: USO's style tokens go to a Flux.1 model; this is {model.family.label}")
     layers = siglip_layers(clip_vision_output)
     projector = model_patch.module
