@@ -163,6 +163,38 @@ def test_read_ahead_finds_the_model_files_a_workflow_names(models_dir: Path, tmp
     assert read_ahead([tmp_path / "missing.safetensors"]) is None
 
 
+def test_run_hashes_the_checkpoint_into_the_history_while_the_worker_starts(models_dir: Path, tmp_path: Path) -> None:
+    """The first saved image names the checkpoint's sha256; ``run`` hashes it into the history's table from its
+    own thread (the CLI is idle while its worker imports torch), so the worker's save finds it there."""
+    from dataclasses import replace
+
+    from tests.conftest import TXT2IMG
+    from tui_diffusion.graph.workflow import Workflow
+    from tui_diffusion.modelfiles.readahead import hash_ahead
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.settings import WorkerConfig
+    from tui_diffusion.store.history import History, sha256_file
+
+    data = json.loads(TXT2IMG.read_text())
+    data["4"]["inputs"]["ckpt_name"] = TINY
+    models = ModelPaths(models_dir)
+    config = WorkerConfig(db_path=tmp_path / "history.db")
+    thread = hash_ahead(Workflow.from_data(data), models, config)
+    assert thread is not None
+    thread.join(timeout=60)
+    history = History(config.db_path)
+    try:
+        ckpt = (models_dir / "checkpoints" / TINY).resolve()
+        row = history.db.execute("SELECT sha256 FROM model_hashes WHERE path = ?", (str(ckpt),)).fetchone()
+        assert row is not None and row[0] == sha256_file(ckpt)
+    finally:
+        history.close()
+    # nothing to do: history off, or no node whose image names the checkpoint
+    assert hash_ahead(Workflow.from_data(data), models, replace(config, record_history=False)) is None
+    unsaved = {k: v for k, v in data.items() if v["class_type"] != "SaveImage"}
+    assert hash_ahead(Workflow.from_data(unsaved), models, config) is None
+
+
 @pytest.mark.slow
 def test_the_first_image_benchmark_reports_every_phase(models_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "first.json"

@@ -371,9 +371,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if invalid:
         return EXIT_INVALID
     if jobs and not getattr(args, "attach", False):  # the disk reads the first job's models while torch imports
-        from tui_diffusion.modelfiles.readahead import read_ahead, workflow_model_files
+        from tui_diffusion.modelfiles.readahead import hash_ahead, read_ahead, workflow_model_files
 
         read_ahead(workflow_model_files(jobs[0], models))
+        hash_ahead(jobs[0], models, config)
 
     progress = _Progress(enabled=not args.json)
     if getattr(args, "attach", False):

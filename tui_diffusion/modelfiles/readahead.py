@@ -44,9 +44,10 @@ def _advise(files: list[Path]) -> None:
             os.close(fd)
 
 
-def workflow_model_files(workflow: Any, models: Any) -> list[Path]:
-    """The model files a workflow's nodes name (inputs whose choices are a model folder's files), resolved in
-    ``models`` (``paths.ModelPaths``); names that do not resolve are left out (validation reports them)."""
+def workflow_model_files(workflow: Any, models: Any, kinds: tuple[str, ...] = KINDS) -> list[Path]:
+    """The model files a workflow's nodes name (inputs whose choices are one of ``kinds``' folders' files),
+    resolved in ``models`` (``paths.ModelPaths``); names that do not resolve are left out (validation reports
+    them)."""
     from tui_diffusion.graph.specs import get_spec
 
     found: list[Path] = []
@@ -56,7 +57,7 @@ def workflow_model_files(workflow: Any, models: Any) -> list[Path]:
             continue
         for name, value in workflow.nodes[node_id].get("inputs", {}).items():
             entry = spec.input(name)
-            if entry is None or entry.choices_from not in KINDS or not isinstance(value, str):
+            if entry is None or entry.choices_from not in kinds or not isinstance(value, str):
                 continue
             try:
                 path = models.resolve(entry.choices_from, value)
@@ -65,3 +66,40 @@ def workflow_model_files(workflow: Any, models: Any) -> list[Path]:
             if path not in found:
                 found.append(path)
     return found
+
+
+#: the node types whose images carry A1111's parameters, which name the checkpoint's sha256
+SAVING_NODES = frozenset({"SaveImage"})
+
+
+def hash_ahead(workflow: Any, models: Any, config: Any) -> threading.Thread | None:
+    """Hash the checkpoints of a workflow that saves images into the run history's table of model hashes, from
+    a daemon thread, while the worker imports torch: the first saved image of a checkpoint names its sha256
+    (seconds for a 2 GB file), and the worker finds it there instead of hashing during the save. Nothing is
+    done when history is off or the workflow saves nothing; a failure only leaves the hash to the worker."""
+    if not getattr(config, "record_history", False):
+        return None
+    if not any(workflow.class_type(n) in SAVING_NODES for n in workflow):
+        return None
+    files = [p for p in workflow_model_files(workflow, models, ("checkpoints",)) if p.is_file()]
+    if not files:
+        return None
+    thread = threading.Thread(target=_hash, args=(files, config), name="hash-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+def _hash(files: list[Path], config: Any) -> None:
+    from tui_diffusion.runtime.queue import open_history
+
+    try:
+        history = open_history(config)
+    except Exception:  # noqa: BLE001  (the history is a record: the worker says what is wrong with it)
+        return
+    try:
+        for path in files:
+            history.model_hash(path)
+    except Exception:  # noqa: BLE001  (a file replaced meanwhile, a locked database: the worker hashes it)
+        pass
+    finally:
+        history.close()
