@@ -426,10 +426,11 @@ def test_checkpoint_save_of_a_v_prediction_model_marks_it_and_loads_back_as_one(
     assert_states(state(back.clip.encoders[0].model), state(clip.encoders[0].model))
 
 
-def test_flux_transformers_merge_with_the_first_ratio_and_are_not_saved_as_checkpoints(engine: EngineState,
-                                                                                      sd1: tuple) -> None:
+def test_flux_transformers_merge_with_the_first_ratio_and_are_not_saved_with_an_sd1_vae(engine: EngineState,
+                                                                                       sd1: tuple) -> None:
     """No Flux weight has a UNet block name, so ModelMergeBlocks gives every one the first input's ratio, as
-    ComfyUI's prefix rule does; CheckpointSave says it writes the UNet families only."""
+    ComfyUI's prefix rule does; CheckpointSave refuses to put an SD1.x VAE beside it (tests/test_checkpoint_save_dit.py
+    saves Flux models)."""
     from tui_diffusion.families import by_id
     from tui_diffusion.pipeline.checkpoint_writer_dit import build_flux_transformer
     from tui_diffusion.pipeline.models import ModelHandle
@@ -439,6 +440,5 @@ def test_flux_transformers_merge_with_the_first_ratio_and_are_not_saved_as_check
     wa, wb = state(a.unet), state(b.unet)
     got = merged_unet(run(engine, "ModelMergeBlocks", model1=a, model2=b, input=0.25, middle=1.0, out=0.0)[0])
     assert_states(got, {k: 0.25 * wa[k] + 0.75 * wb[k] for k in wa}, atol=1e-6)
-    with pytest.raises(NodeError, match="model: CheckpointSave writes SD1.x, SD2.x and SDXL checkpoints; saving a "
-                                        "Flux.1 model is not supported yet"):
+    with pytest.raises(NodeError, match="vae: a VAE with 4 latent channels, but a Flux.1 model works in 16"):
         implementations()["CheckpointSave"](ctx(engine), model=a, clip=clip, vae=vae, filename_prefix="flux")

@@ -22,6 +22,8 @@ The hooks, in the order a checkpoint meets them:
   (inpainting models); ``apply_model(model, x, timestep, kwargs)`` calls the network and returns its
   raw output (eps, v or flow), which the model sampling turns into x0.
 - ``control_kwargs(model, residuals)``: ControlNet and T2I-Adapter outputs as the network's arguments.
+- ``checkpoint_state(model, clip)``: the network and text encoders as a single file of this family holds them
+  (CheckpointSave), with ``vae_prefix`` and ``modelspec_architecture`` for the rest of that file.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class Family:
     resolution_shift: bool = False
     #: whether its model takes tokens placed before the embedded text (``post_input_patches``: USO's style)
     post_input_tokens: bool = False
+    #: where a single-file checkpoint of this family keeps its VAE (ComfyUI's ``vae_key_prefix``)
+    vae_prefix: str = "first_stage_model."
+    #: the ``modelspec.architecture`` ComfyUI's CheckpointSave writes for this family; None: it writes no modelspec
+    modelspec_architecture: str | None = None
 
     # -- recognising a file (torch-free) ----------------------------------------------------------------
     def matches(self, header: Header) -> bool:
@@ -126,6 +132,16 @@ class Family:
         from tui_diffusion.pipeline.errors import NodeError
 
         raise NodeError(f"ControlNets and T2I-Adapters cannot control a {self.label} model yet")
+
+    # -- writing (worker side) ------------------------------------------------------------------------
+    def checkpoint_state(self, model: Any, clip: Any) -> dict[str, Any]:
+        """The network's and the text encoders' tensors as a single file of this family holds them, the MODEL's
+        and the CLIP's patches baked in (CheckpointSave; ``pipeline/checkpoint_save.py`` adds the VAE under
+        ``vae_prefix`` and the metadata). A NodeError names the input that cannot be written."""
+        from tui_diffusion.pipeline.errors import NodeError
+
+        raise NodeError(f"model: saving a {self.label} model as a checkpoint is not supported yet (CheckpointSave "
+                        "writes SD1.x, SD2.x, SDXL, SD3/SD3.5 and Flux.1 models)")
 
     def __repr__(self) -> str:
         return f"<family {self.id}>"

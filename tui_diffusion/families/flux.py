@@ -152,6 +152,13 @@ class FluxFamily(DiTFamily):
     latent_format = FLUX_LATENT
     text_encoders = ("clip_l", "t5xxl")
     probe = FLUX_KEY
+    required_text_encoders = ("clip_l", "t5xxl")
+    vae_prefix = "vae."
+
+    def original_keys(self, state: dict[str, Any], config: Any, prefix: str) -> dict[str, Any]:
+        from tui_diffusion.pipeline.checkpoint_writer_dit import flux_to_original
+
+        return flux_to_original(state, int(config.num_layers), int(config.num_single_layers), prefix)
 
     def check_conditioning(self, model: Any, entries: list[tuple[Any, dict]]) -> None:
         """Flux's context is T5's tokens: conditioning of another width (CLIP hidden states) is refused."""

@@ -137,6 +137,15 @@ class UNetFamily(Family):
             out["down_intrablock_additional_residuals"] = list(residuals["intra"])
         return out
 
+    def checkpoint_state(self, model: Any, clip: Any) -> dict[str, Any]:
+        """The UNet under ``model.diffusion_model.`` and the text encoders under ``text_prefixes`` (the LDM/SGM
+        layout); a family without text encoders in its files (Lotus) is not written."""
+        if not self.text_prefixes:
+            return super().checkpoint_state(model, clip)
+        from tui_diffusion.pipeline.checkpoint_save import unet_checkpoint_state
+
+        return unet_checkpoint_state(model, clip, self.text_prefixes)
+
     def apply_model(self, model: Any, x: Any, timestep: Any, kwargs: dict[str, Any]) -> Any:
         from tui_diffusion.pipeline.models import unet_call
 

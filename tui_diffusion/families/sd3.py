@@ -72,6 +72,8 @@ class DiTFamily(Family):
     """What SD3 and Flux share: transformer files recognised by a probe key, loaded by ``models_dit``."""
 
     probe = ""
+    #: the text encoders a checkpoint of this family must hold (the others of ``text_encoders`` may be absent)
+    required_text_encoders: tuple[str, ...] = ()
 
     def matches(self, header: Header) -> bool:
         return model_prefix(header, self.probe) is not None
@@ -81,6 +83,17 @@ class DiTFamily(Family):
         from tui_diffusion.pipeline.models_dit import load_dit_checkpoint
 
         return load_dit_checkpoint(path, header, device, config_cache)
+
+    def original_keys(self, state: dict[str, Any], config: Any, prefix: str) -> dict[str, Any]:
+        """diffusers' transformer tensors under the names of the family's published files, after ``prefix``."""
+        raise NotImplementedError(f"{self.label}: no original layout")
+
+    def checkpoint_state(self, model: Any, clip: Any) -> dict[str, Any]:
+        """ComfyUI's all-in-one layout: the transformer's original keys under ``model.diffusion_model.``, each
+        text encoder under ``text_encoders.<clip_l|clip_g|t5xxl>.transformer.``."""
+        from tui_diffusion.pipeline.checkpoint_save import dit_checkpoint_state
+
+        return dit_checkpoint_state(model, clip)
 
     def pooled_width(self, model: Any) -> int:
         return int(model.unet.config.pooled_projection_dim)
@@ -103,6 +116,13 @@ class SD3Family(DiTFamily):
     latent_format = SD3_LATENT
     text_encoders = ("clip_l", "clip_g", "t5xxl")
     probe = SD3_KEY
+    #: what ComfyUI writes for every SD3/SD3.5 model (its own TODO: the other variants' names)
+    modelspec_architecture = "stable-diffusion-v3-medium"
+
+    def original_keys(self, state: dict[str, Any], config: Any, prefix: str) -> dict[str, Any]:
+        from tui_diffusion.pipeline.checkpoint_writer_dit import sd3_to_original
+
+        return sd3_to_original(state, int(config.num_layers), prefix)
 
     def default_model_sampling(self, model: Any) -> Any:
         from tui_diffusion.pipeline.model_sampling import DiscreteFlowSampling

@@ -29,6 +29,7 @@ class SDXLFamily(UNetFamily):
     latent_format = SDXL_LATENT
     text_prefixes = (SDXL_TEXT_L, SDXL_TEXT_G)
     text_encoders = ("clip_l", "clip_g")
+    modelspec_architecture = "stable-diffusion-xl-v1-base"
     clip_layer = -2
     inpaint = None  # the inpainting variant (9 input channels) is the same family here
     #: the size numbers after the pooled text: original size, crop, target size (the refiner: 5, with a score)
@@ -95,6 +96,7 @@ class SDXLRefinerFamily(SDXLFamily):
     template = "sdxl-refiner"
     text_prefixes = (SDXL_REFINER_TEXT_G,)
     text_encoders = ("clip_g",)
+    modelspec_architecture = "stable-diffusion-xl-v1-refiner"
     size_numbers = 5
 
     def configs(self, header: Mapping[str, TensorInfo], file: str, prediction: str) -> dict[str, dict[str, Any]]:

@@ -1,10 +1,23 @@
-"""CheckpointSave: a MODEL, CLIP and VAE written as one single-file checkpoint in the original (LDM/SGM) layout.
+"""CheckpointSave: a MODEL, CLIP and VAE written as one single-file checkpoint in the layout of the model's family.
 
-The layout is the one ``checkpoint_writer`` writes and the loaders read (``model.diffusion_model.*``,
-``cond_stage_model.*`` or ``conditioner.embedders.*``, ``first_stage_model.*``), with the key mapping from
-diffusers names taken from there, so a saved file loads back here and in ComfyUI. Patches (merges, LoRAs) are
-applied while the weights are read, as ComfyUI bakes them in. The metadata follows ComfyUI's ``save_checkpoint``:
-the modelspec keys it writes, the prediction type, the workflow (``prompt`` and ``workflow``).
+The family says how its models are written (``Family.checkpoint_state``, ``vae_prefix``, ``modelspec_architecture``),
+as ComfyUI's ``supported_models`` do for its ``save_checkpoint``:
+
+- SD1.x, SD2.x, SDXL: the original (LDM/SGM) layout that ``checkpoint_writer`` writes and the loaders read
+  (``model.diffusion_model.*``, ``cond_stage_model.*`` or ``conditioner.embedders.*``, ``first_stage_model.*``);
+- SD3/SD3.5 and Flux.1: ComfyUI's all-in-one layout, the transformer's original keys (Stability's MMDiT, Black
+  Forest Labs') under ``model.diffusion_model.``, the text encoders under
+  ``text_encoders.<clip_l|clip_g|t5xxl>.transformer.`` (Hugging Face keys), the VAE in the LDM layout under
+  ``first_stage_model.`` (SD3) or ``vae.`` (Flux). A Flux model from UNETLoader, DualCLIPLoader and VAELoader
+  becomes one file, as in ComfyUI.
+
+Patches (merges, LoRAs) are applied while the weights are read, as ComfyUI bakes them in. Tensors keep the dtype
+they have in memory, as ComfyUI's do: a transformer kept in fp8 (a plain fp8 file, or UNETLoader's fp8
+``weight_dtype``) is written in fp8 and loads back as the same fp8 model; one read from ComfyUI's scaled fp8 files
+was dequantised on loading, so it is written as the weights it runs with (the compute dtype), which both programs
+load as the same model (ComfyUI would keep its scaled fp8 storage, which this program does not hold). The metadata
+follows ComfyUI's ``save_checkpoint``: the modelspec keys it writes (SDXL, SD3), the prediction type, the workflow
+(``prompt`` and ``workflow``).
 """
 
 from __future__ import annotations
@@ -17,7 +30,8 @@ from typing import Any
 import torch
 
 from tui_diffusion.paths import PathError
-from tui_diffusion.pipeline.checkpoint_writer import _hf_text_keys, openclip_from_hf, unet_to_original, vae_to_original
+from tui_diffusion.pipeline.checkpoint_writer import _hf_text_keys, openclip_from_hf, unet_to_original
+from tui_diffusion.pipeline.checkpoint_writer_dit import SD3_MODEL, text_encoder_keys, vae_state_to_original
 from tui_diffusion.pipeline.errors import NodeError
 from tui_diffusion.pipeline.lora import patched
 from tui_diffusion.pipeline.models import ClipHandle, ModelHandle, VaeHandle
@@ -25,8 +39,6 @@ from tui_diffusion.pipeline.placement import in_use
 from tui_diffusion.store.outputs import split_prefix
 
 SUFFIX = ".safetensors"
-#: ComfyUI's ``modelspec.architecture`` for the families it names (it writes no modelspec for SD1.x/SD2.x)
-MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base", "sdxl-refiner": "stable-diffusion-xl-v1-refiner"}
 
 
 def _cpu_copy(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -40,8 +52,8 @@ def _cpu_copy(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tens
     return out
 
 
-def _text_state(model: ModelHandle, clip: ClipHandle) -> dict[str, torch.Tensor]:
-    prefixes = tuple(getattr(model.family, "text_prefixes", ()))
+# -- SD1.x, SD2.x, SDXL ---------------------------------------------------------------------------------------
+def _text_state(model: ModelHandle, clip: ClipHandle, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     if len(prefixes) != len(clip.encoders):
         raise NodeError(f"clip: a CLIP with {len(clip.encoders)} text encoder(s), but a {model.family.label} "
                         f"checkpoint holds {len(prefixes)}: connect the CLIP of the same model family")
@@ -59,20 +71,70 @@ def _text_state(model: ModelHandle, clip: ClipHandle) -> dict[str, torch.Tensor]
         return _cpu_copy(out, "CLIP")
 
 
-def checkpoint_state(model: ModelHandle, clip: ClipHandle, vae: VaeHandle) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, by its original-layout name, with the model's and the CLIP's patches
-    applied. NodeError for a model this layout cannot hold (SD3/Flux transformers)."""
+def unet_checkpoint_state(model: ModelHandle, clip: ClipHandle, text_prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """A UNet family's network and text encoders in the LDM/SGM layout (``UNetFamily.checkpoint_state``)."""
     unet = model.unet
     layers = getattr(getattr(unet, "config", None), "layers_per_block", None)
-    if not isinstance(layers, int) or not getattr(model.family, "text_prefixes", ()):
-        raise NodeError(f"model: CheckpointSave writes SD1.x, SD2.x and SDXL checkpoints; saving a "
-                        f"{model.family.label} model is not supported yet")
+    if not isinstance(layers, int):
+        raise NodeError(f"model: this {model.family.label} model's network is not a UNet CheckpointSave can write")
     with in_use(unet), patched({"unet": unet}, list(model.patches)):
         state = _cpu_copy(unet_to_original(unet.state_dict(), layers), "model")
-    state.update(_text_state(model, clip))
+    state.update(_text_state(model, clip, text_prefixes))
+    return state
+
+
+# -- SD3/SD3.5, Flux.1 ----------------------------------------------------------------------------------------
+def _dit_text_encoders(model: ModelHandle, clip: ClipHandle) -> dict[str, torch.nn.Module]:
+    """The CLIP's text encoders by role, checked against what a checkpoint of the model's family holds."""
+    from tui_diffusion.pipeline.models_dit import DitClip
+
+    family = model.family
+    holds = ", ".join(family.text_encoders)
+    if not isinstance(clip, DitClip):
+        raise NodeError(f"clip: a CLIP of the SD1.x/SD2.x/SDXL kind, but a {family.label} checkpoint holds "
+                        f"{holds}: connect this model's CLIP (its checkpoint loader's, or DualCLIPLoader/"
+                        "TripleCLIPLoader)")
+    parts = clip.parts()
+    extra = [role for role in parts if role not in family.text_encoders]
+    missing = [role for role in getattr(family, "required_text_encoders", ()) if role not in parts]
+    if extra or missing or not parts:
+        found = ", ".join(parts) or "no text encoder"
+        raise NodeError(f"clip: a CLIP with {found}, but a {family.label} checkpoint holds {holds}"
+                        f"{' (all of them)' if missing else ''}: connect this model's text encoders")
+    t5 = parts.get("t5xxl")
+    width = getattr(model.unet.config, "joint_attention_dim", None)
+    if t5 is not None and width is not None and int(t5.config.d_model) != int(width):
+        raise NodeError(f"clip: its T5 is {t5.config.d_model} wide, but this {family.label} model reads a context "
+                        f"{width} wide: connect this model's text encoders")
+    return {role: parts[role] for role in family.text_encoders if role in parts}
+
+
+def dit_checkpoint_state(model: ModelHandle, clip: ClipHandle) -> dict[str, Any]:
+    """An SD3 or Flux transformer and its text encoders in ComfyUI's all-in-one layout
+    (``DiTFamily.checkpoint_state``); the family converts the transformer's keys (``original_keys``)."""
+    encoders = _dit_text_encoders(model, clip)
+    net = model.unet
+    with in_use(net), patched({"unet": net}, list(model.patches)):
+        # copied first: the conversion then concatenates on the CPU, never beside the model on the device
+        state = model.family.original_keys(_cpu_copy(net.state_dict(), "model"), net.config, SD3_MODEL)
+    with in_use(*encoders.values()), patched(clip.parts(), list(clip.patches)):
+        state.update(_cpu_copy(text_encoder_keys(encoders, tuple(encoders)), "CLIP"))
+    return state
+
+
+# -- the file -------------------------------------------------------------------------------------------------
+def checkpoint_state(model: ModelHandle, clip: ClipHandle, vae: VaeHandle) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by the names the model's family gives them, with the model's and the
+    CLIP's patches applied. NodeError names the input that cannot be written."""
+    family = model.family
+    channels = family.latent_format.channels
+    if vae.latent_channels != channels:
+        raise NodeError(f"vae: a VAE with {vae.latent_channels} latent channels, but a {family.label} model works "
+                        f"in {channels}: connect this model's VAE")
+    state = family.checkpoint_state(model, clip)
     with in_use(vae.vae):
         vae_sd = _cpu_copy(vae.vae.state_dict(), "VAE")
-    state.update(vae_to_original(vae_sd, len(vae.vae.config.block_out_channels)))
+    state.update(vae_state_to_original(vae_sd, len(vae.vae.config.block_out_channels), family.vae_prefix))
     return state
 
 
@@ -83,7 +145,7 @@ def checkpoint_metadata(model: ModelHandle, title: str, prompt: dict[str, Any] |
 
     metadata: dict[str, str] = {}
     extra: dict[str, torch.Tensor] = {}
-    architecture = MODELSPEC_ARCHITECTURE.get(model.family.id)
+    architecture = model.family.modelspec_architecture
     if architecture is not None:
         metadata.update({"modelspec.architecture": architecture, "modelspec.sai_model_spec": "1.0.0",
                          "modelspec.implementation": "sgm", "modelspec.title": title})

@@ -276,10 +276,16 @@ def flux_to_original(state: dict[str, torch.Tensor], num_layers: int, num_single
     return {prefix + k: v for k, v in o.items()}
 
 
+def vae_state_to_original(state: dict[str, torch.Tensor], levels: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A VAE's diffusers tensors (``levels`` resolutions) in the LDM layout under ``prefix`` (``vae.`` in Flux's
+    files, ``first_stage_model.`` in the others, none in ``vae/``)."""
+    sd = vae_to_original(state, levels)
+    return {prefix + k[len("first_stage_model."):]: v for k, v in sd.items()}
+
+
 def vae16_to_original(vae: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """A 16-channel VAE in the LDM layout (no quant convolutions), under ``prefix``."""
-    sd = vae_to_original(vae.state_dict(), len(vae.config.block_out_channels))
-    return {prefix + k[len("first_stage_model."):]: v for k, v in sd.items()}
+    return vae_state_to_original(vae.state_dict(), len(vae.config.block_out_channels), prefix)
 
 
 def clip_file_keys(model: Any) -> dict[str, torch.Tensor]:
@@ -302,6 +308,8 @@ def t5_file_keys(model: Any) -> dict[str, torch.Tensor]:
 
 
 def text_encoder_keys(models: dict[str, Any], names: tuple[str, ...], prefix: str = TEXT_PREFIX) -> dict[str, Any]:
+    """The text encoders ``names`` (``clip_l``, ``clip_g``, ``t5xxl``) by their published keys, each under
+    ``prefix`` formatted with its name (an all-in-one checkpoint's ``text_encoders.<name>.transformer.``)."""
     out: dict[str, torch.Tensor] = {}
     for name in names:
         keys = t5_file_keys(models[name]) if name == "t5xxl" else clip_file_keys(models[name])
