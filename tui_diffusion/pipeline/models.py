@@ -269,19 +269,24 @@ def _pipeline_kwargs(family: Any, device: Device) -> dict[str, Any]:
     return {"torch_dtype": device.dtype, "local_files_only": True, **family.pipeline_kwargs()}
 
 
-def load_vae(path: Path, device: Device, config_cache: Path) -> VaeHandle:
-    """A standalone VAE file (models/vae) in the original layout, or a diffusers-layout one."""
+def load_vae(path: Path, device: Device, config_cache: Path, allow_pickle: bool = False) -> VaeHandle:
+    """A standalone VAE file (models/vae) in the original layout, or a diffusers-layout one; a pickle (.ckpt, .pt:
+    ``kl-f8-anime2.ckpt`` and other VAEs published so, which ComfyUI loads) only with ``allow_pickle``."""
     from diffusers import AutoencoderKL
 
     _quiet_libraries()
-    if path.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{path}: only .safetensors VAE files are supported")
-    header = read_header(path)
+    pickled = path.suffix.lower() in PICKLE_SUFFIXES
+    if not pickled and path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: only .safetensors VAE files (and pickles, with --allow-pickle) are supported")
+    if pickled:
+        header, tensor = _read_checkpoint_header(path, allow_pickle)
+    else:
+        header = read_header(path)
     try:
         if any(k.startswith("encoder.down_blocks.") for k in header):  # diffusers layout
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state = {k: tensor(k) for k in header} if pickled else load_file(str(path))
             channels = [state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
                         for i in range(sum(1 for k in state if k.endswith(".resnets.0.conv1.weight")
                                            and k.startswith("encoder.down_blocks.")))]
@@ -296,8 +301,17 @@ def load_vae(path: Path, device: Device, config_cache: Path) -> VaeHandle:
             vae.to(device.vae_dtype)
         else:
             folder = write_config_folder(standalone_vae_configs(header, str(path)), config_cache)
-            vae = AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae",
-                                                 local_files_only=True, torch_dtype=device.vae_dtype)
+            if pickled:  # the tensors read once, weights only; the original keys converted as from_single_file does
+                from tui_diffusion.modelfiles.single_file import conversion_module
+
+                config = dict(AutoencoderKL.load_config(str(folder / "vae")))
+                vae = AutoencoderKL.from_config(config)
+                vae.load_state_dict(conversion_module().convert_ldm_vae_checkpoint(
+                    {k: tensor(k) for k in header}, config))
+                vae.to(device.vae_dtype)
+            else:
+                vae = AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae",
+                                                     local_files_only=True, torch_dtype=device.vae_dtype)
     except CheckpointError:
         raise
     except Exception as exc:

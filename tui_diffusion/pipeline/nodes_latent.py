@@ -181,7 +181,8 @@ def vae_encode_for_inpaint(ctx: NodeContext, pixels: torch.Tensor, vae: VaeHandl
 def vae_loader(ctx: NodeContext, vae_name: str) -> NodeResult:
     eng = ctx.engine
     path, key = ctx.model_file("vae", vae_name)
-    return NodeResult((eng.models.get(key, lambda: load_vae(path, eng.device, eng.config_cache)),))
+    loaded = eng.models.get(key, lambda: load_vae(path, eng.device, eng.config_cache, eng.allow_pickle))
+    return NodeResult((loaded,))
 
 
 @node("ConditioningCombine")
