@@ -31,6 +31,7 @@ from tui_diffusion.settings import DevicePolicy
 CPU = resolve_device(DevicePolicy("cpu"))
 SD3_FILE, FLUX_FP8 = "sd35-tiny.safetensors", "flux-schnell-fp8.safetensors"
 FLUX_LORA, SD3_LORA = "flux-lora.safetensors", "sd3-lora.safetensors"
+SCALED = "flux1-dev-fp8-scaled.safetensors"
 MODEL = "model.diffusion_model."
 
 
@@ -55,6 +56,16 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w.write_text_encoders(root / "text_encoders")
     w.write_sd3_checkpoint(root / "checkpoints" / SD3_FILE)
     w.write_flux_checkpoint(root / "checkpoints" / FLUX_FP8, w.TinyFlux(guidance=False), dtype="fp8_e4m3fn")
+    # ComfyUI's scaled fp8 storage of the same transformer: fp8 matrices times a per-layer scale, and its marker
+    scaled: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, value in w.flux_to_original(w.build_flux_transformer().state_dict(), 1, 1).items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max() / 448.0
+            scaled[key], scaled[key.removesuffix(".weight") + ".scale_weight"] = (value / scale).to(
+                torch.float8_e4m3fn), scale.reshape(1)
+        else:
+            scaled[key] = value
+    save_file({k: v.contiguous() for k, v in scaled.items()}, str(root / "diffusion_models" / SCALED))
     text = w.TinyText()
     # Flux: every fused layer of Black Forest Labs' names (ComfyUI's LoRA layout), and T5 (ComfyUI's te2 of Flux)
     flux = lw.lora_state(lw.random_pairs(lw.original_layers(w.build_flux_transformer()), seed=3), "comfyui", 1.0)
@@ -229,6 +240,19 @@ def test_an_fp8_flux_checkpoint_is_written_in_fp8_and_loads_back_as_the_same_fp8
     assert stored and set(stored.values()) == {"F8_E4M3"}
     back_model, *_ = load_back(engine, root, path)
     assert back_model.unet.state_dict()["proj_out.weight"].dtype == torch.float8_e4m3fn
+    assert_same(params(back_model.unet), params(model.unet))
+
+
+def test_a_scaled_fp8_transformer_is_written_as_the_weights_it_runs_with(engine: EngineState, root: Path) -> None:
+    """ComfyUI's scaled fp8 is dequantised on loading, so the transformer runs in the compute dtype: that is what is
+    written (no fp8 re-quantisation, which would change the model; no ``scale_weight``), and it loads back equal."""
+    _, clip, vae = flux_parts(engine)
+    model = run(engine, "UNETLoader", unet_name=SCALED, weight_dtype="default")[0]
+    path = save(engine, model, clip, vae, "scaled/flux")
+    saved = read_header(path)
+    assert not any(k.endswith((".scale_weight", "scaled_fp8")) for k in saved)
+    assert {v.dtype for k, v in saved.items() if k.startswith(MODEL)} == {"F32"}  # the CPU's compute dtype
+    back_model, *_ = load_back(engine, root, path)
     assert_same(params(back_model.unet), params(model.unet))
 
 
