@@ -49,7 +49,7 @@ CASES: dict[str, tuple[dict[str, dict], list[tuple[int, int]]]] = {
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     """A models folder and an input folder holding what the templates name."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from tui_diffusion.pipeline.checkpoint_writer import TinySD1, build_sd1_models, write_sd1_checkpoint
     from tui_diffusion.pipeline.checkpoint_writer_controlnet import (
@@ -78,11 +78,13 @@ def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     _as_ckpt(write_sd_vae(work / "anime-vae.safetensors", seed=2), models / "vae" / "kl-f8-anime2.ckpt")
     unet = build_sd1_models(TinySD1(), seed=0)[0]  # the architecture of the tiny SD1.5 checkpoints
     control = models / "controlnet"
-    # comfyanonymous' fp16 repacks of ControlNet 1.1, in the original layout
+    # fp16 ControlNet 1.1 files in the original layout: with the ``control_model.`` prefix and without it (both
+    # occur in published files; ComfyUI reads either)
     write_controlnet(control / "control_v11p_sd15_scribble_fp16.safetensors", build_controlnet(unet, seed=3),
                      dtype=torch.float16)
-    write_controlnet(control / "control_v11p_sd15_openpose_fp16.safetensors", build_controlnet(unet, seed=4),
-                     dtype=torch.float16)
+    openpose = write_controlnet(work / "openpose.safetensors", build_controlnet(unet, seed=4), dtype=torch.float16)
+    save_file({k.removeprefix("control_model."): v for k, v in load_file(str(openpose)).items()},
+              str(control / "control_v11p_sd15_openpose_fp16.safetensors"))
     # kohya's difference file, and the same ControlNet whole (for the comparison below; no template names it)
     depth = build_controlnet(unet, seed=5)
     write_controlnet(control / "diff_control_sd15_depth_fp16.safetensors", depth, difference_to=unet,
@@ -95,6 +97,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
                  gligen_state_dict(unet, TinySD1().text_width, seed=7))
     assert load_file(str(control / "control_v11p_sd15_scribble_fp16.safetensors"))[
         "control_model.input_hint_block.0.weight"].dtype == torch.float16
+    assert "input_hint_block.0.weight" in load_file(str(control / "control_v11p_sd15_openpose_fp16.safetensors"))
     rng = np.random.default_rng(0)
     (root / "input").mkdir()
     for name, (height, width) in (("input_scribble_example.png", (72, 56)), ("shark_depthmap.png", (40, 96)),
