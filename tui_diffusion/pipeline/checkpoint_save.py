@@ -41,15 +41,38 @@ from tui_diffusion.store.outputs import split_prefix
 SUFFIX = ".safetensors"
 
 
+def _cpu_tensor(value: torch.Tensor, what: str) -> torch.Tensor:
+    """A copy on the CPU (the patched weights are restored when the context ends), contiguous for safetensors."""
+    if value.device.type == "meta":
+        raise NodeError(f"CheckpointSave cannot read the {what}'s weights with --novram (layer-by-layer "
+                        "offload); use --lowvram")
+    return value.detach().to("cpu", copy=True).contiguous()
+
+
 def _cpu_copy(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """Copies on the CPU (the patched weights are restored when the context ends), contiguous for safetensors."""
-    out = {}
-    for key, value in state.items():
-        if value.device.type == "meta":
-            raise NodeError(f"CheckpointSave cannot read the {what}'s weights with --novram (layer-by-layer "
-                            "offload); use --lowvram")
-        out[key] = value.detach().to("cpu", copy=True).contiguous()
-    return out
+    return {key: _cpu_tensor(value, what) for key, value in state.items()}
+
+
+class _CopiedOnRead(dict):
+    """A state dict whose tensors are copied to the CPU as a key conversion reads them, so that a fused layer
+    (``qkv``) is concatenated from copies freed right after: the converted checkpoint is the only full copy in
+    memory (a 12B Flux transformer is 24 GB in bf16), and nothing is concatenated beside the model on the device."""
+
+    def __init__(self, state: dict[str, torch.Tensor], what: str) -> None:
+        super().__init__(state)
+        self.what = what
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return _cpu_tensor(super().__getitem__(key), self.what)
+
+
+def _converted_copy(state: dict[str, torch.Tensor], convert: Any, what: str) -> dict[str, torch.Tensor]:
+    """``convert(state)`` with every tensor of the result a CPU copy (one still sharing a live tensor's memory,
+    read past ``_CopiedOnRead``, is copied too)."""
+    live = {value.data_ptr() for value in state.values() if value.device.type != "meta"}
+    out = convert(_CopiedOnRead(state, what))
+    return {key: _cpu_tensor(value, what) if value.device.type != "cpu" or value.data_ptr() in live else value
+            for key, value in out.items()}
 
 
 # -- SD1.x, SD2.x, SDXL ---------------------------------------------------------------------------------------
@@ -115,8 +138,8 @@ def dit_checkpoint_state(model: ModelHandle, clip: ClipHandle) -> dict[str, Any]
     encoders = _dit_text_encoders(model, clip)
     net = model.unet
     with in_use(net), patched({"unet": net}, list(model.patches)):
-        # copied first: the conversion then concatenates on the CPU, never beside the model on the device
-        state = model.family.original_keys(_cpu_copy(net.state_dict(), "model"), net.config, SD3_MODEL)
+        state = _converted_copy(net.state_dict(), lambda s: model.family.original_keys(s, net.config, SD3_MODEL),
+                                "model")
     with in_use(*encoders.values()), patched(clip.parts(), list(clip.patches)):
         state.update(_cpu_copy(text_encoder_keys(encoders, tuple(encoders)), "CLIP"))
     return state
