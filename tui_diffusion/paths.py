@@ -22,7 +22,7 @@ INPUT_DIR_ENV = "TUI_DIFFUSION_INPUT_DIR"
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "checkpoints": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "loras": (".safetensors",),
-    "vae": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"),
+    "vae": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "diffusion_models": (".safetensors", ".sft"),
     "text_encoders": (".safetensors",),
     "embeddings": (".safetensors", ".pt", ".bin"),
