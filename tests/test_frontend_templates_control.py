@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -21,6 +22,9 @@ from PIL import Image
 from tests.conftest import TINY
 from tests.dit_helpers import CPU
 from tests.test_examples import _as_ckpt
+
+if TYPE_CHECKING:
+    from tui_diffusion.pipeline.models import ModelCache
 
 CONTROL = Path(__file__).parent / "data" / "frontend_templates" / "control"
 
@@ -108,7 +112,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache() -> object:
+def cache() -> ModelCache:
     """One model cache for the module: each file loads once, whichever run needs it first."""
     from tui_diffusion.pipeline.models import ModelCache
 
@@ -126,26 +130,26 @@ def _api(name: str, overrides: dict[str, dict] | None = None) -> dict:
     return api
 
 
-def _run(home: Path, cache: object, out: Path, api: dict) -> list[Path]:
+def _run(home: Path, cache: ModelCache, out: Path, api: dict) -> list[Path]:
     """Run ``api`` as the worker does, pickles allowed; the PNGs written."""
     from tui_diffusion.paths import ModelPaths
     from tui_diffusion.pipeline.context import EngineState
     from tui_diffusion.pipeline.executor import Executor, Hooks
 
-    engine = EngineState(CPU, cache, ModelPaths(home / "models", input_dir=home / "input"), out,  # type: ignore
+    engine = EngineState(CPU, cache, ModelPaths(home / "models", input_dir=home / "input"), out,
                          out.parent / "tmp", out.parent / "cfg", allow_pickle=True)
     Executor(engine).run(api, Hooks(), lambda: False)
     return sorted(out.rglob("*.png"))
 
 
-def _image(home: Path, cache: object, out: Path, api: dict) -> np.ndarray:
+def _image(home: Path, cache: ModelCache, out: Path, api: dict) -> np.ndarray:
     (saved,) = _run(home, cache, out, api)
     with Image.open(saved) as png:
         return np.asarray(png.convert("RGB"), dtype=np.int16)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_template_imports_validates_and_runs(home: Path, cache: object, tmp_path: Path, name: str) -> None:
+def test_template_imports_validates_and_runs(home: Path, cache: ModelCache, tmp_path: Path, name: str) -> None:
     from tui_diffusion.graph.ui_format import ui_to_api
     from tui_diffusion.graph.validate import validate_workflow
     from tui_diffusion.graph.workflow import Workflow
@@ -190,7 +194,7 @@ def test_pickle_files_are_refused_without_allow_pickle(home: Path) -> None:
 
 @pytest.mark.parametrize(("name", "apply"), [("controlnet_example", "10"), ("depth_controlnet", "23"),
                                              ("depth_t2i_adapter", "23"), ("2_pass_pose_worship", "10")])
-def test_the_control_changes_the_image(home: Path, cache: object, tmp_path: Path, name: str, apply: str) -> None:
+def test_the_control_changes_the_image(home: Path, cache: ModelCache, tmp_path: Path, name: str, apply: str) -> None:
     """At the template's strength the ControlNet (or adapter) changes the image; at strength 0 (ControlNetApply
     returns the conditioning as it is) the same seed gives the image without it."""
     with_control = _run(home, cache, tmp_path / "with", _api(name))
@@ -204,7 +208,7 @@ def test_the_control_changes_the_image(home: Path, cache: object, tmp_path: Path
         assert np.abs(a - b).max() > 8, (name, size)
 
 
-def test_mixing_controlnets_applies_both(home: Path, cache: object, tmp_path: Path) -> None:
+def test_mixing_controlnets_applies_both(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """Both ControlNets of the chain count: turning either off changes the image."""
     both = _image(home, cache, tmp_path / "both", _api("mixing_controlnets"))
     no_pose = _image(home, cache, tmp_path / "no-pose", _api("mixing_controlnets", {"22": {"strength": 0.0}}))
@@ -214,7 +218,7 @@ def test_mixing_controlnets_applies_both(home: Path, cache: object, tmp_path: Pa
     assert np.abs(no_pose - no_scribble).max() > 8
 
 
-def test_diff_controlnet_is_the_whole_controlnet(home: Path, cache: object, tmp_path: Path) -> None:
+def test_diff_controlnet_is_the_whole_controlnet(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """kohya's difference file plus the template's model is the ControlNet it was made from: the template's image
     is (to fp16 rounding of the stored difference) the one the whole ControlNet gives through ControlNetLoader."""
     diff = _image(home, cache, tmp_path / "diff", _api("depth_controlnet"))
@@ -226,7 +230,7 @@ def test_diff_controlnet_is_the_whole_controlnet(home: Path, cache: object, tmp_
     assert np.abs(diff - none).max() > 8
 
 
-def test_gligen_boxes_change_the_image(home: Path, cache: object, tmp_path: Path) -> None:
+def test_gligen_boxes_change_the_image(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """The GLIGEN text boxes change the image against the same prompt without them (KSampler fed the prompt)."""
     boxed = _image(home, cache, tmp_path / "boxed", _api("gligen_textbox_example"))
     api = _api("gligen_textbox_example")
