@@ -96,7 +96,7 @@ class NodeSpec:
         return self._by_name.get(name)
 
 
-LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
+LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 CROP_METHODS = ("disabled", "center")
 

@@ -82,6 +82,8 @@ class ClipHandle:
     patches: tuple = ()
     #: where ``embedding:name`` in a prompt looks for textual-inversion files
     embeddings_dir: Path | None = None
+    #: whether pickle embeddings (A1111's .pt/.bin) may be read (``--allow-pickle``)
+    allow_pickle: bool = False
 
     def parts(self) -> dict[str, Any]:
         """The encoders by the names LoRA files use for them."""

@@ -38,7 +38,8 @@ def checkpoint_loader(ctx: NodeContext, ckpt_name: str) -> NodeResult:
     eng = ctx.engine
     path, key = ctx.model_file("checkpoints", ckpt_name)
     loaded = eng.models.get(key, lambda: load_checkpoint(path, eng.device, eng.config_cache, eng.allow_pickle))
-    clip = dataclasses.replace(loaded.clip, embeddings_dir=eng.paths.folder("embeddings"))
+    clip = dataclasses.replace(loaded.clip, embeddings_dir=eng.paths.folder("embeddings"),
+                               allow_pickle=eng.allow_pickle)
     return NodeResult((loaded.model, clip, loaded.vae))
 
 
@@ -50,7 +51,7 @@ def _text_transformer(encoder: Any) -> Any:
 
 @torch.inference_mode()
 def _encode_one(enc: TextEncoder, text: str, layer: int, device: Any, embeddings_dir: Path | None = None,
-                index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                index: int = 0, allow_pickle: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     tok = enc.tokenizer
     context = enc.model.config.max_position_embeddings
     width = enc.model.config.hidden_size
@@ -59,7 +60,7 @@ def _encode_one(enc: TextEncoder, text: str, layer: int, device: Any, embeddings
     def tokenize(word: str) -> list[Any]:
         if word.startswith(EMBEDDING_PREFIX):
             name = word[len(EMBEDDING_PREFIX):].rstrip(",")
-            return list(load_vectors(find_embedding(embeddings_dir, name), width, index))
+            return list(load_vectors(find_embedding(embeddings_dir, name), width, index, allow_pickle))
         return tok(word, add_special_tokens=False).input_ids
 
     chunks = weighted_chunks(text, tokenize, tok.bos_token_id, tok.eos_token_id, pad, context)
@@ -124,7 +125,7 @@ def _encode_all(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor
     With two encoders (SDXL) their outputs are concatenated along the features. Returns the embeddings
     [1, tokens, width] and the pooled output (SDXL: the bigG encoder's projection; else the first's).
     """
-    results = [_encode_one(enc, text, clip.layer, clip.device.torch_device, clip.embeddings_dir, i)
+    results = [_encode_one(enc, text, clip.layer, clip.device.torch_device, clip.embeddings_dir, i, clip.allow_pickle)
                for i, enc in enumerate(clip.encoders)]
     embeddings = torch.cat([r[0] for r in results], dim=-1)
     pooled_index = next((i for i, e in enumerate(clip.encoders) if e.pooled), 0)
@@ -144,8 +145,10 @@ def clip_text_encode_sdxl(ctx: NodeContext, clip: ClipHandle, width: int, height
         raise NodeError("this CLIP is not an SDXL one (it has one text encoder); use CLIPTextEncode")
     dev = clip.device.torch_device
     with in_use(*clip.parts().values()), patched(clip.parts(), list(clip.patches)):
-        hidden_l, _ = _encode_one(clip.encoders[0], text_l, clip.layer, dev, clip.embeddings_dir, 0)
-        hidden_g, pooled = _encode_one(clip.encoders[1], text_g, clip.layer, dev, clip.embeddings_dir, 1)
+        hidden_l, _ = _encode_one(clip.encoders[0], text_l, clip.layer, dev, clip.embeddings_dir, 0,
+                                  clip.allow_pickle)
+        hidden_g, pooled = _encode_one(clip.encoders[1], text_g, clip.layer, dev, clip.embeddings_dir, 1,
+                                       clip.allow_pickle)
         while hidden_l.shape[1] != hidden_g.shape[1]:  # pad the shorter prompt with empty windows, as ComfyUI
             short = 0 if hidden_l.shape[1] < hidden_g.shape[1] else 1
             empty, _ = _encode_one(clip.encoders[short], "", clip.layer, dev)

@@ -57,7 +57,7 @@ def _load_clip(ctx: NodeContext, names: list[str], kind: str) -> ClipHandle:
             raise NodeError(str(exc)) from None
 
     clip = eng.models.get(repr(("clip", kind, [k for _, k in files])), load)
-    return dataclasses.replace(clip, embeddings_dir=eng.paths.folder("embeddings"))
+    return dataclasses.replace(clip, embeddings_dir=eng.paths.folder("embeddings"), allow_pickle=eng.allow_pickle)
 
 
 @node("CLIPLoader")

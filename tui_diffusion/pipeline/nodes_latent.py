@@ -15,6 +15,53 @@ from tui_diffusion.pipeline.models import VaeHandle, load_vae
 from tui_diffusion.pipeline.registry import NodeResult, node
 
 
+def _slerp_rows(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` and ``b`` [N, C] turned into each other by ``t`` [N, 1] along the great circle, their lengths
+    interpolated linearly; rows pointing the same way are ``a``, opposite ones are interpolated linearly."""
+    len_a, len_b = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    unit_a = torch.where(len_a == 0, torch.zeros_like(a), a / len_a)
+    unit_b = torch.where(len_b == 0, torch.zeros_like(b), b / len_b)
+    cos = (unit_a * unit_b).sum(-1, keepdim=True)
+    angle = cos.acos()
+    out = (((1 - t) * angle).sin() * unit_a + (t * angle).sin() * unit_b) / angle.sin()
+    out = out * (len_a * (1 - t) + len_b * t)
+    out = torch.where(cos > 1 - 1e-5, a, out)
+    return torch.where(cos < 1e-5 - 1, a * (1 - t) + b * t, out)
+
+
+def _axis_neighbours(old: int, new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of ``new`` positions on an axis of ``old``: the two source indices and the fraction between them,
+    where bilinear resizing (half-pixel centres, clamped at the ends) samples."""
+    grid = torch.arange(old, dtype=torch.float32).reshape(1, 1, 1, -1)
+    where = F.interpolate(grid, size=(1, new), mode="bilinear").flatten()
+    after = grid + 1
+    after[..., -1] -= 1
+    upper = F.interpolate(after, size=(1, new), mode="bilinear").flatten().to(torch.int64)
+    return where.to(torch.int64), upper, where - where.floor()
+
+
+def _slerp_axis(x: torch.Tensor, new: int, dim: int) -> torch.Tensor:
+    """``x`` [N, C, H, W] resized along ``dim`` (2 or 3), each pixel's channel vector slerped between its two
+    neighbours."""
+    lower, upper, frac = _axis_neighbours(x.shape[dim], new)
+    moved = x.movedim(dim, -1)  # [N, C, A, L]: the axis to resize last
+    n, c, across = moved.shape[:3]
+
+    def rows(v: torch.Tensor) -> torch.Tensor:
+        return v.movedim(1, -1).reshape(-1, c)
+
+    t = frac.reshape(1, 1, -1).expand(n, across, -1).reshape(-1, 1)
+    out = _slerp_rows(rows(moved[..., lower]), rows(moved[..., upper]), t)
+    return out.reshape(n, across, new, c).movedim(-1, 1).movedim(-1, dim)
+
+
+def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's "bislerp" latent resize: bilinear sampling that slerps the channel vectors instead of mixing
+    them linearly (width first, then height), so upscaled latents keep their vectors' lengths."""
+    out = _slerp_axis(samples.float(), width, 3)
+    return _slerp_axis(out, height, 2).to(samples.dtype)
+
+
 def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
     """ComfyUI's common_upscale on [B,C,H,W]: optional centre crop to the target aspect, then resize."""
     if crop == "center":
@@ -26,6 +73,8 @@ def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, 
         elif old_aspect < new_aspect:
             y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
         samples = samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+    if method == "bislerp":
+        return bislerp(samples, width, height)
     if method == "lanczos":
         from PIL import Image
 
