@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -492,6 +493,40 @@ async def test_typing_a_prompt_while_the_tree_moves_never_rebuilds_or_crashes(ho
         text = app.screen.document.workflow.inputs("6")["text"]
         assert text.startswith("abcmore" * 12)  # the editor keeps its cursor: each edit goes on the last
         assert str(tree._leaves[("6", "text")].label).startswith("text: ")
+
+
+async def test_editing_keys_typed_fast_apply_in_order_while_the_screen_is_busy(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Textual runs a field's editing bindings (end, backspace) only after the key has bubbled up to the app,
+    but types characters at once: with the screen busy after each edit, "end, 5, backspace x3, 3, 2" typed
+    fast used to apply the characters first (a field left empty, another value in the workflow). Keys arrive
+    as a terminal sends them, a burst without waiting, while each edit keeps the screen busy."""
+    from textual import events
+
+    from tui_diffusion.screens.main import MainScreen
+
+    app = make_app(home)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        revalidate = MainScreen.revalidate
+
+        def busy(self: MainScreen, *args: object, **kwargs: object) -> object:
+            time.sleep(0.05)  # a large workflow's validation and tree relabelling, or a loaded machine
+            return revalidate(self, *args, **kwargs)
+
+        monkeypatch.setattr(MainScreen, "revalidate", busy)
+        steps = field(app, "steps").query_one(NumberInput)
+        steps.focus()
+        await settle(pilot)
+        assert steps.value == "20"
+        for key in ("end", "5", "backspace", "backspace", "backspace", "3", "2"):
+            event = events.Key(key, key if len(key) == 1 else None)
+            event.set_sender(app)
+            app._driver.send_message(event)
+        await settle(pilot, 20)
+        assert steps.value == "32"
+        assert app.screen.document.workflow.inputs("3")["steps"] == 32
+        assert not field(app, "steps").query_one(".error").has_class("shown")
 
 
 async def test_tree_labels_follow_edits_and_undo_in_place(home: Path) -> None:

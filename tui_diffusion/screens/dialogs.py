@@ -19,6 +19,7 @@ from textual.widgets import Button, Input, Label, OptionList
 from textual.widgets.option_list import Option
 
 from tui_diffusion.text import printable
+from tui_diffusion.widgets.keys import OrderedInput
 
 _CSS = """
 Dialog { align: center middle; }
@@ -69,7 +70,7 @@ class ChoiceDialog(Dialog):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(self.title_text, classes="title")
-            yield Input(placeholder="type to filter, enter to choose, down to browse")
+            yield OrderedInput(placeholder="type to filter, enter to choose, down to browse")
             yield OptionList(*self._matching(""))
 
     def _matching(self, text: str) -> list[Option]:
@@ -116,7 +117,7 @@ class PromptDialog(Dialog):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(self.title_text, classes="title")
-            yield Input(self.value, placeholder=self.placeholder)
+            yield OrderedInput(self.value, placeholder=self.placeholder)
 
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
@@ -135,7 +136,7 @@ class OpenDialog(Dialog):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label("Open workflow (type a path, or pick one)", classes="title")
-            yield Input(placeholder="path/to/workflow.json")
+            yield OrderedInput(placeholder="path/to/workflow.json")
             # file names from disk: control characters escaped, brackets never read as markup
             yield OptionList(*[Option(Text(printable(p)), id=str(p)) for p in self.files])
 

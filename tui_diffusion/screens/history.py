@@ -18,6 +18,7 @@ from tui_diffusion.screens.dialogs import ConfirmDialog, DismissOnce
 from tui_diffusion.store.history import History, JobRow
 from tui_diffusion.text import printable
 from tui_diffusion.widgets.image_pane import ImagePane, is_image_file
+from tui_diffusion.widgets.keys import OrderedInput
 
 
 class HistoryScreen(DismissOnce, Screen):
@@ -43,7 +44,7 @@ class HistoryScreen(DismissOnce, Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Input(placeholder="filter by prompt text (ctrl+f)", id="filter")
+        yield OrderedInput(placeholder="filter by prompt text (ctrl+f)", id="filter")
         with Horizontal(id="history-body"):
             yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
             with Vertical(id="thumb-column"):

@@ -7,8 +7,10 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import Input
 
+from tui_diffusion.widgets.keys import OrderedInput
 
-class JumpBar(Input):
+
+class JumpBar(OrderedInput):
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", show=False),
         Binding("down,tab", "step(1)", "Next match", show=False),

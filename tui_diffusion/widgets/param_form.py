@@ -21,6 +21,7 @@ from tui_diffusion.graph.values import parse_value
 from tui_diffusion.graph.workflow import as_link
 from tui_diffusion.paths import ModelPaths
 from tui_diffusion.text import printable
+from tui_diffusion.widgets.keys import OrderedInput
 from tui_diffusion.widgets.prompt_editor import PromptBox
 
 
@@ -35,7 +36,7 @@ class ValueEdited(Message):
         self.error = error
 
 
-class NumberInput(Input):
+class NumberInput(OrderedInput):
     """An INT/FLOAT field: typed, range-checked, nudged with +/- (shift+up/down: ten steps)."""
 
     BINDINGS = [
@@ -327,7 +328,7 @@ class ParamForm(VerticalScroll):
         elif ispec.multiline:
             children.append(PromptBox(str(value or ""), classes="editor"))
         else:
-            children.append(Input(str(value or ""), classes="editor", compact=True))
+            children.append(OrderedInput(str(value or ""), classes="editor", compact=True))
         children.append(Static("", classes="error"))
         return Field(node_id, ispec, ispec.name, *children)
 

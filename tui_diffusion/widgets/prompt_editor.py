@@ -15,6 +15,7 @@ from textual.containers import Vertical
 from textual.widgets import Static, TextArea
 
 from tui_diffusion import prompt_tokens
+from tui_diffusion.widgets.keys import OrderedTextArea
 
 WEIGHT, EMPHASIS, EMBEDDING = "prompt.weight", "prompt.emphasis", "prompt.embedding"
 _STYLES = {WEIGHT: Style(color="yellow", bold=True), EMPHASIS: Style(color="yellow"),
@@ -51,7 +52,7 @@ def prompt_highlights(line: str) -> list[tuple[int, int, str]]:
     return out
 
 
-class PromptEditor(TextArea):
+class PromptEditor(OrderedTextArea):
     """A prompt's TextArea with editor keys. ctrl+x cuts here (the screen's interrupt key defers to it while
     text is selected)."""
 
