@@ -270,12 +270,14 @@ def test_image2image_samples_from_its_image(home: Path, cache: object, tmp_path:
 
 def test_inpaint_example_regenerates_only_the_masked_area(home: Path, cache: object, tmp_path: Path) -> None:
     """With a transparent area the seed changes the result; with the same image fully opaque (nothing masked) the
-    seed changes nothing: the sampler keeps the unmasked latent, so the mask decides what is regenerated."""
+    seed changes nothing: the sampler keeps the unmasked latent, so the mask decides what is regenerated. (The
+    opaque runs use euler, which ends exactly on the model's prediction; uni_pc_bh2 ends at sigma 0.001 as in
+    ComfyUI, and the random tiny VAE magnifies that last trace of noise.)"""
     reseeded = _pixels(_run(home, cache, tmp_path / "s", _api("inpaint_example", {"3": {"seed": 1}})))
     assert _differs(_base(home, cache, tmp_path, "inpaint_example"), reseeded)
     opaque = [_pixels(_run(home, cache, tmp_path / f"o{seed}", _api("inpaint_example", {
-        "20": {"image": "yosemite_opaque.png"}, "3": {"seed": seed}}))) for seed in (1, 2)]
-    assert not _differs(*opaque)
+        "20": {"image": "yosemite_opaque.png"}, "3": {"seed": seed, "sampler_name": "euler"}}))) for seed in (1, 2)]
+    assert max(np.abs(a - b).max() for a, b in zip(*opaque, strict=True)) <= 1
 
 
 def test_lora_multiple_applies_both_loras(home: Path, cache: object, tmp_path: Path) -> None:
@@ -348,13 +350,15 @@ def test_bislerp_slerps_channel_vectors_at_bilinear_positions() -> None:
 
 
 def test_bislerp_interpolates_lengths_and_keeps_the_size_it_is_given() -> None:
-    """Parallel vectors of lengths 1 and 3 give lengths along the line between them; the same size gives the
-    latent back; the result is in the input's dtype; LatentUpscaleBy with it rounds the size as ComfyUI."""
+    """Vectors of lengths 1 and 3 at right angles give lengths along the line between them; vectors pointing the
+    same way give the first of the two (ComfyUI's edge case); the same size gives the latent back; the result is
+    in the input's dtype; LatentUpscaleBy with it rounds the size as ComfyUI."""
     from tui_diffusion.pipeline.nodes_latent import bislerp, latent_upscale_by
 
-    x = torch.tensor([[1.0, 1.0], [3.0, 3.0]]).T.reshape(1, 2, 1, 2) / 2 ** 0.5
-    out = bislerp(x, 4, 1)
-    torch.testing.assert_close(out.norm(dim=1).flatten(), torch.tensor([1.0, 1.5, 2.5, 3.0]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).T.reshape(1, 2, 1, 2)
+    torch.testing.assert_close(bislerp(x, 4, 1).norm(dim=1).flatten(), torch.tensor([1.0, 1.5, 2.5, 3.0]))
+    same_way = torch.tensor([[1.0, 1.0], [3.0, 3.0]]).T.reshape(1, 2, 1, 2)
+    torch.testing.assert_close(bislerp(same_way, 4, 1), same_way[..., [0, 0, 0, 1]])
     lat = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(bislerp(lat, 6, 5), lat)
     assert bislerp(lat.half(), 9, 8).dtype == torch.float16
