@@ -112,6 +112,25 @@ def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     return root
 
 
+def check_saved(saved: list[Path], api: dict) -> list[tuple[int, int]]:
+    """Each PNG written is a picture (not one flat colour) that holds the workflow it came from: the API prompt as
+    run and a UI workflow that converts back to it. Their (width, height), in the order given."""
+    from tui_diffusion.graph.ui_format import ui_to_api
+
+    found = []
+    for file in saved:
+        with Image.open(file) as png:
+            found.append(png.size)
+            image = np.asarray(png.convert("RGB"))
+            text = dict(png.text)  # type: ignore[attr-defined]
+        assert image.std() > 0, file.name
+        assert json.loads(text["prompt"]) == api, file.name
+        embedded = ui_to_api(json.loads(text["workflow"]), "embedded")
+        assert {k: (v["class_type"], v["inputs"]) for k, v in embedded.items()} == \
+            {k: (v["class_type"], v["inputs"]) for k, v in api.items()}, file.name
+    return found
+
+
 def _api(name: str) -> dict:
     from tui_diffusion.graph.ui_format import ui_to_api
 
@@ -120,7 +139,6 @@ def _api(name: str) -> dict:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_example_imports_validates_and_runs(home: Path, tmp_path: Path, name: str) -> None:
-    from tui_diffusion.graph.ui_format import ui_to_api
     from tui_diffusion.graph.validate import validate_workflow
     from tui_diffusion.graph.workflow import Workflow
     from tui_diffusion.paths import ModelPaths
@@ -141,18 +159,7 @@ def test_example_imports_validates_and_runs(home: Path, tmp_path: Path, name: st
     saved = sorted((tmp_path / "out").glob("*.png"))
     sizes = size if isinstance(size, list) else [size]
     assert len(saved) == len(sizes)
-    found = []
-    for file in saved:
-        with Image.open(file) as png:
-            found.append(png.size)
-            image = np.asarray(png.convert("RGB"))
-            text = dict(png.text)  # type: ignore[attr-defined]
-        assert image.std() > 0
-        assert json.loads(text["prompt"]) == api
-        embedded = ui_to_api(json.loads(text["workflow"]), "embedded")
-        assert {k: (v["class_type"], v["inputs"]) for k, v in embedded.items()} == \
-            {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
-    assert sorted(found) == sorted(sizes)
+    assert sorted(check_saved(saved, api)) == sorted(sizes)
 
 
 def test_pickle_examples_are_refused_without_allow_pickle(home: Path) -> None:

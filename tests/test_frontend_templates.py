@@ -23,7 +23,7 @@ from PIL import Image
 
 from tests.conftest import TINY, TINY_SD2_V, TINY_XL
 from tests.dit_helpers import CPU
-from tests.test_examples import _as_ckpt
+from tests.test_examples import _as_ckpt, check_saved
 
 TEMPLATES = Path(__file__).parent / "data" / "frontend_templates"
 
@@ -221,7 +221,6 @@ def _differs(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=needs_spandrel) if n in UPSCALING else n for n in CASES])
 def test_template_imports_validates_and_runs(home: Path, cache: object, tmp_path: Path, name: str) -> None:
-    from tui_diffusion.graph.ui_format import ui_to_api
     from tui_diffusion.graph.validate import validate_workflow
     from tui_diffusion.graph.workflow import Workflow
     from tui_diffusion.paths import ModelPaths
@@ -232,18 +231,7 @@ def test_template_imports_validates_and_runs(home: Path, cache: object, tmp_path
     saved = _run(home, cache, tmp_path / "out", api)
     sizes = CASES[name][1]
     assert len(saved) == len(sizes)
-    found = []
-    for file in saved:
-        with Image.open(file) as png:
-            found.append(png.size)
-            image = np.asarray(png.convert("RGB"))
-            text = dict(png.text)  # type: ignore[attr-defined]
-        assert image.std() > 0
-        assert json.loads(text["prompt"]) == api
-        embedded = ui_to_api(json.loads(text["workflow"]), "embedded")
-        assert {k: (v["class_type"], v["inputs"]) for k, v in embedded.items()} == \
-            {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
-    assert found == sizes
+    assert check_saved(saved, api) == sizes
     _BASE[name] = _pixels(saved)
 
 
