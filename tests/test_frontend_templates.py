@@ -352,3 +352,26 @@ def test_bislerp_interpolates_lengths_and_keeps_the_size_it_is_given() -> None:
     assert bislerp(lat.half(), 9, 8).dtype == torch.float16
     (up,) = latent_upscale_by(None, {"samples": lat}, "bislerp", 1.5).outputs
     assert up["samples"].shape == (2, 4, 8, 9)  # round(7.5) = 8, round(9.0) = 9
+
+
+# -- pickle embeddings (embedding_example's SDA768.pt) --------------------------------------------------------------
+def test_pickle_embedding_layouts_and_lookup(tmp_path: Path) -> None:
+    """``embedding:name`` finds ``name.pt`` and ``name.bin`` as ComfyUI does; A1111's ``string_to_param`` and
+    diffusers' ``{token: vector}`` give their vectors; anything else in a pickle is named, not loaded."""
+    from tui_diffusion.pipeline.embeddings import find_embedding, load_vectors
+    from tui_diffusion.pipeline.errors import NodeError
+
+    vectors = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    torch.save({"string_to_param": {"*": torch.nn.Parameter(vectors)}, "name": "a1111"}, tmp_path / "a1111.pt")
+    torch.save({"<cat-toy>": vectors[0]}, tmp_path / "learned_embeds.bin")
+    torch.save([vectors], tmp_path / "list.pt")
+    assert find_embedding(tmp_path, "a1111") == tmp_path / "a1111.pt"
+    assert find_embedding(tmp_path, "learned_embeds") == tmp_path / "learned_embeds.bin"
+    torch.testing.assert_close(load_vectors(tmp_path / "a1111.pt", 8, 0, allow_pickle=True), vectors)
+    torch.testing.assert_close(load_vectors(tmp_path / "learned_embeds.bin", 8, 0, allow_pickle=True), vectors[:1])
+    with pytest.raises(NodeError, match=r"list\.pt: not an embedding \(it holds a list\)"):
+        load_vectors(tmp_path / "list.pt", 8, 0, allow_pickle=True)
+    with pytest.raises(NodeError, match=r"a1111\.pt: its vectors are \[8\] wide"):
+        load_vectors(tmp_path / "a1111.pt", 16, 0, allow_pickle=True)
+    with pytest.raises(NodeError, match="--allow-pickle"):
+        load_vectors(tmp_path / "a1111.pt", 8, 0)
