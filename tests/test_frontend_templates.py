@@ -7,7 +7,8 @@ random-weight files of the right architectures placed under the file names it ex
 else in the workflows is changed. Besides the images written (their number, sizes and embedded workflow), each
 template's point is checked: the LoRAs, the areas, the embedding, the image inputs and the upscales really act.
 
-Runtime: about 40 s on two cores (the files are written once, every run shares one model cache).
+Runtime: about 20 s on two cores, 40 s when they are busy (the files are written once, every run shares one
+model cache).
 """
 
 from __future__ import annotations
