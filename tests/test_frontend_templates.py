@@ -25,6 +25,7 @@ from PIL import Image
 from tests.conftest import TINY, TINY_SD2_V, TINY_XL
 from tests.dit_helpers import CPU
 from tests.test_examples import _as_ckpt, check_saved
+from tui_diffusion.pipeline.models import ModelCache
 
 TEMPLATES = Path(__file__).parent / "data" / "frontend_templates"
 
@@ -168,10 +169,8 @@ def home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache() -> object:
+def cache() -> ModelCache:
     """One model cache for every run, as a long-running server keeps one."""
-    from tui_diffusion.pipeline.models import ModelCache
-
     return ModelCache(4)
 
 
@@ -186,8 +185,9 @@ def _api(name: str, changes: dict[str, dict] | None = None) -> dict:
     return api
 
 
-def _run(home: Path, cache: object, out: Path, api: dict) -> list[Path]:
-    """Runs the workflow as the worker does; the PNGs written, in the order they were written."""
+def _run(home: Path, cache: ModelCache, out: Path, api: dict) -> list[Path]:
+    """Runs the workflow as the worker does; the PNGs written, in the order they were written (every SaveImage
+    here has the prefix "ComfyUI", so the counter in the names gives it)."""
     from tui_diffusion.paths import ModelPaths
     from tui_diffusion.pipeline.context import EngineState
     from tui_diffusion.pipeline.executor import Executor, Hooks
@@ -195,7 +195,7 @@ def _run(home: Path, cache: object, out: Path, api: dict) -> list[Path]:
     engine = EngineState(CPU, cache, ModelPaths(home / "models", input_dir=home / "input"), out, out / "tmp",
                          home / "cfg", allow_pickle=True)
     Executor(engine).run(api, Hooks(), lambda: False)
-    return sorted(out.glob("*.png"), key=lambda p: p.stat().st_mtime_ns)
+    return sorted(out.glob("*.png"))
 
 
 def _pixels(files: list[Path]) -> list[np.ndarray]:
@@ -209,7 +209,7 @@ def _pixels(files: list[Path]) -> list[np.ndarray]:
 _BASE: dict[str, list[np.ndarray]] = {}
 
 
-def _base(home: Path, cache: object, tmp_path: Path, name: str) -> list[np.ndarray]:
+def _base(home: Path, cache: ModelCache, tmp_path: Path, name: str) -> list[np.ndarray]:
     """The template's images at its test sizes (run once per module)."""
     if name not in _BASE:
         _BASE[name] = _pixels(_run(home, cache, tmp_path / "base", _api(name)))
@@ -221,7 +221,7 @@ def _differs(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=needs_spandrel) if n in UPSCALING else n for n in CASES])
-def test_template_imports_validates_and_runs(home: Path, cache: object, tmp_path: Path, name: str) -> None:
+def test_template_imports_validates_and_runs(home: Path, cache: ModelCache, tmp_path: Path, name: str) -> None:
     from tui_diffusion.graph.validate import validate_workflow
     from tui_diffusion.graph.workflow import Workflow
     from tui_diffusion.paths import ModelPaths
@@ -251,13 +251,13 @@ def test_pickle_templates_are_refused_without_allow_pickle(home: Path) -> None:
         assert sorted((i.node_id, i.input) for i in issues) == [("13", "model_name"), ("4", "ckpt_name")]
 
 
-def test_image2image_samples_from_its_image(home: Path, cache: object, tmp_path: Path) -> None:
+def test_image2image_samples_from_its_image(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """Another image loaded (same size, same seed) gives another result: the sampler starts from the image."""
     other = _pixels(_run(home, cache, tmp_path / "o", _api("image2image", {"10": {"image": "example_other.png"}})))
     assert _differs(_base(home, cache, tmp_path, "image2image"), other)
 
 
-def test_inpaint_example_regenerates_only_the_masked_area(home: Path, cache: object, tmp_path: Path) -> None:
+def test_inpaint_example_regenerates_only_the_masked_area(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """With a transparent area the seed changes the result; with the same image fully opaque (nothing masked) the
     seed changes nothing: the sampler keeps the unmasked latent, so the mask decides what is regenerated. (The
     opaque runs use euler, which ends exactly on the model's prediction; uni_pc_bh2 ends at sigma 0.001 as in
@@ -269,7 +269,7 @@ def test_inpaint_example_regenerates_only_the_masked_area(home: Path, cache: obj
     assert max(np.abs(a - b).max() for a, b in zip(*opaque, strict=True)) <= 1
 
 
-def test_lora_multiple_applies_both_loras(home: Path, cache: object, tmp_path: Path) -> None:
+def test_lora_multiple_applies_both_loras(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """Each LoraLoader at strength 0 (the other kept) changes the image: both LoRA files are applied."""
     base = _base(home, cache, tmp_path, "lora_multiple")
     for node_id in ("10", "11"):
@@ -281,7 +281,7 @@ def test_lora_multiple_applies_both_loras(home: Path, cache: object, tmp_path: P
     ("area_composition_reversed", {"15": {"y": 0}}),
     ("area_composition_square_area_for_subject", {"46": {"x": 80}}),
 ])
-def test_moving_an_area_changes_the_image(home: Path, cache: object, tmp_path: Path, name: str,
+def test_moving_an_area_changes_the_image(home: Path, cache: ModelCache, tmp_path: Path, name: str,
                                           changes: dict[str, dict]) -> None:
     """The same prompts and seed with one area moved give another first-pass image: the areas are applied where
     they are set."""
@@ -289,7 +289,7 @@ def test_moving_an_area_changes_the_image(home: Path, cache: object, tmp_path: P
     assert _differs(_base(home, cache, tmp_path, name)[:1], moved[:1])
 
 
-def test_embedding_example_reads_the_a1111_embedding(home: Path, cache: object, tmp_path: Path) -> None:
+def test_embedding_example_reads_the_a1111_embedding(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """The prompt naming ``embedding:SDA768.pt`` gives the image of the prompt with the words whose token vectors
     the file holds: the .pt embedding is read and put in the place of its name."""
     api = _api("embedding_example")
@@ -301,7 +301,7 @@ def test_embedding_example_reads_the_a1111_embedding(home: Path, cache: object, 
     assert np.abs(as_words - with_embedding).max() <= 1
 
 
-def test_pickle_embedding_is_refused_without_allow_pickle(home: Path, cache: object, tmp_path: Path) -> None:
+def test_pickle_embedding_is_refused_without_allow_pickle(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """Without --allow-pickle the .pt embedding is not loaded: the run stops at the text encoder, naming the file
     and the flag."""
     from tui_diffusion.paths import ModelPaths
@@ -315,7 +315,7 @@ def test_pickle_embedding_is_refused_without_allow_pickle(home: Path, cache: obj
     assert info.value.node_id == "6"
 
 
-def test_revision_follows_its_images(home: Path, cache: object, tmp_path: Path) -> None:
+def test_revision_follows_its_images(home: Path, cache: ModelCache, tmp_path: Path) -> None:
     """With the empty prompt zeroed out the images are the only guidance: loading the second image in the place
     of the first changes the result."""
     same = _pixels(_run(home, cache, tmp_path / "s", _api("sdxl_revision_zero_positive",
