@@ -93,7 +93,7 @@ class DiTFamily(Family):
         text encoder under ``text_encoders.<clip_l|clip_g|t5xxl>.transformer.``."""
         from tui_diffusion.pipeline.checkpoint_save import dit_checkpoint_state
 
-        return dit_checkpoint_state(model, clip)
+        return dit_checkpoint_state(model, clip, self)
 
     def pooled_width(self, model: Any) -> int:
         return int(model.unet.config.pooled_projection_dim)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from tui_diffusion.pipeline.lora import patched
 from tui_diffusion.pipeline.models import ClipHandle, ModelHandle, VaeHandle
 from tui_diffusion.pipeline.placement import in_use
 from tui_diffusion.store.outputs import split_prefix
+
+if TYPE_CHECKING:
+    from tui_diffusion.families.sd3 import DiTFamily
 
 SUFFIX = ".safetensors"
 
@@ -132,13 +135,13 @@ def _dit_text_encoders(model: ModelHandle, clip: ClipHandle) -> dict[str, torch.
     return {role: parts[role] for role in family.text_encoders if role in parts}
 
 
-def dit_checkpoint_state(model: ModelHandle, clip: ClipHandle) -> dict[str, Any]:
+def dit_checkpoint_state(model: ModelHandle, clip: ClipHandle, family: DiTFamily) -> dict[str, Any]:
     """An SD3 or Flux transformer and its text encoders in ComfyUI's all-in-one layout
     (``DiTFamily.checkpoint_state``); the family converts the transformer's keys (``original_keys``)."""
     encoders = _dit_text_encoders(model, clip)
     net = model.unet
     with in_use(net), patched({"unet": net}, list(model.patches)):
-        state = _converted_copy(net.state_dict(), lambda s: model.family.original_keys(s, net.config, SD3_MODEL),
+        state = _converted_copy(net.state_dict(), lambda s: family.original_keys(s, net.config, SD3_MODEL),
                                 "model")
     with in_use(*encoders.values()), patched(clip.parts(), list(clip.patches)):
         state.update(_cpu_copy(text_encoder_keys(encoders, tuple(encoders)), "CLIP"))
