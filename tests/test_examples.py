@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import TINY, TINY_SD2_V
+from tests.conftest import TINY, TINY_SD2_V, TINY_XL
 from tests.dit_helpers import CPU, shared_models
+from tui_diffusion.pipeline.executor import Executor
 
 EXAMPLES = Path(__file__).parent / "data" / "examples"
 
@@ -264,3 +266,369 @@ def test_lora_example_applies_its_lora(home: Path, tmp_path: Path) -> None:
         with Image.open(saved) as png:
             images.append(np.asarray(png.convert("RGB"), dtype=np.int16))
     assert np.abs(images[0] - images[1]).max() > 0
+
+
+# -- Rebuilt from the published pages ------------------------------------------------------------------------------
+# Five ComfyUI_examples pages publish their workflows only inside PNGs; ``rebuilt_*.json`` are rebuilt from the
+# pages' text and the details recovered (tests/data/examples/README.md says what is known and what is guessed).
+
+#: rebuilt example -> the inputs set small, and the saved images' (width, height), as in CASES
+REBUILT_CASES: dict[str, tuple[dict[str, dict], tuple[int, int] | list[tuple[int, int]]]] = {
+    # SD1.5 (.ckpt) + an A1111 hypernetwork (.pt), uni_pc_bh2
+    "rebuilt_hypernetwork_example": ({"12": {"width": 64, "height": 48}, "13": {"steps": 2}}, (64, 48)),
+    # two SD1 checkpoints through ModelMergeSimple 0.5, a pickle VAE; the CheckpointSave is muted
+    "rebuilt_model_merging_basic": ({"12": {"width": 64, "height": 48}, "13": {"steps": 2}}, (64, 48)),
+    # three SD1 checkpoints through two ModelMergeBlocks
+    "rebuilt_model_merging_3_checkpoints": ({"12": {"width": 64, "height": 48}, "13": {"steps": 2}}, (64, 48)),
+    # a LoRA baked into the checkpoint to save
+    "rebuilt_model_merging_lora": ({"12": {"width": 64, "height": 48}, "13": {"steps": 2}}, (64, 48)),
+    # add difference: (SD1 inpainting - SD1.5) * 1 + another SD1, sampled as an inpainting model
+    "rebuilt_model_merging_inpaint": ({"13": {"steps": 2}}, (64, 64)),
+    # CosXL from (an SDXL model - SDXL base) + CosXL base
+    "rebuilt_model_merging_cosxl": ({"12": {"width": 64, "height": 64}, "13": {"steps": 2}}, (64, 64)),
+    # SDXL + the LCM LoRA, ModelSamplingDiscrete lcm, the lcm sampler on sgm_uniform
+    "rebuilt_lcm_basic_example": ({"12": {"width": 64, "height": 64}, "13": {"steps": 2}}, (64, 64)),
+    # CosXL edit (SDXL InstructPix2Pix, 8 input channels) on mountains.png
+    "rebuilt_sdxl_edit_model": ({"13": {"steps": 2}}, (40, 56)),
+    # noisy latent composition: a background and three subjects sampled 1 of 4 steps with leftover noise,
+    # composited with feathering, the rest sampled on the composite; then the optional second pass (sizes / 8)
+    "rebuilt_noisy_latents_3_subjects": (
+        {"11": {"width": 160, "height": 88}, **{n: {"width": 32, "height": 64} for n in ("21", "31", "41")},
+         **{n: {"steps": 4, "end_at_step": 1} for n in ("12", "22", "32", "42")},
+         "50": {"x": 32, "y": 24, "feather": 8}, "51": {"x": 64, "y": 24, "feather": 8},
+         "52": {"x": 96, "y": 24, "feather": 8}, "61": {"steps": 4, "start_at_step": 1},
+         "70": {"width": 240, "height": 136}, "71": {"steps": 2}},
+        [(160, 88), (240, 136)]),
+}
+
+
+def write_cosxl(path: Path, seed: int, in_channels: int = 4) -> Path:
+    """A tiny SDXL checkpoint as Stability's CosXL files are: ``edm_vpred.sigma_max/min`` beside the weights (EDM
+    v-prediction), and for the edit model a UNet reading 8 channels (the noisy latent and the input image's)."""
+    from safetensors.torch import save_file
+
+    from tui_diffusion.pipeline.checkpoint_writer import TinySDXL, build_sdxl_models, sdxl_state_dict
+
+    unet, vae, text, text_2 = build_sdxl_models(TinySDXL(), seed)
+    state = sdxl_state_dict(unet, vae, text, text_2, TinySDXL().layers_per_block)
+    if in_channels != 4:
+        conv = state["model.diffusion_model.input_blocks.0.0.weight"]
+        extra = torch.randn(conv.shape[0], in_channels - conv.shape[1], *conv.shape[2:],
+                            generator=torch.Generator().manual_seed(seed)) * conv.std()
+        state["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat([conv, extra], dim=1)
+    state["edm_vpred.sigma_max"] = torch.tensor([120.0])
+    state["edm_vpred.sigma_min"] = torch.tensor([0.002])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rebuilt_home(home: Path, models_dir: Path) -> Path:
+    """``home`` with the files the rebuilt examples name: distinct tiny SD1/SDXL checkpoints (pickles where the
+    names are .ckpt), SD1's inpainting variant, a CosXL base (EDM keys) and a CosXL edit model (8 input
+    channels), a pickle VAE, an A1111 hypernetwork and the SDXL LCM LoRA (UNet layers only)."""
+    from tui_diffusion.pipeline.checkpoint_writer import (
+        TinySD1,
+        TinySDXL,
+        build_sdxl_models,
+        write_kohya_lora,
+        write_sd1_checkpoint,
+        write_sdxl_checkpoint,
+    )
+    from tui_diffusion.pipeline.checkpoint_writer_gligen import hypernetwork_dict, write_hypernetwork
+    from tui_diffusion.pipeline.checkpoint_writer_lotus import write_sd_vae
+
+    models = home / "models"
+    checkpoints = models / "checkpoints"
+    work = home / "rebuilt-work"
+    work.mkdir()
+    _as_ckpt(write_sd1_checkpoint(work / "v15.safetensors", seed=0), checkpoints / "v1-5-pruned-emaonly.ckpt")
+    write_sd1_checkpoint(checkpoints / "cardosAnime_v10.safetensors", seed=11)
+    _as_ckpt(write_sd1_checkpoint(work / "inpainting.safetensors", TinySD1(in_channels=9), seed=12),
+             checkpoints / "sd-v1-5-inpainting.ckpt")
+    _as_ckpt(write_sd_vae(work / "anime-vae.safetensors", seed=2), models / "vae" / "kl-f8-anime2.ckpt")
+    write_hypernetwork(models / "hypernetworks" / "dantionMarbleStatues_10.pt",
+                       hypernetwork_dict((32, 64), seed=4, activation_func="relu", is_layer_norm=True))
+    for name in ("sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors"):
+        (checkpoints / name).symlink_to(models_dir / "checkpoints" / TINY_XL)
+    write_sdxl_checkpoint(checkpoints / "albedobaseXL_v21.safetensors", seed=13)
+    write_cosxl(checkpoints / "cosxl.safetensors", seed=14)
+    write_cosxl(checkpoints / "cosxl_edit.safetensors", seed=15, in_channels=8)
+    unet, _, _, _ = build_sdxl_models(TinySDXL(), seed=0)  # the architecture of the tiny SDXL checkpoint
+    write_kohya_lora(models / "loras" / "lcm_lora_sdxl.safetensors", unet, [], seed=16, original_names=True)
+    return home
+
+
+def _rebuilt_api(name: str, unmute: tuple[int, ...] = ()) -> dict:
+    """The rebuilt example in the API format with its REBUILT_CASES inputs set (and the ``unmute`` nodes on, as
+    a user unmutes the CheckpointSave once happy with the merge)."""
+    from tui_diffusion.graph.ui_format import ui_to_api
+
+    overrides, _ = REBUILT_CASES[name]
+    data = json.loads((EXAMPLES / f"{name}.json").read_text(encoding="utf-8"))
+    for node in data["nodes"]:
+        if node["id"] in unmute:
+            assert node["mode"] == 2, (name, node["id"])  # muted as published
+            node["mode"] = 0
+    api = ui_to_api(data, name)
+    for node_id, values in overrides.items():
+        assert set(values) <= set(api[node_id]["inputs"]), (name, node_id)
+        api[node_id]["inputs"].update(values)
+    return api
+
+
+#: one model cache per models folder for the runs below, so that each checkpoint is read once (tiny as they are,
+#: the pickles take a while to load)
+_MODEL_CACHES: dict[Path, Any] = {}
+
+
+def _run(home: Path, out: Path, api: dict) -> tuple[list[np.ndarray], Executor]:
+    """Runs ``api`` with pickles allowed; the images saved (sorted by name) and the executor (its node cache)."""
+    from tui_diffusion.paths import ModelPaths
+    from tui_diffusion.pipeline.context import EngineState
+    from tui_diffusion.pipeline.executor import Executor, Hooks
+    from tui_diffusion.pipeline.models import ModelCache
+
+    models = _MODEL_CACHES.setdefault(home, ModelCache(16))
+    engine = EngineState(CPU, models, ModelPaths(home / "models", input_dir=home / "input"), out / "out",
+                         out / "tmp", out / "cfg", allow_pickle=True)
+    executor = Executor(engine)
+    executor.run(api, Hooks(), lambda: False)
+    images = []
+    for file in sorted((out / "out").glob("*.png")):
+        with Image.open(file) as png:
+            images.append(np.asarray(png.convert("RGB"), dtype=np.int16))
+    return images, executor
+
+
+@pytest.mark.parametrize("name", list(REBUILT_CASES))
+def test_rebuilt_example_imports_validates_and_runs(rebuilt_home: Path, tmp_path: Path, name: str) -> None:
+    from tui_diffusion.graph.validate import validate_workflow
+    from tui_diffusion.graph.workflow import Workflow
+    from tui_diffusion.paths import ModelPaths
+
+    api = _rebuilt_api(name)
+    paths = ModelPaths(rebuilt_home / "models", input_dir=rebuilt_home / "input")
+    assert not validate_workflow(Workflow.from_data(api), paths, allow_pickle=True)
+    _run(rebuilt_home, tmp_path, api)
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    size = REBUILT_CASES[name][1]
+    sizes = size if isinstance(size, list) else [size]
+    assert len(saved) == len(sizes)
+    assert sorted(check_saved(saved, api)) == sorted(sizes)
+
+
+def _image(home: Path, out: Path, api: dict) -> np.ndarray:
+    (image,) = _run(home, out, api)[0]
+    return image
+
+
+def _saved_checkpoint(out: Path) -> Path:
+    (file,) = (out / "out").glob("checkpoints/*.safetensors")
+    return file
+
+
+def test_rebuilt_files_are_the_architectures_they_stand_for(rebuilt_home: Path, tmp_path: Path) -> None:
+    """CosXL's files sample as EDM v-prediction over the sigma range they carry (ComfyUI reads
+    ``edm_vpred.sigma_max/min``); the edit model reads 8 channels; the inpainting merge's source has 9."""
+    from tui_diffusion.pipeline.model_sampling import EDMSampling
+    from tui_diffusion.pipeline.models import load_checkpoint
+
+    def load(name: str):  # noqa: ANN202
+        return load_checkpoint(rebuilt_home / "models" / "checkpoints" / name, CPU, tmp_path / "cfg", True).model
+
+    for name, channels in (("cosxl.safetensors", 4), ("cosxl_edit.safetensors", 8)):
+        model = load(name)
+        sampling = model.model_sampling
+        assert model.family.id == "sdxl" and model.unet.config.in_channels == channels, name
+        assert isinstance(sampling, EDMSampling) and sampling.prediction == "v", name
+        assert (sampling.sigma_min, sampling.sigma_max) == (pytest.approx(0.002), pytest.approx(120.0)), name
+    assert load("albedobaseXL_v21.safetensors").model_sampling.prediction == "eps"
+    inpaint = load("sd-v1-5-inpainting.ckpt")
+    assert (inpaint.family.id, inpaint.unet.config.in_channels) == ("sd1-inpaint", 9)
+
+
+def test_rebuilt_merge_follows_its_ratio_and_saves_a_loadable_checkpoint(rebuilt_home: Path, tmp_path: Path) -> None:
+    """model_merging_basic: ratio 1 is the first model's image and ratio 0 the second's (same seed, prompts and
+    VAE); the published 0.5 is neither. Unmuted, its CheckpointSave writes an SD1 file that samples the merge."""
+    from tui_diffusion.pipeline.models import load_checkpoint
+
+    name = "rebuilt_model_merging_basic"
+    images = {}
+    for ratio in (1.0, 0.0, 0.5):
+        api = _rebuilt_api(name)
+        api["3"]["inputs"]["ratio"] = ratio
+        images[ratio] = _image(rebuilt_home, tmp_path / f"r{ratio}", api)
+    for source, ratio in (("1", 1.0), ("2", 0.0)):
+        api = _rebuilt_api(name)
+        api["13"]["inputs"]["model"] = [source, 0]
+        assert np.array_equal(_image(rebuilt_home, tmp_path / f"m{source}", api), images[ratio]), source
+    assert np.abs(images[0.5] - images[1.0]).max() > 0 and np.abs(images[0.5] - images[0.0]).max() > 0
+
+    _run(rebuilt_home, tmp_path / "save", _rebuilt_api(name, unmute=(5,)))
+    saved = _saved_checkpoint(tmp_path / "save")
+    assert load_checkpoint(saved, CPU, tmp_path / "cfg", False).model.family.id == "sd1"
+    (rebuilt_home / "models" / "checkpoints" / "merged-basic.safetensors").symlink_to(saved)
+    api = _rebuilt_api(name)
+    api["1"]["inputs"]["ckpt_name"] = "merged-basic.safetensors"
+    api["13"]["inputs"]["model"] = ["1", 0]
+    assert np.abs(_image(rebuilt_home, tmp_path / "reloaded", api) - images[0.5]).max() <= 2
+
+
+def test_rebuilt_block_merge_of_three_checkpoints(rebuilt_home: Path, tmp_path: Path) -> None:
+    """model_merging_3_checkpoints: with every block ratio 1 both merges keep the first checkpoint; the
+    published (guessed) ratios change the image."""
+    name = "rebuilt_model_merging_3_checkpoints"
+    first = _rebuilt_api(name)
+    first["13"]["inputs"]["model"] = ["1", 0]
+    ones = _rebuilt_api(name)
+    for node in ("4", "5"):
+        ones[node]["inputs"].update(input=1.0, middle=1.0, out=1.0)
+    merged = _image(rebuilt_home, tmp_path / "merged", _rebuilt_api(name))
+    plain = _image(rebuilt_home, tmp_path / "first", first)
+    assert np.array_equal(_image(rebuilt_home, tmp_path / "ones", ones), plain)
+    assert np.abs(merged - plain).max() > 0
+
+
+def test_rebuilt_lora_merge_bakes_the_lora_into_the_saved_checkpoint(rebuilt_home: Path, tmp_path: Path) -> None:
+    """model_merging_lora: the LoRA changes the image, and the unmuted CheckpointSave's file, loaded without the
+    LoRA, samples the image with it."""
+    name = "rebuilt_model_merging_lora"
+    without = _rebuilt_api(name)
+    without["2"]["inputs"].update(strength_model=0.0, strength_clip=0.0)
+    with_lora = _image(rebuilt_home, tmp_path / "lora", _rebuilt_api(name))
+    assert np.abs(with_lora - _image(rebuilt_home, tmp_path / "plain", without)).max() > 0
+    _run(rebuilt_home, tmp_path / "save", _rebuilt_api(name, unmute=(3,)))
+    (rebuilt_home / "models" / "checkpoints" / "merged-lora.safetensors").symlink_to(_saved_checkpoint(tmp_path /
+                                                                                                         "save"))
+    baked = _rebuilt_api(name)
+    baked["1"]["inputs"]["ckpt_name"] = "merged-lora.safetensors"
+    baked["2"]["inputs"].update(strength_model=0.0, strength_clip=0.0)
+    assert np.abs(_image(rebuilt_home, tmp_path / "baked", baked) - with_lora).max() <= 2
+
+
+def test_rebuilt_add_difference_makes_an_inpainting_model(rebuilt_home: Path, tmp_path: Path) -> None:
+    """model_merging_inpaint: (inpaint - base) * multiplier + other; the multiplier changes the image, and the
+    saved result is an SD1 inpainting checkpoint (9 input channels, the inpainting model's own input layer)."""
+    from tui_diffusion.pipeline.models import load_checkpoint
+
+    name = "rebuilt_model_merging_inpaint"
+    zero = _rebuilt_api(name)
+    zero["4"]["inputs"]["multiplier"] = 0.0
+    assert np.abs(_image(rebuilt_home, tmp_path / "one", _rebuilt_api(name)) -
+                  _image(rebuilt_home, tmp_path / "zero", zero)).max() > 0
+    _run(rebuilt_home, tmp_path / "save", _rebuilt_api(name, unmute=(6,)))
+    model = load_checkpoint(_saved_checkpoint(tmp_path / "save"), CPU, tmp_path / "cfg", False).model
+    source = load_checkpoint(rebuilt_home / "models" / "checkpoints" / "sd-v1-5-inpainting.ckpt", CPU,
+                             tmp_path / "cfg", True).model
+    assert (model.family.id, model.unet.config.in_channels) == ("sd1-inpaint", 9)
+    torch.testing.assert_close(model.unet.conv_in.weight, source.unet.conv_in.weight)
+
+
+def test_rebuilt_cosxl_merge_keeps_cosxls_sampling(rebuilt_home: Path, tmp_path: Path) -> None:
+    """model_merging_cosxl: CosXL base + (an SDXL model - SDXL base); the difference changes the image, and the
+    saved model keeps CosXL's EDM v-prediction (``edm_vpred.*`` written, as ComfyUI writes them)."""
+    from safetensors import safe_open
+
+    from tui_diffusion.pipeline.model_sampling import EDMSampling
+    from tui_diffusion.pipeline.models import load_checkpoint
+
+    name = "rebuilt_model_merging_cosxl"
+    zero = _rebuilt_api(name)
+    zero["4"]["inputs"]["multiplier"] = 0.0
+    plain = _rebuilt_api(name)
+    plain["13"]["inputs"]["model"] = ["1", 0]
+    merged = _image(rebuilt_home, tmp_path / "merged", _rebuilt_api(name))
+    assert np.abs(merged - _image(rebuilt_home, tmp_path / "plain", plain)).max() > 0
+    _run(rebuilt_home, tmp_path / "save", _rebuilt_api(name, unmute=(6,)))
+    saved = _saved_checkpoint(tmp_path / "save")
+    with safe_open(str(saved), "pt") as f:
+        assert float(f.get_tensor("edm_vpred.sigma_max")) == pytest.approx(120.0)
+    sampling = load_checkpoint(saved, CPU, tmp_path / "cfg", False).model.model_sampling
+    assert isinstance(sampling, EDMSampling) and sampling.prediction == "v"
+
+
+def test_rebuilt_hypernetwork_changes_the_image(rebuilt_home: Path, tmp_path: Path) -> None:
+    name = "rebuilt_hypernetwork_example"
+    without = _rebuilt_api(name)
+    without["13"]["inputs"]["model"] = ["1", 0]
+    assert np.abs(_image(rebuilt_home, tmp_path / "hn", _rebuilt_api(name)) -
+                  _image(rebuilt_home, tmp_path / "plain", without)).max() > 0
+
+
+def test_rebuilt_lcm_sampling_differs_from_eps(rebuilt_home: Path, tmp_path: Path) -> None:
+    """The LCM example's ModelSamplingDiscrete lcm (LCM's schedule and x0) gives another image than eps."""
+    name = "rebuilt_lcm_basic_example"
+    eps = _rebuilt_api(name)
+    eps["3"]["inputs"]["sampling"] = "eps"
+    assert np.abs(_image(rebuilt_home, tmp_path / "lcm", _rebuilt_api(name)) -
+                  _image(rebuilt_home, tmp_path / "eps", eps)).max() > 0
+
+
+def test_lcm_model_sampling_is_comfyuis() -> None:
+    """ComfyUI's ModelSamplingDiscreteDistilled + LCM, written out by hand: 50 of the 1000 sigmas (every 20th,
+    ending at the last), timestep = 20 * index + 19, x0 = c_out * (x - sigma * eps) + c_skip * x."""
+    from tui_diffusion.pipeline.model_sampling import DiscreteSampling, LCMSampling
+
+    full, lcm = DiscreteSampling("eps"), LCMSampling()
+    assert lcm.sigmas.shape == (50,)
+    torch.testing.assert_close(lcm.sigmas, full.sigmas[19::20])
+    assert lcm.timestep(lcm.sigmas[7]).item() == 7 * 20 + 19
+    torch.testing.assert_close(lcm.sigma(torch.tensor(7 * 20 + 19.0)), lcm.sigmas[7])
+    sigma = lcm.sigmas[10:11]
+    x, eps = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    t = 10 * 20 + 19
+    c_skip = 0.25 / ((t * 10.0) ** 2 + 0.25)
+    c_out = t * 10.0 / ((t * 10.0) ** 2 + 0.25) ** 0.5
+    torch.testing.assert_close(lcm.calculate_denoised(sigma, eps, x), c_out * (x - eps * sigma) + c_skip * x)
+
+
+def test_rebuilt_edit_model_conditions_on_the_input_image(rebuilt_home: Path, tmp_path: Path) -> None:
+    """The CosXL edit example's image follows the input image (same seed and prompts, another picture)."""
+    rng = np.random.default_rng(9)
+    Image.fromarray(rng.integers(0, 256, (56, 40, 3), dtype=np.uint8)).save(rebuilt_home / "input" / "other.png")
+    other = _rebuilt_api("rebuilt_sdxl_edit_model")
+    other["2"]["inputs"]["image"] = "other.png"
+    assert np.abs(_image(rebuilt_home, tmp_path / "mountains", _rebuilt_api("rebuilt_sdxl_edit_model")) -
+                  _image(rebuilt_home, tmp_path / "other", other)).max() > 0
+
+
+def test_ip2p_image_is_scaled_only_for_cosxl() -> None:
+    """ComfyUI's ``process_ip2p_image_in``: diffusers' InstructPix2Pix models read the VAE's latent as it is,
+    CosXL's EDM edit model reads it scaled into SDXL's latent space."""
+    from types import SimpleNamespace
+
+    from tui_diffusion.families.sdxl import SDXL
+
+    image = torch.randn(1, 4, 3, 5)
+    plain = SimpleNamespace(scheduler_config={})
+    cosxl = SimpleNamespace(scheduler_config={"edm_vpred": [0.002, 120.0]})
+    torch.testing.assert_close(SDXL.ip2p_image(plain, image, 2, (2, 4, 3, 5)), image.repeat(2, 1, 1, 1))
+    torch.testing.assert_close(SDXL.ip2p_image(cosxl, image, 1, (1, 4, 3, 5)), image * 0.13025)
+    assert SDXL.ip2p_image(plain, image, 1, (1, 4, 6, 10)).shape == (1, 4, 6, 10)
+
+
+def test_rebuilt_noisy_latent_composition_pastes_the_subjects(rebuilt_home: Path, tmp_path: Path) -> None:
+    """The three subjects' noisy latents (after their first step) are pasted onto the noisy background where
+    the LatentComposite nodes say: inside each area the subject, elsewhere the background, untouched."""
+    from tui_diffusion.graph.workflow import Workflow
+    from tui_diffusion.pipeline.executor import execution_order
+
+    api = _rebuilt_api("rebuilt_noisy_latents_3_subjects")
+    _, executor = _run(rebuilt_home, tmp_path, api)
+    wf = Workflow.from_data(api, "<job>")
+    keys = executor.cache_keys(wf, execution_order(wf))
+
+    def latent(node_id: str) -> torch.Tensor:
+        return executor.cache[keys[node_id]].outputs[0]["samples"]
+
+    background, composite = latent("12"), latent("52")
+    assert composite.shape == background.shape == (1, 4, 11, 20)
+    outside = torch.ones(11, 20, dtype=torch.bool)
+    for sampler, x in (("22", 4), ("32", 8), ("42", 12)):  # x, y and sizes in latent pixels (/8)
+        subject = latent(sampler)
+        torch.testing.assert_close(composite[..., 3:11, x:x + 4], subject)
+        assert (subject - background[..., 3:11, x:x + 4]).abs().max() > 0.1
+        outside[3:11, x:x + 4] = False
+    torch.testing.assert_close(composite[..., outside], background[..., outside])

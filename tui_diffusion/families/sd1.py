@@ -20,6 +20,9 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 SD1_TEXT = "cond_stage_model.transformer."
 CONV_IN = UNET + "input_blocks.0.0.weight"
+#: CosXL's marker tensors: an EDM v-prediction model and its sigma range
+EDM_SIGMA_MAX = "edm_vpred.sigma_max"
+EDM_SIGMA_MIN = "edm_vpred.sigma_min"
 
 SD1_LATENT = LatentFormat(
     channels=4, scale_factor=0.18215,
@@ -86,11 +89,18 @@ class UNetFamily(Family):
         from tui_diffusion.pipeline.models import load_single_file_pipeline
 
         folder = write_config_folder(self.configs(header, str(path), self.prediction(header, tensor)), config_cache)
-        return load_single_file_pipeline(self, path, folder, device)
+        loaded = load_single_file_pipeline(self, path, folder, device)
+        if EDM_SIGMA_MAX in header:  # CosXL: EDM v-prediction with the file's sigma range, as ComfyUI reads it
+            low = float(tensor(EDM_SIGMA_MIN).float().reshape(-1)[0]) if EDM_SIGMA_MIN in header else 0.002
+            loaded.model.scheduler_config["edm_vpred"] = [low, float(tensor(EDM_SIGMA_MAX).float().reshape(-1)[0])]
+        return loaded
 
     def default_model_sampling(self, model: Any) -> Any:
-        from tui_diffusion.pipeline.model_sampling import DiscreteSampling
+        from tui_diffusion.pipeline.model_sampling import DiscreteSampling, EDMSampling
 
+        edm = model.scheduler_config.get("edm_vpred")
+        if edm:
+            return EDMSampling("v", sigma_min=edm[0], sigma_max=edm[1])
         return DiscreteSampling.from_scheduler_config(model.scheduler_config)
 
     # -- conditioning -> UNet call -----------------------------------------------------------------------
@@ -108,7 +118,34 @@ class UNetFamily(Family):
         import torch
 
         contexts = common_length([emb for emb, _ in entries])
-        return {"encoder_hidden_states": torch.cat([c.to(device, dtype).expand(batch, -1, -1) for c in contexts])}
+        kwargs = {"encoder_hidden_states": torch.cat([c.to(device, dtype).expand(batch, -1, -1) for c in contexts])}
+        channels = self.latent_format.channels
+        if model.unet.config.in_channels == 2 * channels and any(
+                extras.get("concat_latent_image") is not None for _, extras in entries):
+            images = [self.ip2p_image(model, extras.get("concat_latent_image"), batch, latent_shape)
+                      for _, extras in entries]
+            kwargs["ip2p_concat"] = torch.cat(images).to(device, dtype)
+        return kwargs
+
+    def ip2p_image(self, model: Any, image: Any, batch: int, latent_shape: tuple) -> Any:
+        """An InstructPix2Pix model's second input for one conditioning entry (InstructPixToPixConditioning's
+        ``concat_latent_image``): resized to the latent, to the batch; unscaled as diffusers' IP2P models read it,
+        scaled into the model's latent space for CosXL's EDM edit model (ComfyUI's ``process_ip2p_image_in``)."""
+        import torch
+        import torch.nn.functional as F
+
+        from tui_diffusion.pipeline.model_sampling import EDMSampling
+
+        shape = (batch, self.latent_format.channels, *latent_shape[-2:])
+        if image is None:
+            return torch.zeros(shape)
+        image = image.float().cpu()
+        if tuple(image.shape[-2:]) != tuple(latent_shape[-2:]):
+            image = F.interpolate(image, size=tuple(latent_shape[-2:]), mode="bilinear", align_corners=False)
+        image = image.repeat(-(-batch // image.shape[0]), 1, 1, 1)[:batch]
+        if isinstance(self.default_model_sampling(model), EDMSampling):
+            image = self.latent_format.process_in(image)
+        return image
 
     def extra_channels(self, model: Any, latent_in: Any, mask: Any) -> Any:
         import torch
@@ -118,6 +155,8 @@ class UNetFamily(Family):
         extra = model.unet.config.in_channels - latent_in.shape[1]
         if extra <= 0:
             return None
+        if extra == latent_in.shape[1]:  # InstructPix2Pix: zeros where no conditioning brings an image (ComfyUI)
+            return torch.zeros_like(latent_in)
         if extra != 5:
             raise NodeError(f"a UNet with {model.unet.config.in_channels} input channels is not an inpainting "
                             "model this sampler knows")
@@ -149,6 +188,11 @@ class UNetFamily(Family):
     def apply_model(self, model: Any, x: Any, timestep: Any, kwargs: dict[str, Any]) -> Any:
         from tui_diffusion.pipeline.models import unet_call
 
+        concat = kwargs.pop("ip2p_concat", None)
+        if concat is not None:  # each entry's own image beside the noisy latent (InstructPix2Pix)
+            import torch
+
+            x = torch.cat([x[:, : x.shape[1] - concat.shape[1]], concat], dim=1)
         unet = unet_call(model.unet, any(p.strength != 0.0 for p in model.patches))
         return unet(x, timestep, return_dict=False, **kwargs)[0]
 

@@ -258,11 +258,12 @@ _SPECS: tuple[NodeSpec, ...] = (
         "ModelSamplingDiscrete", "ModelSamplingDiscrete", "advanced/model",
         inputs=(
             InputSpec("model", MODEL),
-            InputSpec("sampling", COMBO, default="eps", choices=("eps", "v_prediction")),
+            InputSpec("sampling", COMBO, default="eps", choices=("eps", "v_prediction", "lcm")),
             InputSpec("zsnr", BOOLEAN, default=False),
         ),
         outputs=(OutputSpec(MODEL, "MODEL"),),
-        description="Overrides what the model predicts (eps or v), for files where it cannot be detected.",
+        description="Overrides what the model predicts (eps or v), for files where it cannot be detected; lcm "
+                    "samples an LCM model or a model with an LCM LoRA on LCM's 50-step schedule.",
     ),
     NodeSpec(
         "VAELoader", "Load VAE", "loaders",

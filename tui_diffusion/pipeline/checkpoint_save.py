@@ -167,7 +167,7 @@ def checkpoint_state(model: ModelHandle, clip: ClipHandle, vae: VaeHandle) -> di
 def checkpoint_metadata(model: ModelHandle, title: str, prompt: dict[str, Any] | None,
                         workflow: dict[str, Any] | None) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """ComfyUI's metadata for a saved checkpoint, and the marker tensors it adds (``v_pred``, ``ztsnr``)."""
-    from tui_diffusion.pipeline.model_sampling import DiscreteSampling
+    from tui_diffusion.pipeline.model_sampling import DiscreteSampling, EDMSampling
 
     metadata: dict[str, str] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -184,6 +184,9 @@ def checkpoint_metadata(model: ModelHandle, title: str, prompt: dict[str, Any] |
             extra["v_pred"] = torch.tensor([])
             if float(sampling.alphas_cumprod[-1]) < 1e-6:  # rescaled to zero terminal SNR
                 extra["ztsnr"] = torch.tensor([])
+    elif isinstance(sampling, EDMSampling) and sampling.prediction == "v":  # CosXL, as ComfyUI writes it
+        extra["edm_vpred.sigma_max"] = torch.tensor(sampling.sigma_max).float()
+        extra["edm_vpred.sigma_min"] = torch.tensor(sampling.sigma_min).float()
     metadata["prompt"] = json.dumps(prompt) if prompt is not None else ""
     if workflow is not None:
         metadata["workflow"] = json.dumps(workflow)

@@ -174,6 +174,57 @@ class DiscreteSampling(ModelSampling):
         return float(self.sigma(torch.tensor((1.0 - percent) * 999.0)))
 
 
+
+class LCMSampling(DiscreteSampling):
+    """An LCM (latent consistency) model or LoRA on a DDPM model (ComfyUI's ModelSamplingDiscrete "lcm": the
+    ModelSamplingDiscreteDistilled schedule with the LCM prediction).
+
+    The schedule keeps 50 of the 1000 training sigmas (every 20th, ending at the last), and a sigma is given
+    the timestep at the end of its 20-step span; the x0 is the consistency model's blend of the eps x0 and the
+    input, ``c_out * x0 + c_skip * x`` with sigma_data 0.5 and the timestep scaled by 10.
+    """
+
+    original_timesteps = 50
+
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                 beta_schedule: str = "scaled_linear", trained_betas: list[float] | None = None,
+                 zero_terminal_snr: bool = False) -> None:
+        super().__init__("eps", beta_start, beta_end, num_train_timesteps, beta_schedule, trained_betas,
+                         zero_terminal_snr)
+        self.prediction = "lcm"
+        total = len(self.sigmas)
+        self.skip_steps = total // self.original_timesteps
+        picked = [total - 1 - x * self.skip_steps for x in range(self.original_timesteps)][::-1]
+        self.sigmas = self.sigmas[picked].clone()
+        self.log_sigmas = self.sigmas.log()
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict[str, Any], prediction: str | None = None) -> LCMSampling:
+        return cls(config.get("beta_start", 0.00085), config.get("beta_end", 0.012),
+                   config.get("num_train_timesteps", 1000), config.get("beta_schedule", "scaled_linear"),
+                   config.get("trained_betas"), bool(config.get("rescale_betas_zero_snr", False)))
+
+    def timestep(self, sigma: Any) -> torch.Tensor:
+        return super().timestep(sigma) * self.skip_steps + (self.skip_steps - 1)
+
+    def sigma(self, timestep: Any) -> torch.Tensor:
+        timestep = _as_tensor(timestep)
+        return super().sigma((timestep.float() - (self.skip_steps - 1)) / self.skip_steps)
+
+    def calculate_denoised(self, sigma: torch.Tensor, model_output: torch.Tensor,
+                           model_input: torch.Tensor) -> torch.Tensor:
+        sigma = _as_tensor(sigma)
+        s = _per_sample(sigma, model_output.ndim)
+        t = _per_sample(self.timestep(sigma.reshape(-1)).reshape(sigma.shape).float(), model_output.ndim)
+        x0 = model_input - model_output * s
+        scaled = t.to(model_output) * 10.0
+        c_skip = 0.25 / (scaled**2 + 0.25)
+        c_out = scaled / (scaled**2 + 0.25) ** 0.5
+        return c_out * x0 + c_skip * model_input
+
+    def describe(self) -> str:
+        return "LCMSampling(lcm)"
+
 def _rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Shift and scale sqrt(alphas_cumprod) so the last timestep has zero SNR (Lin et al. 2023)."""
     sqrt_ac = alphas_cumprod.sqrt()

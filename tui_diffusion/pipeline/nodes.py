@@ -198,14 +198,17 @@ def ksampler_advanced(ctx: NodeContext, **inputs: Any) -> NodeResult:
 @node("ModelSamplingDiscrete")
 def model_sampling_discrete(ctx: NodeContext, model: ModelHandle, sampling: str = "eps",
                             zsnr: bool = False) -> NodeResult:
-    """What the model predicts (eps or v) on its own betas, optionally rescaled to zero terminal SNR."""
-    from tui_diffusion.pipeline.model_sampling import DiscreteSampling
+    """What the model predicts (eps or v) on its own betas, optionally rescaled to zero terminal SNR; lcm: LCM's
+    distilled schedule and prediction (an LCM model or LoRA), as ComfyUI's option of the same name."""
+    from tui_diffusion.pipeline.model_sampling import DiscreteSampling, EDMSampling, LCMSampling
 
-    if not isinstance(model.family.default_model_sampling(model), DiscreteSampling):
+    if not isinstance(model.family.default_model_sampling(model), (DiscreteSampling, EDMSampling)):  # CosXL: EDM
         raise NodeError(f"a {model.family.label} model does not use discrete (eps/v) sampling")
-    prediction = {"eps": "eps", "v_prediction": "v"}[sampling]
     config = {**model.scheduler_config, "rescale_betas_zero_snr": zsnr}
-    sampling_object = DiscreteSampling.from_scheduler_config(config, prediction)
+    if sampling == "lcm":
+        sampling_object: DiscreteSampling = LCMSampling.from_scheduler_config(config)
+    else:
+        sampling_object = DiscreteSampling.from_scheduler_config(config, {"eps": "eps", "v_prediction": "v"}[sampling])
     return NodeResult((dataclasses.replace(model, model_sampling_override=sampling_object),))
 
 

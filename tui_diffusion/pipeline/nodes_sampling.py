@@ -169,7 +169,7 @@ def model_sampling_continuous_edm(ctx: NodeContext, model: ModelHandle, sampling
                                   sigma_max: float = 120.0, sigma_min: float = 0.002) -> NodeResult:
     """Continuous-time EDM sampling (timestep = log(sigma) / 4) for UNet models trained that way; ComfyUI's
     ``edm`` choice uses sigma_data 0.5."""
-    if not isinstance(_default_sampling(model), DiscreteSampling):
+    if not isinstance(_default_sampling(model), (DiscreteSampling, EDMSampling)):  # EDMSampling: CosXL
         raise NodeError(f"ModelSamplingContinuousEDM applies to eps/v UNet models, not to a {model.family.label} one")
     if not 0.0 < sigma_min < sigma_max:
         raise NodeError(f"sigma_min ({sigma_min}) must be above 0 and below sigma_max ({sigma_max})")
