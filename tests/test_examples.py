@@ -435,7 +435,7 @@ def test_rebuilt_files_are_the_architectures_they_stand_for(rebuilt_home: Path, 
     from tui_diffusion.pipeline.model_sampling import EDMSampling
     from tui_diffusion.pipeline.models import load_checkpoint
 
-    def load(name: str):  # noqa: ANN202
+    def load(name: str) -> Any:
         return load_checkpoint(rebuilt_home / "models" / "checkpoints" / name, CPU, tmp_path / "cfg", True).model
 
     for name, channels in (("cosxl.safetensors", 4), ("cosxl_edit.safetensors", 8)):
