@@ -193,6 +193,14 @@ def test_run_hashes_the_checkpoint_into_the_history_while_the_worker_starts(mode
     assert hash_ahead(Workflow.from_data(data), models, replace(config, record_history=False)) is None
     unsaved = {k: v for k, v in data.items() if v["class_type"] != "SaveImage"}
     assert hash_ahead(Workflow.from_data(unsaved), models, config) is None
+    # a damaged database is the worker's to move aside and report: the CLI's thread leaves it as it is
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"this is not a database" * 100)
+    thread = hash_ahead(Workflow.from_data(data), models, replace(config, db_path=damaged))
+    assert thread is not None
+    thread.join(timeout=60)
+    assert damaged.read_bytes() == b"this is not a database" * 100
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("damaged")) == ["damaged.db"]
 
 
 @pytest.mark.slow

@@ -90,10 +90,10 @@ def hash_ahead(workflow: Any, models: Any, config: Any) -> threading.Thread | No
 
 
 def _hash(files: list[Path], config: Any) -> None:
-    from tui_diffusion.runtime.queue import open_history
+    from tui_diffusion.store.history import History
 
-    try:
-        history = open_history(config)
+    try:  # a damaged database is left to the worker, which moves it aside and tells the user
+        history = History(config.db_path, recover=False)
     except Exception:  # noqa: BLE001  (the history is a record: the worker says what is wrong with it)
         return
     try:

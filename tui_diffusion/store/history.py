@@ -8,6 +8,7 @@ version of the program is refused with a message rather than touched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -120,8 +121,11 @@ class History:
     with every job that can still be read from the old, and the jobs this process queued are written
     again, so the queue stays durable. ``notice`` (and ``on_notice``) say what happened."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, recover: bool = True) -> None:
+        """``recover=False``: a damaged file raises ``StoreError`` and is left as it is, for the process that
+        reports to the user (the worker) to move aside and say so."""
         self.path = Path(path or default_db_path())
+        self._may_recover = recover
         self.notice: str | None = None
         #: called with each notice (the worker passes it on to its client); never raises into a write
         self.on_notice: Any = None
@@ -171,6 +175,10 @@ class History:
         """Move the damaged file aside and start a new one holding what can be read from it and this process's
         own queued jobs. One process at a time (a lock file): a second one that finds the file already
         replaced only reconnects."""
+        if not self._may_recover:
+            with contextlib.suppress(AttributeError, sqlite3.Error):
+                self.db.close()
+            raise StoreError(f"{self.path}: damaged ({exc}); left for the worker to move aside")
         import fcntl
 
         with self._lock:
