@@ -21,7 +21,7 @@ from PIL import Image
 
 from tests.conftest import TINY
 from tests.dit_helpers import CPU
-from tests.test_examples import _as_ckpt
+from tests.test_examples import _as_ckpt, check_saved
 
 if TYPE_CHECKING:
     from tui_diffusion.pipeline.models import ModelCache
@@ -150,7 +150,6 @@ def _image(home: Path, cache: ModelCache, out: Path, api: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_template_imports_validates_and_runs(home: Path, cache: ModelCache, tmp_path: Path, name: str) -> None:
-    from tui_diffusion.graph.ui_format import ui_to_api
     from tui_diffusion.graph.validate import validate_workflow
     from tui_diffusion.graph.workflow import Workflow
     from tui_diffusion.paths import ModelPaths
@@ -164,18 +163,7 @@ def test_template_imports_validates_and_runs(home: Path, cache: ModelCache, tmp_
     # named as ComfyUI names them: the SaveImage prefix (gligen's has a sub-folder), a counter
     prefixes = {n["inputs"]["filename_prefix"] for n in api.values() if n["class_type"] == "SaveImage"}
     assert {p.relative_to(tmp_path / "out").as_posix().rsplit("_", 2)[0] for p in saved} == prefixes
-    found = []
-    for file in saved:
-        with Image.open(file) as png:
-            found.append(png.size)
-            image = np.asarray(png.convert("RGB"))
-            text = dict(png.text)  # type: ignore[attr-defined]
-        assert image.std() > 0
-        assert json.loads(text["prompt"]) == api
-        embedded = ui_to_api(json.loads(text["workflow"]), "embedded")
-        assert {k: (v["class_type"], v["inputs"]) for k, v in embedded.items()} == \
-            {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
-    assert sorted(found) == sorted(sizes)
+    assert sorted(check_saved(saved, api)) == sorted(sizes)
 
 
 def test_pickle_files_are_refused_without_allow_pickle(home: Path) -> None:
