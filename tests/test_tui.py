@@ -527,6 +527,14 @@ async def test_editing_keys_typed_fast_apply_in_order_while_the_screen_is_busy(
         assert steps.value == "32"
         assert app.screen.document.workflow.inputs("3")["steps"] == 32
         assert not field(app, "steps").query_one(".error").has_class("shown")
+        # tab, then editing keys at once: they edit the next field (cfg), not the one tab left
+        for key in ("5", "tab", "end", "backspace", "backspace", "backspace", "7"):
+            event = events.Key(key, key if len(key) == 1 else None)
+            event.set_sender(app)
+            app._driver.send_message(event)
+        await settle(pilot, 20)
+        assert steps.value == "325" and app.screen.document.workflow.inputs("3")["steps"] == 325
+        assert app.screen.document.workflow.inputs("3")["cfg"] == 7.0
 
 
 async def test_tree_labels_follow_edits_and_undo_in_place(home: Path) -> None:

@@ -21,15 +21,24 @@ class KeysInOrder:
     """Mixin for an editor widget: its own bindings run as its key arrives, like the characters it types."""
 
     async def _on_key(self, event: events.Key) -> None:
+        widget: Any = self
+        focused = widget.screen.focused
+        if focused is not None and focused is not widget:
+            # read by the app before an earlier key (tab, escape) moved the focus: the key is the focused one's
+            event.stop()
+            event.prevent_default()
+            again = events.Key(event.key, event.character)
+            again.set_sender(widget.app)
+            focused._forward_event(again)
+            return
         await super()._on_key(event)  # type: ignore[misc]
         if event._stop_propagation or event._no_default_action:
             return
-        widget: Any = self
-        for binding in widget._bindings.key_to_bindings.get(event.key, ()):
-            if not binding.priority and await widget.app.run_action(binding.action, widget):
-                event.stop()
-                event.prevent_default()
-                return
+        # the bindings Textual would run once the key reached the app, from this field up (its own editing keys,
+        # then tab, escape...): run now, so a key that moves the focus has moved it before the next key
+        if await widget.app._check_bindings(event.key):
+            event.stop()
+            event.prevent_default()
 
 
 class OrderedInput(KeysInOrder, Input):
